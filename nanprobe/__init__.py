@@ -1,0 +1,31 @@
+"""nanprobe: find the first op that underflows or overflows in a GAN critic step, and the fix.
+
+Importing nanprobe does not import torch; the API below loads it on first use.
+"""
+from __future__ import annotations
+
+from nanprobe.errors import ConfigError, DeviceError, NanprobeError, UserCodeError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "DeviceError", "NanprobeError", "UserCodeError",
+    "Config", "Report", "OpProbe", "diagnose", "load_config", "__version__",
+]
+
+_LAZY = {
+    "Config": ("nanprobe.config", "Config"),
+    "load_config": ("nanprobe.config", "load"),
+    "Report": ("nanprobe.report", "Report"),
+    "OpProbe": ("nanprobe.probe", "OpProbe"),
+    "diagnose": ("nanprobe.api", "diagnose"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'nanprobe' has no attribute {name!r}")

@@ -1,0 +1,3 @@
+from nanprobe.cli import main
+
+main()

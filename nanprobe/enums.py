@@ -1,0 +1,80 @@
+"""The fixed choices of nanprobe: precisions, modes, phases, finding kinds and statuses."""
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Precision(str, Enum):
+    """A floating-point format a replay runs in."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.value]
+
+    @property
+    def is_low(self) -> bool:
+        return self is not Precision.FP32
+
+
+class Mode(str, Enum):
+    """How a low precision is applied."""
+
+    AMP = "amp"  # torch.autocast around the step, fp32 weights
+    HALF = "half"  # model, optimizer state and inputs cast to the dtype
+
+
+class Phase(str, Enum):
+    """Where in a critic step an op ran."""
+
+    DATA = "data"
+    FORWARD = "forward"
+    INPUT_GRAD = "input-grad"  # inside torch.autograd.grad (the penalty's first-order gradient)
+    BACKWARD = "backward"  # the loss's backward, double backward included
+    OPTIMIZER = "optimizer"
+
+
+class FindingKind(str, Enum):
+    """What went wrong at an op, from mildest to worst."""
+
+    UNDERFLOW = "underflow"
+    OVERFLOW = "overflow"
+    NAN = "nan"
+
+    @property
+    def severity(self) -> int:
+        return {"underflow": 1, "overflow": 2, "nan": 3}[self.value]
+
+
+class Status(str, Enum):
+    """The verdict of one replay: the worst finding it produced."""
+
+    OK = "ok"
+    UNDERFLOW = "underflow"
+    OVERFLOW = "overflow"
+    NAN = "nan"
+
+    @property
+    def severity(self) -> int:
+        return {"ok": 0, "underflow": 1, "overflow": 2, "nan": 3}[self.value]
+
+    @classmethod
+    def of(cls, kind: FindingKind | None) -> "Status":
+        return cls.OK if kind is None else cls(kind.value)
+
+
+class FailOn(str, Enum):
+    """The lowest status that makes `diagnose` exit 1."""
+
+    NAN = "nan"
+    OVERFLOW = "overflow"
+    UNDERFLOW = "underflow"
+
+    def fails(self, status: Status) -> bool:
+        threshold = {"nan": 3, "overflow": 2, "underflow": 1}[self.value]
+        return status.severity >= threshold

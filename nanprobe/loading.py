@@ -1,0 +1,292 @@
+"""Loading the user's models, step function, checkpoint and data, with one-line errors."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from nanprobe.config import Config, resolve
+from nanprobe.errors import ConfigError, UserCodeError
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Everything a replay needs, built once and copied per precision."""
+
+    critic: torch.nn.Module
+    """The critic with its checkpoint loaded (fp32, on the CPU; replays copy it)."""
+    generator: torch.nn.Module | None
+    """The generator, or None (fakes are Gaussian noise)."""
+    step_fn: Callable | None
+    """The user's critic step, or None for the built-in loss."""
+    data: Any
+    """The data file as an array or tensor [N, C, H, W] (memory-mapped for .npy), or None for synthetic."""
+    sample_shape: tuple
+    """Shape of one sample."""
+    user_files: tuple
+    """Files of the user's code, for source lines and error messages."""
+
+
+@contextmanager
+def _no_bytecode():
+    # Importing the user's file must not write __pycache__ next to it.
+    old = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    try:
+        yield
+    finally:
+        sys.dont_write_bytecode = old
+
+
+def _user_frame(exc: BaseException, files: tuple) -> str:
+    """file:line of the innermost frame of the user's code in a traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{exc.filename}:{exc.lineno}"
+    wanted = {str(Path(f).resolve()) for f in files}
+    for fr in reversed(frames):
+        if str(Path(fr.filename).resolve()) in wanted:
+            return f"{fr.filename}:{fr.lineno}"
+    for fr in reversed(frames):
+        if "site-packages" not in fr.filename and "/torch/" not in fr.filename and "nanprobe" not in fr.filename:
+            return f"{fr.filename}:{fr.lineno}"
+    return frames[-1].filename + f":{frames[-1].lineno}" if frames else "?"
+
+
+def user_error(what: str, exc: BaseException, files: tuple) -> UserCodeError:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return UserCodeError(f"{what} raised {type(exc).__name__}: {msg} ({_user_frame(exc, files)})")
+
+
+_module_cache: dict[str, Any] = {}
+
+
+def _import_file(path: Path, key: str):
+    if not path.exists():
+        raise ConfigError(f"{key}: file not found: {path}")
+    name = f"nanprobe_user_{abs(hash(str(path.resolve())))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{key}: cannot import {path}; it must be a Python file")
+    module = importlib.util.module_from_spec(spec)
+    folder = str(path.parent.resolve())
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)  # so the user's file can import its neighbours
+    try:
+        sys.modules[name] = module
+        with _no_bytecode():
+            spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise user_error(f"importing {path.name}", exc, (str(path),)) from None
+    return module
+
+
+def resolve_ref(config: Config, ref: str, key: str) -> tuple[Any, str]:
+    """'file.py:Name' or 'package.module:Name' to the object, and the file it came from."""
+    if ":" not in ref:
+        raise ConfigError(f"{key}: '{ref}' must be 'file.py:Name' or 'package.module:Name'")
+    target, _, attr = ref.rpartition(":")
+    if not attr or not target:
+        raise ConfigError(f"{key}: '{ref}' must be 'file.py:Name' or 'package.module:Name'")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = resolve(config, Path(target))
+        module = _import_file(path, key)
+    else:
+        try:
+            with _no_bytecode():
+                module = importlib.import_module(target)
+        except ModuleNotFoundError as exc:
+            if exc.name and target.startswith(exc.name):
+                raise ConfigError(f"{key}: no module named '{target}'; use 'file.py:{attr}' for a file next to the config") from None
+            raise user_error(f"importing {target}", exc, ()) from None
+        except Exception as exc:
+            raise user_error(f"importing {target}", exc, ()) from None
+    if not hasattr(module, attr):
+        candidates = [n for n, v in vars(module).items()
+                      if (inspect.isclass(v) and issubclass(v, torch.nn.Module) and v.__module__ == module.__name__)
+                      or (inspect.isfunction(v) and v.__module__ == module.__name__)]
+        hint = f"; it defines {', '.join(candidates)}" if candidates else ""
+        raise ConfigError(f"{key}: '{target}' has no attribute '{attr}'{hint}")
+    return getattr(module, attr), getattr(module, "__file__", "") or ""
+
+
+def build_module(config: Config, ref: Any, args: dict, key: str) -> tuple[torch.nn.Module, str]:
+    """A class or factory reference (or a ready module) to an nn.Module."""
+    if isinstance(ref, torch.nn.Module):
+        return ref, inspect.getsourcefile(type(ref)) or ""
+    if isinstance(ref, str):
+        obj, file = resolve_ref(config, ref, key)
+    elif callable(ref):
+        obj, file = ref, inspect.getsourcefile(ref) if inspect.isfunction(ref) or inspect.isclass(ref) else ""
+    else:
+        raise ConfigError(f"{key}: expected 'file.py:Name' or an nn.Module, got {type(ref).__name__}")
+    if not callable(obj):
+        raise ConfigError(f"{key}: '{ref}' is a {type(obj).__name__}, not a class or factory returning an nn.Module")
+    try:
+        module = obj(**args)
+    except TypeError as exc:
+        raise ConfigError(f"{key}: calling {getattr(obj, '__name__', obj)}(**{key}_args) failed: {exc}") from None
+    except Exception as exc:
+        raise user_error(f"building {getattr(obj, '__name__', ref)}", exc, (file,)) from None
+    if not isinstance(module, torch.nn.Module):
+        raise ConfigError(f"{key}: {getattr(obj, '__name__', ref)} returned a {type(module).__name__}, not an nn.Module")
+    return module, file
+
+
+def load_step(config: Config) -> tuple[Callable | None, str]:
+    ref = config.loss.step
+    if ref is None:
+        return None, ""
+    fn, file = resolve_ref(config, ref, "loss.step") if isinstance(ref, str) else (ref, "")
+    if not callable(fn):
+        raise ConfigError(f"loss.step: '{ref}' is not a function")
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn, file
+    positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    has_var = any(p.kind is p.VAR_POSITIONAL for p in params.values())
+    if not has_var and (len(positional) < 4 or len(required) > 4):
+        got = ", ".join(params)
+        raise ConfigError(f"loss.step: {fn.__name__}({got}) must take (critic, generator, real, z)")
+    return fn, file
+
+
+def load_checkpoint(config: Config, critic: torch.nn.Module, generator: torch.nn.Module | None) -> None:
+    if config.model.checkpoint is None:
+        return
+    path = resolve(config, config.model.checkpoint)
+    if not path.exists():
+        raise ConfigError(f"model.checkpoint: file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses pickles that would run code
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "pickle" in type(exc).__name__.lower():
+            raise ConfigError(f"model.checkpoint: {path.name} holds objects that torch.load(weights_only=True) refuses "
+                              f"({first[:160]}); nanprobe runs no code from checkpoints: save the state_dicts only") from None
+        raise ConfigError(f"model.checkpoint: cannot read {path.name}: {first[:200]}") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"model.checkpoint: {path.name} holds a {type(state).__name__}, not a state_dict "
+                          "or {'critic': state_dict, 'generator': state_dict}")
+    parts = {"critic": state.get("critic"), "generator": state.get("generator")} if "critic" in state else {"critic": state}
+    for name, sd in parts.items():
+        if sd is None:
+            continue
+        model = critic if name == "critic" else generator
+        if model is None:
+            continue
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ConfigError(f"model.checkpoint: the '{name}' entry of {path.name} is not a state_dict of tensors")
+        _load_state(model, sd, name, path.name)
+
+
+def _load_state(model: torch.nn.Module, sd: dict, name: str, file: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+
+    def few(xs):
+        return ", ".join(xs[:4]) + (f" and {len(xs) - 4} more" if len(xs) > 4 else "")
+
+    problems = []
+    if missing:
+        problems.append(f"missing keys {few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {few(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shapes {few(wrong)} (checkpoint vs model)")
+    if problems:
+        raise ConfigError(f"model.checkpoint: {file} does not fit the {name}: {'; '.join(problems)}")
+    model.load_state_dict(sd)
+
+
+def load_data(config: Config) -> tuple[Any, tuple]:
+    d = config.data
+    if d.source == "synthetic":
+        return None, tuple(d.shape or DEFAULT_SHAPE)
+    path = resolve(config, d.path)
+    if not path.exists():
+        raise ConfigError(f"data.path: file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            import numpy as np
+
+            data = np.load(path, mmap_mode="r", allow_pickle=False)
+        elif suffix in (".pt", ".pth"):
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            raise ConfigError(f"data.path: {path.name} must be a .npy or .pt file")
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"data.path: cannot read {path.name}: {str(exc).splitlines()[0][:200]}") from None
+    if not hasattr(data, "shape") or not hasattr(data, "dtype"):
+        raise ConfigError(f"data.path: {path.name} holds a {type(data).__name__}, not an array or tensor")
+    shape = tuple(data.shape)
+    if len(shape) != 4:
+        raise ConfigError(f"data.path: {path.name} has shape {list(shape)}; expected [N, C, H, W]")
+    if str(data.dtype).startswith(("complex", "torch.complex")) or "bool" in str(data.dtype):
+        raise ConfigError(f"data.path: {path.name} has dtype {data.dtype}; expected a real number type")
+    if d.shape is not None and tuple(d.shape) != shape[1:]:
+        raise ConfigError(f"data.shape: {list(d.shape)} does not match {path.name}, whose samples are {list(shape[1:])}")
+    if shape[0] == 0:
+        raise ConfigError(f"data.path: {path.name} holds no samples")
+    return data, shape[1:]
+
+
+DEFAULT_SHAPE = (3, 64, 64)
+
+
+def load(config: Config) -> Loaded:
+    """Build the models, load the checkpoint and open the data, failing with one clear line."""
+    torch.manual_seed(config.seed)
+    critic, cfile = build_module(config, config.model.critic, config.model.critic_args, "model.critic")
+    generator, gfile = (None, "")
+    if config.model.generator is not None:
+        generator, gfile = build_module(config, config.model.generator, config.model.generator_args, "model.generator")
+    load_checkpoint(config, critic, generator)
+    step_fn, sfile = load_step(config)
+    data, shape = load_data(config)
+    files = tuple(f for f in (cfile, gfile, sfile) if f)
+    loaded = Loaded(critic.float(), generator.float() if generator is not None else None, step_fn, data, shape, files)
+    _dry_run(config, loaded)
+    return loaded
+
+
+def _dry_run(config: Config, loaded: Loaded) -> None:
+    """A two-sample fp32 forward, so shape mismatches fail here with a clear line, not mid-replay."""
+    n = 2
+    with torch.no_grad():
+        if loaded.generator is not None:
+            z = torch.randn(n, *config.model.latent_dim)
+            try:
+                fake = loaded.generator(z)
+            except Exception as exc:
+                raise user_error(f"the generator on z of shape {list(z.shape)} (model.latent_dim)", exc, loaded.user_files) from None
+            if not isinstance(fake, torch.Tensor) or tuple(fake.shape[1:]) != tuple(loaded.sample_shape):
+                got = list(fake.shape[1:]) if isinstance(fake, torch.Tensor) else type(fake).__name__
+                raise ConfigError(f"model.generator: produces samples of shape {got} but the data's are "
+                                  f"{list(loaded.sample_shape)}; check data.shape and model.latent_dim")
+        x = torch.zeros(n, *loaded.sample_shape)
+        try:
+            out = loaded.critic(x)
+        except Exception as exc:
+            raise user_error(f"the critic on a batch of shape {list(x.shape)}", exc, loaded.user_files) from None
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            raise ConfigError(f"model.critic: returns {type(out).__name__}; it must return a tensor of scores")
