@@ -34,24 +34,6 @@ class DCGANCritic(nn.Module):
         return self.net(x)
 
 
-class SumPoolCritic(nn.Module):
-    """SN-GAN-style critic without spectral norm: conv stages, global *sum* pooling, a linear head."""
-
-    def __init__(self, img: int = 32, ch: int = 64, init_std: float | None = None):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, ch, 3, 1, 1), nn.LeakyReLU(0.1),
-            nn.Conv2d(ch, ch * 2, 4, 2, 1), nn.LeakyReLU(0.1),
-            nn.Conv2d(ch * 2, ch * 4, 3, 1, 1), nn.LeakyReLU(0.1),
-        )
-        self.head = nn.Linear(ch * 4, 1)
-        _init(self, init_std)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.features(x)
-        return self.head(h.sum(dim=(2, 3)))
-
-
 class DCGANGenerator(nn.Module):
     """DCGAN generator: a linear projection of z to 4x4, then transposed convs to the image size, tanh."""
 

@@ -117,6 +117,8 @@ def _describe_nonfinite(e: OpEvent, in_nan: bool, in_inf: bool, in_max: float) -
         src = "inputs already holding " + ("NaN" if in_nan else "inf")
     elif e.producers:
         src = f"finite inputs (max |x| {in_max:.3g})"
+    elif e.param is not None:
+        src = f"casting the weight {e.param} to {e.dtype}"
     else:
         src = "the data as loaded" if e.phase is Phase.DATA else "no recorded inputs"
     dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(e.dtype)

@@ -14,6 +14,8 @@ from nanprobe.report import Finding, FixSuggestion
 
 INIT_FACTOR = 8.0  # weight std this many times the He value (or 1/this) counts as bad initialisation
 _NORM_NODES = ("SqrtBackward0", "LinalgVectorNormBackward0", "NormBackward1", "PowBackward0", "RsqrtBackward0")
+# Config changes that only reach the built-in losses; a custom step needs the code change.
+_LOSS_SETTINGS = ("loss.", "train.grad_scaler")
 _PRECISION_FIXES = frozenset({"gp-fp32", "gp-scaled", "grad-scaler", "bf16", "fp32-module", "master-weights"})
 
 
@@ -332,6 +334,8 @@ def rank(c: FixContext, limit: int = 5) -> tuple[FixSuggestion, ...]:
     v = _vars(c)
     out = []
     for _, _, fix in sorted(scored)[:limit]:
-        out.append(FixSuggestion(fix.id, fix.title.format(**v), fix.why.format(**v), fix.snippet.format(**v),
-                                 fix.apply.format(**v) if fix.apply else None))
+        apply = fix.apply.format(**v) if fix.apply else None
+        if apply and c.loss_kind == "custom" and fix.id != "grad-scaler" and apply.startswith(_LOSS_SETTINGS):
+            apply = None
+        out.append(FixSuggestion(fix.id, fix.title.format(**v), fix.why.format(**v), fix.snippet.format(**v), apply))
     return tuple(out)

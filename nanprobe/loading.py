@@ -137,6 +137,9 @@ def build_module(config: Config, ref: Any, args: dict, key: str) -> tuple[torch.
     try:
         module = obj(**args)
     except TypeError as exc:
+        if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+            # Raised inside their __init__ or factory: a bug in their code, not in {key}_args.
+            raise user_error(f"building {getattr(obj, '__name__', ref)}", exc, (file,)) from None
         raise ConfigError(f"{key}: calling {getattr(obj, '__name__', obj)}(**{key}_args) failed: {exc}") from None
     except Exception as exc:
         raise user_error(f"building {getattr(obj, '__name__', ref)}", exc, (file,)) from None
@@ -174,11 +177,8 @@ def load_checkpoint(config: Config, critic: torch.nn.Module, generator: torch.nn
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses pickles that would run code
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "pickle" in type(exc).__name__.lower():
-            raise ConfigError(f"model.checkpoint: {path.name} holds objects that torch.load(weights_only=True) refuses "
-                              f"({first[:160]}); nanprobe runs no code from checkpoints: save the state_dicts only") from None
-        raise ConfigError(f"model.checkpoint: cannot read {path.name}: {first[:200]}") from None
+        raise _torch_load_error("model.checkpoint", path, exc,
+                                "save the state_dicts only, e.g. torch.save({'critic': critic.state_dict()}, path)") from None
     if not isinstance(state, dict):
         raise ConfigError(f"model.checkpoint: {path.name} holds a {type(state).__name__}, not a state_dict "
                           "or {'critic': state_dict, 'generator': state_dict}")
@@ -192,6 +192,28 @@ def load_checkpoint(config: Config, critic: torch.nn.Module, generator: torch.nn
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise ConfigError(f"model.checkpoint: the '{name}' entry of {path.name} is not a state_dict of tensors")
         _load_state(model, sd, name, path.name)
+
+
+def _torch_load_error(key: str, path: Path, exc: BaseException, save_hint: str) -> ConfigError:
+    """One line for a file torch.load(weights_only=True) cannot or will not read.
+
+    torch's own message is a multi-line essay (with ANSI codes) whose first line says nothing about
+    this file; the useful part is the 'Unsupported global' or the 'WeightsUnpickler error' detail.
+    """
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    glob = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if glob:
+        return ConfigError(f"{key}: {path.name} holds objects that torch.load(weights_only=True) refused "
+                           f"(it would have to import {glob.group(1)}); no code from it was run: {save_hint}")
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if detail or "weights_only" in text or "pickle" in type(exc).__name__.lower():
+        why = detail.group(1).strip() if detail else type(exc).__name__
+        return ConfigError(f"{key}: cannot read {path.name}: torch.load(weights_only=True) refused it "
+                           f"({why[:160]}); no code from it was run: is it a file written by torch.save?")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return ConfigError(f"{key}: cannot read {path.name}: {first[:200]}")
 
 
 def _load_state(model: torch.nn.Module, sd: dict, name: str, file: str) -> None:
@@ -229,13 +251,24 @@ def load_data(config: Config) -> tuple[Any, tuple]:
 
             data = np.load(path, mmap_mode="r", allow_pickle=False)
         elif suffix in (".pt", ".pth"):
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap can only be used" not in str(exc):
+                    raise
+                # A file in torch.save's legacy (non-zip) format cannot be memory-mapped: read it whole.
+                data = torch.load(path, map_location="cpu", weights_only=True)
         else:
             raise ConfigError(f"data.path: {path.name} must be a .npy or .pt file")
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"data.path: cannot read {path.name}: {str(exc).splitlines()[0][:200]}") from None
+        if suffix != ".npy":
+            raise _torch_load_error("data.path", path, exc, "save a tensor [N, C, H, W] with torch.save") from None
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        if "pickled" in first:
+            first = "it is not a .npy array file (numpy.load found pickled data, which nanprobe does not load)"
+        raise ConfigError(f"data.path: cannot read {path.name}: {first[:200]}") from None
     if not hasattr(data, "shape") or not hasattr(data, "dtype"):
         raise ConfigError(f"data.path: {path.name} holds a {type(data).__name__}, not an array or tensor")
     shape = tuple(data.shape)

@@ -184,7 +184,8 @@ class OpProbe:
         self._by_seq: dict[int, tuple] = {}
         self._node_tags: dict[int, tuple] = {}
         self._param_of: dict[int, str] = {}
-        self._sources = _SourceFinder(base_dir)
+        self._params = WeakTensorKeyDictionary()
+        self.sources = _SourceFinder(base_dir)
         self._buf = _StepBuffer()
         self._train_modes: dict[torch.nn.Module, bool] = {}
 
@@ -242,6 +243,7 @@ class OpProbe:
     def name_params(self, named: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
         """Lets optimizer ops name the parameter they update (params, grads and optimizer state)."""
         self._param_of.clear()
+        self._params = WeakTensorKeyDictionary((p, n) for n, p in named.items())
         for name, p in named.items():
             self._param_of[id(p)] = name
             if p.grad is not None:
@@ -252,10 +254,11 @@ class OpProbe:
                         self._param_of[id(v)] = name
 
     # -- recording
-    def observe(self, tensor: torch.Tensor, op: str, module: str = "", info: dict | None = None) -> None:
+    def observe(self, tensor: torch.Tensor, op: str, module: str = "", source: str | None = None,
+                info: dict | None = None) -> None:
         """Record an external tensor (e.g. the data batch as loaded) as an op with no inputs."""
         idx = len(self.events)
-        self.events.append(OpEvent(idx, self.step, self.attempt, self.phase, module, op, None, None,
+        self.events.append(OpEvent(idx, self.step, self.attempt, self.phase, module, op, source, None,
                                    str(tensor.dtype).replace("torch.", ""), tuple(tensor.shape), (), info=info))
         self._stat(idx, [tensor])
         self._producer[tensor] = idx
@@ -279,7 +282,7 @@ class OpProbe:
         if node is None:
             phase = self.phase
             module = self._stack[-1] if self._stack else ""
-            source = self._sources.find() if phase is not Phase.OPTIMIZER else None
+            source = self.sources.find() if phase is not Phase.OPTIMIZER else None
             node_name = None
         else:
             phase = Phase.INPUT_GRAD if self.phase is Phase.FORWARD else self.phase
@@ -307,6 +310,8 @@ class OpProbe:
                 if param is not None:
                     module = param.rsplit(".", 1)[0]
                     break
+        elif name == "aten._to_copy.default" and inputs and inputs[0] in self._params:
+            param = self._param_of.get(id(inputs[0]))  # autocast casting a weight
         prods = []
         for t in inputs:
             p = producer.get(t)
@@ -318,7 +323,7 @@ class OpProbe:
         self._stat(idx, outs)
         for t in outs:
             producer[t] = idx
-            if param is not None:
+            if param is not None and phase is Phase.OPTIMIZER:
                 self._param_of[id(t)] = param
 
     def _stat(self, idx: int, outs: list) -> None:

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from nanprobe.config import Config
+from nanprobe.config import Config, resolve
 from nanprobe.enums import Mode, Phase, Precision
 from nanprobe.errors import ConfigError, DeviceError, UserCodeError
 from nanprobe.loading import Loaded, user_error
@@ -89,8 +89,11 @@ def _batch(config: Config, loaded: Loaded, step: int, probe: OpProbe | None) -> 
     else:
         raw = torch.from_numpy(np.asarray(loaded.data[idx], dtype=np.float32))
     if probe is not None:
-        bad = (~torch.isfinite(raw.flatten(1))).any(1).nonzero().flatten().tolist()
-        probe.observe(raw, "load", module="data", info={"bad_samples": [idx[i] for i in bad]})
+        with probe.paused():
+            bad = [idx[i] for i in (~torch.isfinite(raw.flatten(1))).any(1).nonzero().flatten().tolist()]
+        where = probe.sources.show(str(resolve(config, config.data.path)))
+        probe.observe(raw, "load", module="data", source=f"{where}[{', '.join(map(str, bad))}]" if bad else where,
+                      info={"bad_samples": bad})
     return raw
 
 
@@ -156,6 +159,8 @@ class _Replay:
         torch.manual_seed(self.config.seed)
         ctx = self.probe if self.probe is not None else nullcontext()
         with ctx:
+            if self.probe is not None:
+                self.probe.name_params(self.params)
             for step in range(self.config.train.steps):
                 if self.progress:
                     self.progress(self.precision, step, self.config.train.steps)
