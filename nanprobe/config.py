@@ -155,7 +155,11 @@ def _choice(*options: str) -> Callable:
 
 def _number(lo: float | None = None, hi: float | None = None, lo_open=False) -> Callable:
     def check(v, key):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        try:
+            finite = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+        except OverflowError:  # an int too large for a float
+            finite = False
+        if not finite:
             raise _fail(key, "a finite number", v)
         if lo is not None and (v < lo or (lo_open and v == lo)):
             raise ConfigError(f"{key}: must be {'>' if lo_open else '>='} {lo}, got {v}")
@@ -341,9 +345,13 @@ def load(path: str | Path) -> Config:
     import yaml
 
     path = Path(path)
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as exc:  # e.g. a file name too long
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    if not exists:
         raise ConfigError(f"config file not found: {path}")
-    if path.is_dir():
+    if is_dir:
         raise ConfigError(f"{path} is a folder; give the path of a YAML config file")
     try:
         text = path.read_text(encoding="utf-8")
@@ -355,6 +363,10 @@ def load(path: str | Path) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and start is not None and mark is not None and start.line != mark.line:
+            # e.g. an unclosed '{' or '[': the mistake is where it starts, not where the parser gave up
+            problem += f" ({context} that starts at line {start.line + 1}, column {start.column + 1})"
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
     if raw is None:
         raise ConfigError(f"{path} is empty; it needs at least model.critic (see the README's config reference)")
@@ -390,7 +402,7 @@ def with_overrides(config: Config, **overrides: Any) -> Config:
         elif dotted in _TOP:
             top[dotted] = _TOP[dotted](value, dotted)
         else:
-            raise _unknown(dotted, list(_SECTIONS) + list(_TOP), "")
+            raise _unknown(dotted, list(_OVERRIDE_SECTIONS) + list(_TOP) + [f"{s}.KEY" for s in _SECTIONS], "")
     return validate(replace(config, **sections, **top))
 
 

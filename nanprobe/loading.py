@@ -69,8 +69,15 @@ def user_error(what: str, exc: BaseException, files: tuple) -> UserCodeError:
 _module_cache: dict[str, Any] = {}
 
 
+def _exists(path: Path, key: str) -> bool:
+    try:
+        return path.exists()
+    except OSError as exc:  # e.g. a file name too long
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+
+
 def _import_file(path: Path, key: str):
-    if not path.exists():
+    if not _exists(path, key):
         raise ConfigError(f"{key}: file not found: {path}")
     name = f"nanprobe_user_{abs(hash(str(path.resolve())))}"
     if name in sys.modules:
@@ -87,6 +94,11 @@ def _import_file(path: Path, key: str):
         sys.modules[name] = module
         with _no_bytecode():
             spec.loader.exec_module(module)
+    except SystemExit as exc:  # script code (argparse, sys.exit) run at import
+        sys.modules.pop(name, None)
+        raise UserCodeError(f"importing {path.name} called sys.exit({exc.code!r}) "
+                            f"({_user_frame(exc, (str(path),))}); put its script code under "
+                            "if __name__ == '__main__':") from None
     except Exception as exc:
         sys.modules.pop(name, None)
         raise user_error(f"importing {path.name}", exc, (str(path),)) from None
@@ -172,7 +184,7 @@ def load_checkpoint(config: Config, critic: torch.nn.Module, generator: torch.nn
     if config.model.checkpoint is None:
         return
     path = resolve(config, config.model.checkpoint)
-    if not path.exists():
+    if not _exists(path, "model.checkpoint"):
         raise ConfigError(f"model.checkpoint: file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -190,6 +202,12 @@ def load_checkpoint(config: Config, critic: torch.nn.Module, generator: torch.nn
         if model is None:
             continue
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            if "critic" not in state:  # a bare state_dict was expected: say what the file holds instead
+                keys = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+                raise ConfigError(f"model.checkpoint: {path.name} is not a state_dict of tensors (not tensors: "
+                                  f"{', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}); save "
+                                  "{'critic': critic.state_dict(), 'generator': generator.state_dict()} "
+                                  "or the critic's bare state_dict")
             raise ConfigError(f"model.checkpoint: the '{name}' entry of {path.name} is not a state_dict of tensors")
         _load_state(model, sd, name, path.name)
 
@@ -212,8 +230,9 @@ def _torch_load_error(key: str, path: Path, exc: BaseException, save_hint: str) 
         why = detail.group(1).strip() if detail else type(exc).__name__
         return ConfigError(f"{key}: cannot read {path.name}: torch.load(weights_only=True) refused it "
                            f"({why[:160]}); no code from it was run: is it a file written by torch.save?")
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
-    return ConfigError(f"{key}: cannot read {path.name}: {first[:200]}")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    what = f"{type(exc).__name__}: {first[:160]}" if first else type(exc).__name__
+    return ConfigError(f"{key}: cannot read {path.name} ({what}); is it a file written by torch.save?")
 
 
 def _load_state(model: torch.nn.Module, sd: dict, name: str, file: str) -> None:
@@ -242,7 +261,7 @@ def load_data(config: Config) -> tuple[Any, tuple]:
     if d.source == "synthetic":
         return None, tuple(d.shape or DEFAULT_SHAPE)
     path = resolve(config, d.path)
-    if not path.exists():
+    if not _exists(path, "data.path"):
         raise ConfigError(f"data.path: file not found: {path}")
     suffix = path.suffix.lower()
     try:

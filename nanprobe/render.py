@@ -26,13 +26,15 @@ def _num(x) -> str:
 @contextmanager
 def progress(enabled: bool = True):
     """A progress bar on stderr; yields the callback the core calls per replayed step."""
-    if not enabled:
+    console = Console(stderr=True)
+    # Only on a terminal: piped stderr must carry nothing but the one-line errors.
+    if not enabled or not console.is_terminal:
         yield None
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("[bold]replaying[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                   TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+                   TimeElapsedColumn(), console=console, transient=True)
     tasks: dict = {}
 
     def on_step(precision, step: int, steps: int) -> None:

@@ -1,0 +1,107 @@
+"""Shared helpers: the tiny fixture models, a valid base config, and YAML written into tmp_path."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import yaml
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+TINY = FIXTURES / "tiny_models.py"
+BROKEN = FIXTURES / "broken_import.py"
+EXITS = FIXTURES / "exits_at_import.py"
+
+
+def ref(name: str, file: Path = TINY) -> str:
+    """'/abs/path/file.py:Name', the form a config uses for a model, factory or step."""
+    return f"{file}:{name}"
+
+
+def base_doc() -> dict:
+    """A small valid config document: tiny critic and generator, 3x8x8 synthetic data, fp32 only, CPU."""
+    return {
+        "model": {
+            "critic": ref("TinyCritic"),
+            "generator": ref("TinyGenerator"),
+            "latent_dim": 8,
+        },
+        "data": {"source": "synthetic", "shape": [3, 8, 8], "batch_size": 2},
+        "loss": {"kind": "wgan-gp"},
+        "train": {"steps": 1},
+        "precision": {"dtypes": ["fp32"]},
+        "device": "cpu",
+        "seed": 0,
+    }
+
+
+def merge(doc: dict, patch: dict) -> dict:
+    """A deep copy of doc with patch merged in; a value of DELETE removes the key."""
+    out = copy.deepcopy(doc)
+    for key, value in patch.items():
+        if value is DELETE:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+DELETE = object()
+
+
+def load_fixture_module(path: Path = TINY, name: str | None = None):
+    """Import a fixture file for the tests' own use, without writing __pycache__ into tests/fixtures."""
+    name = name or f"_nanprobe_test_{path.stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    old = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = old
+    sys.modules[name] = module
+    return module
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file under folder, by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def line_of(path: Path, marker: str) -> int:
+    """The 1-based line of the first line of path containing marker."""
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if marker in line:
+            return i
+    raise AssertionError(f"{marker!r} not in {path}")
+
+
+@pytest.fixture
+def tiny():
+    """The tiny_models fixture module."""
+    return load_fixture_module()
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[..., Path]:
+    """write_config(doc_or_text, name="config.yaml") -> the path of a YAML file in tmp_path."""
+
+    def write(doc: Any = None, name: str = "config.yaml", **patch) -> Path:
+        if doc is None:
+            doc = merge(base_doc(), patch)
+        path = tmp_path / name
+        text = doc if isinstance(doc, str) else yaml.safe_dump(doc, sort_keys=False)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
