@@ -9,7 +9,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY, base_doc, merge, ref
+from conftest import base_doc, merge, ref
 from nanprobe import ConfigError
 from nanprobe import config as cfg
 from nanprobe.enums import Mode, Precision

@@ -166,7 +166,8 @@ def test_step_signatures(tmp_path):
         fn, _ = loading.load_step(make(tmp_path, loss={"step": f"steps.py:{name}"}))
         assert fn.__name__ == name
     for name, params in (("too_many", "critic, generator, real, z, extra"), ("too_few", "critic, real, z")):
-        with pytest.raises(ConfigError, match=rf"loss.step: {name}\({params}\) must take \(critic, generator, real, z\)"):
+        expected = rf"loss.step: {name}\({params}\) must take \(critic, generator, real, z\)"
+        with pytest.raises(ConfigError, match=expected):
             loading.load_step(make(tmp_path, loss={"step": f"steps.py:{name}"}))
 
 
