@@ -79,7 +79,7 @@ def test_fills_and_copies_get_the_rows_measuring_would_give():
     with OpProbe({}) as probe:
         torch.zeros_like(torch.ones(6))
         torch.full((4,), 1e-9, dtype=torch.float16)  # 1e-9 is 0 in fp16
-        x = torch.tensor([0.0, 2.0, -1e-30, 3.0]) * 1.0
+        x = torch.tensor([0.0, 2.0, -1e-40, 3.0]) * 1.0
         x.clone()
         torch.empty(4).copy_(x)
     by_op = {}
