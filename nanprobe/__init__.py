@@ -4,12 +4,12 @@ Importing nanprobe does not import torch; the API below loads it on first use.
 """
 from __future__ import annotations
 
-from nanprobe.errors import ConfigError, DeviceError, NanprobeError, UserCodeError
+from nanprobe.errors import ConfigError, DeviceError, Interrupted, NanprobeError, UserCodeError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "DeviceError", "NanprobeError", "UserCodeError",
+    "ConfigError", "DeviceError", "Interrupted", "NanprobeError", "UserCodeError",
     "Config", "Report", "OpProbe", "diagnose", "load_config", "__version__",
 ]
 

@@ -9,6 +9,7 @@ import torch
 from nanprobe import config as cfg
 from nanprobe import diagnosis, loading, replay
 from nanprobe.enums import Precision
+from nanprobe.errors import Interrupted
 from nanprobe.initialisation import he_ratios
 from nanprobe.report import Report
 
@@ -31,10 +32,30 @@ def diagnose(config_or_path: "cfg.Config | str | Path", progress: Callable | Non
     for p in order:
         replay.check_dtype(device, p, config.precision.mode)
     loaded = loading.load(config)
-    traces = {p: replay.replay(config, loaded, p, device, probe=True, progress=progress) for p in order}
+    traces: dict[Precision, replay.Trace] = {}
+    try:
+        for p in order:
+            traces[p] = replay.replay(config, loaded, p, device, probe=True, progress=progress)
+    except KeyboardInterrupt as exc:
+        partial = getattr(exc, "trace", None)
+        if partial is not None and partial.precision not in traces:
+            traces[partial.precision] = partial
+        left = [p.value for p in order if p not in traces]
+        where = f"during the {partial.precision.value} replay" if partial is not None else "before the replays"
+        note = f"interrupted (Ctrl-C) {where}" + (f"; not replayed: {', '.join(left)}" if left else "")
+        report = None
+        if Precision.FP32 in traces:
+            done = tuple(p for p in requested if p in traces)
+            report = _report(config, device, diagnosis.analyse(config, traces, done, he_ratios(loaded.critic),
+                                                               device.type), interrupted=note)
+        raise Interrupted(report) from None
     runs = diagnosis.analyse(config, traces, requested, he_ratios(loaded.critic), device.type)
+    return _report(config, device, runs)
+
+
+def _report(config: cfg.Config, device: torch.device, runs: tuple, interrupted: str | None = None) -> Report:
     return Report(config=str(config.source) if config.source else None, device=_device_name(device),
-                  torch=torch.__version__, runs=runs, settings=cfg.to_dict(config))
+                  torch=torch.__version__, runs=runs, settings=cfg.to_dict(config), interrupted=interrupted)
 
 
 def _device_name(device: torch.device) -> str:

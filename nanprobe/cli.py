@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from nanprobe.errors import NanprobeError
+from nanprobe.errors import Interrupted, NanprobeError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -77,6 +77,12 @@ def diagnose(
             report = run_diagnose(config, progress=on_progress, **overrides)
     except NanprobeError as exc:
         _fail(str(exc))
+    except Interrupted as exc:
+        if exc.report is None:
+            typer.echo("nanprobe: interrupted before the fp32 replay finished; nothing to report", err=True)
+            raise typer.Exit(130)
+        typer.echo("nanprobe: interrupted; reporting what was found so far", err=True)
+        report = exc.report
     except KeyboardInterrupt:
         typer.echo("nanprobe: interrupted", err=True)
         raise typer.Exit(130)
@@ -93,6 +99,8 @@ def diagnose(
         render.report(report)
     from nanprobe.enums import FailOn
 
+    if report.interrupted:
+        raise typer.Exit(130)
     raise typer.Exit(1 if any(FailOn(fail_on.value).fails(r.status) for r in report.runs) else 0)
 
 

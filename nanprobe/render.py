@@ -130,6 +130,8 @@ def report(rep: Report, console: Console | None = None) -> None:
     console = console or Console()
     console.print(Text.assemble(("nanprobe diagnose ", "bold"), rep.config or "", (f"  ({rep.device}, torch {rep.torch})", "dim")))
     console.print(_summary_table(rep))
+    if rep.interrupted:
+        console.print(Text(rep.interrupted, style="bold yellow"))
     bad = [r for r in rep.runs if r.status is not Status.OK]
     for run in bad:
         console.print(_run_panel(run))

@@ -161,11 +161,20 @@ class _Replay:
         with ctx:
             if self.probe is not None:
                 self.probe.name_params(self.params)
-            for step in range(self.config.train.steps):
-                if self.progress:
-                    self.progress(self.precision, step, self.config.train.steps)
-                if not self._step(step):
-                    break
+            step = 0
+            try:
+                for step in range(self.config.train.steps):
+                    if self.progress:
+                        self.progress(self.precision, step, self.config.train.steps)
+                    if not self._step(step):
+                        break
+            except KeyboardInterrupt as exc:
+                # Keep what this replay recorded so the caller can report it.
+                if self.probe is not None:
+                    self.probe.fetch()
+                self.trace.stopped = f"interrupted (Ctrl-C) during step {step}"
+                exc.trace = self.trace
+                raise
         return self.trace
 
     def _inputs(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:

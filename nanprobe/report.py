@@ -151,6 +151,8 @@ class Report:
     """One per precision, fp32 first."""
     settings: dict = field(default_factory=dict)
     """The config as replayed (after overrides)."""
+    interrupted: str | None = None
+    """Set when Ctrl-C stopped the replays: the runs hold what was found so far."""
     schema: int = SCHEMA
     """JSON schema version."""
 
