@@ -7,10 +7,12 @@ from typing import Callable
 import torch
 
 from nanprobe import config as cfg
-from nanprobe import diagnosis, loading, replay
+from nanprobe import datacheck, diagnosis, initialisation, loading, replay
 from nanprobe.enums import Precision
 from nanprobe.initialisation import he_ratios
 from nanprobe.report import Report
+
+check_data = datacheck.check_data  # the whole data file, chunk by chunk (also nanprobe.check_data)
 
 
 def _config(config_or_path, overrides: dict) -> cfg.Config:
@@ -31,10 +33,12 @@ def diagnose(config_or_path: "cfg.Config | str | Path", progress: Callable | Non
     for p in order:
         replay.check_dtype(device, p, config.precision.mode)
     loaded = loading.load(config)
+    init = initialisation.check(loaded.critic, replay.first_batch(config, loaded))
+    data = datacheck.check_replayed(config, loaded.data)
     traces = {p: replay.replay(config, loaded, p, device, probe=True, progress=progress) for p in order}
-    runs = diagnosis.analyse(config, traces, requested, he_ratios(loaded.critic), device.type)
+    runs = diagnosis.analyse(config, traces, requested, he_ratios(loaded.critic, checks=init), device.type, init)
     return Report(config=str(config.source) if config.source else None, device=_device_name(device),
-                  torch=torch.__version__, runs=runs, settings=cfg.to_dict(config))
+                  torch=torch.__version__, runs=runs, settings=cfg.to_dict(config), data=data, init=init)
 
 
 def _device_name(device: torch.device) -> str:

@@ -5,8 +5,13 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from nanprobe.enums import FindingKind, Mode, Phase, Precision, Status
+
+if TYPE_CHECKING:
+    from nanprobe.datacheck import DataReport
+    from nanprobe.initialisation import InitCheck
 
 SCHEMA = 1
 
@@ -153,6 +158,10 @@ class Report:
     """The config as replayed (after overrides)."""
     schema: int = SCHEMA
     """JSON schema version."""
+    data: "DataReport | None" = None
+    """The data check of the samples the replays used (None for synthetic data)."""
+    init: "tuple[InitCheck, ...]" = ()
+    """Initialisation of each critic weight layer: std against Glorot/He, output scale on the first batch."""
 
     @property
     def worst(self) -> Status:
