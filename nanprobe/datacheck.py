@@ -244,7 +244,7 @@ def _fix(rep: DataReport) -> FixSuggestion:
     if r.ok:
         normalise = f"# the values are already within data.range [{lo}, {hi}]"
     elif r.transform:
-        normalise = f"x = {r.transform}   # {r.cause} to data.range [{lo}, {hi}]"
+        normalise = f"x = {r.transform}   # to data.range [{lo}, {hi}]"
     else:
         normalise = f"# {r.cause}: find where the values leave data.range [{lo}, {hi}]"
     return fixes.adapt("data", bad_samples=_few(rep.nonfinite), constant_samples=_few(rep.constant), normalise=normalise)
@@ -301,7 +301,7 @@ def _open_npy(path: Path) -> _Source:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as exc:
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        if "pickled" in first or "allow_pickle" in first:
+        if "pickled" in first or "allow_pickle" in first or "Python objects" in first:
             first = "it is not a .npy array file (numpy.load found pickled data, which nanprobe does not load)"
         raise ConfigError(f"data.path: cannot read {path.name}: {first[:200]}") from None
     if not isinstance(arr, np.memmap):

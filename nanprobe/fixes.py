@@ -333,14 +333,14 @@ def _vars(c: FixContext) -> dict:
         "opt_class": {"adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "sgd": "SGD"}[c.optimizer],
         "init_module": init_module or "critic", "init_ratio": f"{init_ratio:.3g}",
         "bad_samples": ", ".join(map(str, bad)) if bad else "see the report",
-        "constant_samples": "run nanprobe check-data", "normalise": _NORMALISE,
+        "constant_samples": "see nanprobe check-data", "normalise": _NORMALISE,
         "init_std": f"{worst.std:.3g}" if worst else "?", "init_he": f"{worst.he:.3g}" if worst else "?",
         "init_call": worst.call if worst else "nn.init.kaiming_normal_(layer.weight, a=0.2)",
         "init_flagged": ", ".join(flagged[:6]) + (f" and {len(flagged) - 6} more" if len(flagged) > 6 else "") or "none",
     }
 
 
-_NORMALISE = "# and bring it to data.range, e.g. x = x / 127.5 - 1 for uint8 images and [-1, 1]"
+_NORMALISE = "# then bring x to data.range (x / 127.5 - 1 maps uint8 to [-1, 1])"
 
 
 def adapt(fix_id: str, **values: str) -> FixSuggestion:

@@ -110,7 +110,9 @@ def _attr(path: str) -> str:
 def _std(t) -> float | None:
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() < 2:
         return None
-    s = float(t.detach().float().std())
+    x = t.detach().float()
+    x = x[torch.isfinite(x)]  # a NaN sample in the batch must not hide the scale of the others
+    s = float(x.std()) if x.numel() > 1 else math.nan
     return s if math.isfinite(s) else None
 
 

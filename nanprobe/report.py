@@ -168,7 +168,10 @@ class Report:
         return max((r.status for r in self.runs), key=lambda s: s.severity, default=Status.OK)
 
     def to_dict(self) -> dict:
-        return _plain(asdict(self))
+        d = _plain(asdict(self))
+        if self.data is not None:
+            d["data"] = self.data.to_dict()
+        return d
 
     def to_json(self, indent: int | None = 2) -> str:
         d = self.to_dict()
