@@ -143,19 +143,17 @@ class _Tally:
         self.nan = {"samples_with_nan": 0, "samples_with_inf": 0, "nan_values": 0, "posinf_values": 0, "neginf_values": 0}
         self.constant_values: list[float] = []
 
-    def _keep(self, problem: DataProblem, index: np.ndarray, mask: np.ndarray) -> None:
+    def _keep(self, problem: DataProblem, index: np.ndarray, mask: np.ndarray) -> int:
+        """Count the samples under mask; returns how many of them were listed."""
         hit = index[mask]
         self.count[problem] += len(hit)
-        room = MAX_INDICES - len(self.idx[problem])
-        if room > 0:
-            self.idx[problem] += [int(i) for i in hit[:room]]
-            if problem is DataProblem.CONSTANT:
-                self.constant_values += [float(v) for v in self._mins[mask][:room]]
+        room = max(0, min(len(hit), MAX_INDICES - len(self.idx[problem])))
+        self.idx[problem] += [int(i) for i in hit[:room]]
+        return room
 
     def add(self, index: np.ndarray, x: np.ndarray) -> None:
         """Count the samples x [n, features] whose indices in the file are `index`."""
         mins, maxs = x.min(1), x.max(1)
-        self._mins = mins
         self.samples += len(x)
         finite = np.ones(len(x), bool)
         if x.dtype.kind == "f":
@@ -166,7 +164,9 @@ class _Tally:
             lo, hi = mins[finite], maxs[finite]
             self.vmin, self.vmax = min(self.vmin, float(lo.min())), max(self.vmax, float(hi.max()))
         self.finite_samples += int(finite.sum())
-        self._keep(DataProblem.CONSTANT, index, finite & (mins == maxs))
+        constant = finite & (mins == maxs)
+        listed = self._keep(DataProblem.CONSTANT, index, constant)
+        self.constant_values += [float(v) for v in mins[constant][:listed]]
         self._keep(DataProblem.RANGE, index, finite & ((mins < self.lo - self.slack) | (maxs > self.hi + self.slack)))
 
     def _nonfinite(self, index: np.ndarray, x: np.ndarray, bad: np.ndarray) -> None:

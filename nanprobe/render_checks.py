@@ -58,13 +58,16 @@ def _rows(rep) -> list[tuple]:
     rows = []
     if rep.nonfinite.count:
         c = rep.nonfinite.counts
-        rows.append((DataProblem.NONFINITE, rep.nonfinite.count, rep.nonfinite.count / n, _indices(rep.nonfinite.indices, rep.nonfinite.count),
+        rows.append((DataProblem.NONFINITE, rep.nonfinite.count, rep.nonfinite.count / n,
+                     _indices(rep.nonfinite.indices, rep.nonfinite.count),
                      f"{c['samples_with_nan']} with NaN, {c['samples_with_inf']} with Inf "
                      f"({c['nan_values']} NaN, {c['posinf_values']} +inf, {c['neginf_values']} -inf values)"))
     if rep.constant.count:
         vals = ", ".join(f"{v:g}" for v in rep.constant.counts.get("values", []))
-        rows.append((DataProblem.CONSTANT, rep.constant.count, rep.constant.count / n, _indices(rep.constant.indices, rep.constant.count),
-                     f"zero variance: per-image normalisation divides by 0 (values {vals}{', …' if rep.constant.count > 5 else ''})"))
+        more = ", …" if rep.constant.count > 5 else ""
+        rows.append((DataProblem.CONSTANT, rep.constant.count, rep.constant.count / n,
+                     _indices(rep.constant.indices, rep.constant.count),
+                     f"zero variance: per-image normalisation divides by 0 (values {vals}{more})"))
     r = rep.range
     if not r.ok:
         lo, hi = r.expected

@@ -201,7 +201,8 @@ def test_cli_range_mismatch_names_the_cause(tmp_path):
     x = np.random.default_rng(3).integers(0, 256, size=(12, *SHAPE), dtype=np.uint8)
     result = runner.invoke(app, ["check-data", str(save(tmp_path, x))], env={"COLUMNS": "200"})
     assert result.exit_code == 1
-    assert "observed 0 .. 255, data.range [-1, 1]; likely unnormalised 8-bit images (0..255) stored as uint8; use x = x / 127.5 - 1" in result.output
+    assert ("observed 0 .. 255, data.range [-1, 1]; likely unnormalised 8-bit images (0..255) stored as uint8; "
+            "use x = x / 127.5 - 1") in result.output
 
 
 def test_cli_json_stdout_and_file(tmp_path):
