@@ -1,16 +1,13 @@
 """Data checks: samples holding NaN or Inf, constant images, and values outside the range the config
-expects, over a whole data file in bounded memory (`check-data`) or over the samples a replay uses.
+expects, over a whole data file in bounded memory (`check-data`, through datafile.chunks) or over
+the samples a replay uses (`diagnose`).
 
-The whole-file scan reads the file through a memory map, one chunk at a time, and hands each
-chunk's pages back to the kernel once it is counted (madvise DONTNEED), so the process's resident
-memory follows the chunk size, not the file size. Per sample it needs only the min and the max:
-NaN and Inf propagate into them, and a sample is constant exactly when its min equals its max.
-No torch import for a .npy file.
+Per sample the checks need only its min and max: NaN and Inf propagate into them, and a sample is
+constant (zero variance) exactly when its min equals its max. No torch import for a .npy file.
 """
 from __future__ import annotations
 
 import json
-import mmap
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from nanprobe import config as cfg
-from nanprobe import fixes
+from nanprobe import datafile, fixes
 from nanprobe.enums import DataProblem
 from nanprobe.errors import ConfigError
 from nanprobe.report import FixSuggestion, _plain
@@ -250,173 +247,23 @@ def _fix(rep: DataReport) -> FixSuggestion:
     return fixes.adapt("data", bad_samples=_few(rep.nonfinite), constant_samples=_few(rep.constant), normalise=normalise)
 
 
-# ---- reading a file in chunks
-
-
-def _drop_pages(address: int, nbytes: int) -> None:
-    """Hand the file pages under [address, address + nbytes) back to the kernel: they leave this process's RSS.
-
-    Only whole pages inside the range: the pages are clean (read-only), so a later read faults them in again.
-    """
-    madvise = _madvise()
-    if madvise is None:
-        return
-    page = mmap.PAGESIZE
-    start = -(-address // page) * page
-    end = (address + nbytes) // page * page
-    if end > start:
-        import ctypes
-
-        madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
-
-
-_libc: list = []
-
-
-def _madvise():
-    if not _libc:
-        try:
-            import ctypes
-            import ctypes.util
-
-            _libc.append(getattr(ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True), "madvise", None)
-                         if hasattr(mmap, "MADV_DONTNEED") else None)
-        except OSError:
-            _libc.append(None)
-    return _libc[0]
-
-
-@dataclass
-class _Source:
-    """An opened data file (internal)."""
-
-    array: object
-    format: str
-    memory_mapped: bool
-    notes: tuple[str, ...] = ()
-
-
-def _open_npy(path: Path) -> _Source:
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as exc:
-        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        if "pickled" in first or "allow_pickle" in first or "Python objects" in first:
-            first = "it is not a .npy array file (numpy.load found pickled data, which nanprobe does not load)"
-        raise ConfigError(f"data.path: cannot read {path.name}: {first[:200]}") from None
-    if not isinstance(arr, np.memmap):
-        return _Source(arr, "npy", False, ("an empty array could not be memory-mapped",))
-    return _Source(arr, "npy", True)
-
-
-def _open_pt(path: Path) -> _Source:
-    import torch
-
-    from nanprobe.loading import _torch_load_error
-
-    notes: tuple[str, ...] = ()
-    try:
-        try:
-            t = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            mapped = True
-        except RuntimeError as exc:
-            if "mmap can only be used" not in str(exc):
-                raise
-            t = torch.load(path, map_location="cpu", weights_only=True)
-            mapped = False
-            notes = (f"{path.name} is in torch.save's legacy format, which cannot be memory-mapped: it was read "
-                     "whole into memory. Re-save it with torch.save (zip format, the default since PyTorch 1.6) "
-                     "or as .npy to scan it in bounded memory.",)
-    except Exception as exc:
-        raise _torch_load_error("data.path", path, exc, "save a tensor [N, C, H, W] with torch.save") from None
-    if not isinstance(t, torch.Tensor):
-        raise ConfigError(f"data.path: {path.name} holds a {type(t).__name__}, not a tensor [N, C, H, W]")
-    if mapped and not t.is_contiguous():
-        notes += ("the tensor is not contiguous: each chunk is copied before it is checked",)
-    return _Source(t, "pt", mapped, notes)
-
-
-def _chunk_numpy(chunk) -> np.ndarray:
-    """A chunk as a 2-D numpy array [n, features] (a view when it can be)."""
-    if isinstance(chunk, np.ndarray):
-        return chunk.reshape(len(chunk), -1)
-    import torch
-
-    if chunk.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2) or not chunk.is_contiguous():
-        chunk = chunk.float() if chunk.is_floating_point() else chunk.contiguous()
-    return chunk.reshape(len(chunk), -1).numpy()
-
-
-def _address(chunk) -> tuple[int, int] | None:
-    if isinstance(chunk, np.ndarray):
-        return (chunk.ctypes.data, chunk.nbytes) if chunk.flags.c_contiguous else None
-    if chunk.is_contiguous():
-        return chunk.data_ptr(), chunk.numel() * chunk.element_size()
-    return None
-
-
-def _open(config: cfg.Config) -> tuple[Path, _Source]:
-    d = config.data
-    if d.source != "file":
-        raise ConfigError("data.source is synthetic: there is no data file to scan (synthetic samples are drawn "
-                          "inside data.range); set data.source: file and data.path to check a data set")
-    path = cfg.resolve(config, d.path)
-    try:
-        is_file = path.is_file()
-    except OSError as exc:
-        raise ConfigError(f"data.path: cannot read {path}: {exc.strerror or exc}") from None
-    if not is_file:
-        raise ConfigError(f"data.path: {'is a folder' if path.is_dir() else 'file not found'}: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        src = _open_npy(path)
-    elif suffix in (".pt", ".pth"):
-        src = _open_pt(path)
-    else:
-        raise ConfigError(f"data.path: {path.name} must be a .npy or .pt file")
-    shape = tuple(src.array.shape)
-    dtype = str(src.array.dtype)
-    if len(shape) < 2:
-        raise ConfigError(f"data.path: {path.name} has shape {list(shape)}; expected [N, C, H, W]")
-    if dtype.startswith(("complex", "torch.complex", "object")) or "bool" in dtype or dtype.startswith(("<U", "|S", "<M")):
-        raise ConfigError(f"data.path: {path.name} has dtype {dtype}; expected a real number type")
-    if d.shape is not None and tuple(d.shape) != shape[1:]:
-        raise ConfigError(f"data.shape: {list(d.shape)} does not match {path.name}, whose samples are {list(shape[1:])}")
-    if shape[0] == 0:
-        raise ConfigError(f"data.path: {path.name} holds no samples")
-    return path, src
-
-
 def scan(config: cfg.Config, progress: Callable[[int, int], None] | None = None,
          chunk_mb: float = DEFAULT_CHUNK_MB) -> DataReport:
     """Check every sample of the config's data file, chunk by chunk; progress(done_bytes, total_bytes)."""
     if not chunk_mb > 0:
         raise ConfigError(f"--chunk-mb: must be > 0, got {chunk_mb}")
     t0 = time.perf_counter()
-    path, src = _open(config)
-    arr = src.array
-    n = arr.shape[0]
-    row_bytes = max(1, int(np.prod(arr.shape[1:])) * _itemsize(arr))
-    rows = max(1, int(chunk_mb * 2**20) // row_bytes)
+    f = datafile.open_file(config)
+    n = f.array.shape[0]
+    total = n * f.row_bytes
     tally = _Tally(*config.data.range)
-    total = n * row_bytes
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        chunk = arr[start:stop]
-        tally.add(np.arange(start, stop), _chunk_numpy(chunk))
-        where = _address(chunk) if src.memory_mapped else None
-        del chunk
-        if where is not None:
-            _drop_pages(*where)
+    for start, x in datafile.chunks(f, chunk_mb):
+        tally.add(np.arange(start, start + len(x)), x)
         if progress is not None:
-            progress(stop * row_bytes, total)
-    return tally.report(path=str(path), format=src.format, dtype=str(arr.dtype), shape=tuple(arr.shape), samples=n,
-                        nbytes=total, memory_mapped=src.memory_mapped, scope="file", notes=src.notes,
+            progress((start + len(x)) * f.row_bytes, total)
+    return tally.report(path=str(f.path), format=f.format, dtype=str(f.array.dtype), shape=tuple(f.array.shape),
+                        samples=n, nbytes=total, memory_mapped=f.memory_mapped, scope="file", notes=f.notes,
                         seconds=round(time.perf_counter() - t0, 3), chunk_mb=chunk_mb)
-
-
-def _itemsize(arr) -> int:
-    return arr.itemsize if isinstance(arr, np.ndarray) else arr.element_size()
 
 
 def check_replayed(config: cfg.Config, data, steps: int | None = None) -> DataReport | None:
@@ -428,7 +275,7 @@ def check_replayed(config: cfg.Config, data, steps: int | None = None) -> DataRe
     idx = np.unique([(s * b + i) % n for s in range(steps or config.train.steps) for i in range(b)])
     tally = _Tally(*config.data.range)
     chunk = data[idx] if isinstance(data, np.ndarray) else data[idx.tolist()]
-    x = _chunk_numpy(chunk)
+    x = datafile.as_2d(chunk)
     tally.add(idx, x)
     return tally.report(path=str(cfg.resolve(config, config.data.path)), format=Path(str(config.data.path)).suffix.lstrip("."),
                        dtype=str(data.dtype), shape=tuple(data.shape), samples=len(idx), nbytes=int(x.nbytes),

@@ -144,25 +144,34 @@ def test_indices_list_is_capped_but_counts_are_not(tmp_path):
     assert rep.nonfinite.count == 50 and rep.nonfinite.indices == tuple(range(0, 2 * datacheck.MAX_INDICES, 2))
 
 
-def test_peak_memory_follows_the_chunk_not_the_file(tmp_path):
+@pytest.mark.parametrize("suffix", ["npy", "pt"])
+def test_peak_memory_follows_the_chunk_not_the_file(tmp_path, suffix):
     # 192 MB of data scanned in 4 MB chunks: without handing each chunk's pages back, the memory map
-    # would leave the whole file resident.
+    # would leave the whole file resident by the end of the scan.
     n = 192 * 2**20 // (3 * 64 * 64 * 4)
-    path = tmp_path / "big.npy"
-    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, 3, 64, 64))
-    arr[n // 2, 0, 0, 0] = np.nan
-    arr.flush()
-    del arr
+    path = tmp_path / f"big.{suffix}"
+    if suffix == "npy":
+        arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, 3, 64, 64))
+        arr[n // 2, 0, 0, 0] = np.nan
+        arr.flush()
+        del arr
+    else:
+        t = torch.zeros(n, 3, 64, 64)
+        t[n // 2, 0, 0, 0] = float("nan")
+        torch.save(t, path)
+        del t
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(json.dumps({"model": {"critic": "x.py:C"}, "data": {"source": "file", "path": "big.npy"}}))
-    code = ("import sys, nanprobe; r = nanprobe.check_data(sys.argv[1], chunk_mb=4); "
-            "hwm = open('/proc/self/status').read().split('VmHWM:')[1].split()[0]; "
-            "print(r.nonfinite.indices, int(hwm) // 1024, 'torch' in sys.modules)")
+    cfg.write_text(json.dumps({"model": {"critic": "x.py:C"}, "data": {"source": "file", "path": path.name}}))
+    code = ("import sys, nanprobe.datacheck as d\n"
+            f"{'import torch' if suffix == 'pt' else ''}\n"
+            "def hwm(): return int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) // 1024\n"
+            "before = hwm(); r = d.check_data(sys.argv[1], chunk_mb=4)\n"
+            "print(r.nonfinite.indices[0], r.memory_mapped, hwm() - before, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(cfg)], cwd=ROOT, capture_output=True, text=True, check=True)
-    indices, peak_mb, torch_loaded = out.stdout.split(") ")[0] + ")", *out.stdout.split(") ")[1].split()
-    assert indices == f"({n // 2},)"
-    assert int(peak_mb) < 120, out.stdout  # interpreter + numpy ~35 MB, a chunk and its temporaries
-    assert torch_loaded == "False"  # a .npy scan needs no torch
+    index, mapped, grew_mb, torch_loaded = out.stdout.split()
+    assert (int(index), mapped) == (n // 2, "True")
+    assert int(grew_mb) < 48, out.stdout  # a 4 MB chunk, its temporaries and the scan's code; not 192 MB
+    assert torch_loaded == str(suffix == "pt")  # a .npy scan needs no torch
 
 
 def test_replayed_samples_check_for_diagnose(tmp_path):
@@ -239,6 +248,16 @@ def test_cli_wrong_shape_and_rank_exit_2(tmp_path):
     assert result.exit_code == 2 and "data.shape: [1, 8, 8] does not match data.npy, whose samples are [3, 8, 8]" in result.stderr
     result = runner.invoke(app, ["check-data", str(save(tmp_path, np.zeros(5, np.float32)))])
     assert result.exit_code == 2 and "has shape [5]; expected [N, C, H, W]" in result.stderr
+
+
+def test_not_a_tensor_or_not_real_numbers_exit_2(tmp_path):
+    torch.save({"x": torch.zeros(2, 3)}, tmp_path / "dict.pt")
+    np.save(tmp_path / "mask.npy", np.zeros((4, 3, 8, 8), bool))
+    cfg = save(tmp_path, clean())
+    with pytest.raises(ConfigError, match="dict.pt holds a dict, not a tensor"):
+        nanprobe.check_data(cfg, **{"data.path": "dict.pt"})
+    with pytest.raises(ConfigError, match="mask.npy has dtype bool; expected a real number type"):
+        nanprobe.check_data(cfg, **{"data.path": "mask.npy"})
 
 
 def test_pickled_npy_is_refused(tmp_path):
