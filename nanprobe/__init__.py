@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "DeviceError", "Interrupted", "NanprobeError", "UserCodeError",
-    "Config", "Report", "OpProbe", "diagnose", "load_config", "__version__",
+    "Config", "Report", "OpProbe", "diagnose", "load_config", "check_data", "DataReport", "__version__",
 ]
 
 _LAZY = {
@@ -19,6 +19,9 @@ _LAZY = {
     "Report": ("nanprobe.report", "Report"),
     "OpProbe": ("nanprobe.probe", "OpProbe"),
     "diagnose": ("nanprobe.api", "diagnose"),
+    # From datacheck, not api: scanning a .npy file needs no torch import (and no torch memory).
+    "check_data": ("nanprobe.datacheck", "check_data"),
+    "DataReport": ("nanprobe.datacheck", "DataReport"),
 }
 
 

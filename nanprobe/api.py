@@ -7,11 +7,13 @@ from typing import Callable
 import torch
 
 from nanprobe import config as cfg
-from nanprobe import diagnosis, loading, replay
+from nanprobe import datacheck, diagnosis, initialisation, loading, replay
 from nanprobe.enums import Precision
 from nanprobe.errors import Interrupted
 from nanprobe.initialisation import he_ratios
 from nanprobe.report import Report
+
+check_data = datacheck.check_data  # the whole data file, chunk by chunk (also nanprobe.check_data)
 
 
 def _config(config_or_path, overrides: dict) -> cfg.Config:
@@ -32,6 +34,9 @@ def diagnose(config_or_path: "cfg.Config | str | Path", progress: Callable | Non
     for p in order:
         replay.check_dtype(device, p, config.precision.mode)
     loaded = loading.load(config)
+    init = initialisation.check(loaded.critic, replay.first_batch(config, loaded))
+    data = datacheck.check_replayed(config, loaded.data)
+    ratios = he_ratios(loaded.critic, checks=init)
     traces: dict[Precision, replay.Trace] = {}
     try:
         for p in order:
@@ -46,16 +51,16 @@ def diagnose(config_or_path: "cfg.Config | str | Path", progress: Callable | Non
         report = None
         if Precision.FP32 in traces:
             done = tuple(p for p in requested if p in traces)
-            report = _report(config, device, diagnosis.analyse(config, traces, done, he_ratios(loaded.critic),
-                                                               device.type), interrupted=note)
+            runs = diagnosis.analyse(config, traces, done, ratios, device.type, init)
+            report = _report(config, device, runs, data=data, init=init, interrupted=note)
         raise Interrupted(report) from None
-    runs = diagnosis.analyse(config, traces, requested, he_ratios(loaded.critic), device.type)
-    return _report(config, device, runs)
+    runs = diagnosis.analyse(config, traces, requested, ratios, device.type, init)
+    return _report(config, device, runs, data=data, init=init)
 
 
-def _report(config: cfg.Config, device: torch.device, runs: tuple, interrupted: str | None = None) -> Report:
+def _report(config: cfg.Config, device: torch.device, runs: tuple, **extra) -> Report:
     return Report(config=str(config.source) if config.source else None, device=_device_name(device),
-                  torch=torch.__version__, runs=runs, settings=cfg.to_dict(config), interrupted=interrupted)
+                  torch=torch.__version__, runs=runs, settings=cfg.to_dict(config), **extra)
 
 
 def _device_name(device: torch.device) -> str:

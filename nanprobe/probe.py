@@ -281,7 +281,8 @@ class OpProbe:
         idx = len(self.events)
         self.events.append(OpEvent(idx, self.step, self.attempt, self.phase, module, op, source, None,
                                    str(tensor.dtype).replace("torch.", ""), tuple(tensor.shape), (), info=info))
-        self._stat(idx, [tensor])
+        with self.paused():  # called from outside the mode: the statistics' own ops must not be recorded
+            self._stat(idx, [tensor])
         self._producer[tensor] = idx
 
     def _tag_of_node(self, node) -> tuple:

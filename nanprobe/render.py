@@ -137,3 +137,7 @@ def report(rep: Report, console: Console | None = None) -> None:
         console.print(_run_panel(run))
     if not bad:
         console.print(Text("No underflow, overflow or NaN in any precision.", style="bold green"))
+    from nanprobe import render_checks
+
+    render_checks.data_note(rep.data, console)
+    render_checks.init_table(rep.init, console)

@@ -97,6 +97,15 @@ def _batch(config: Config, loaded: Loaded, step: int, probe: OpProbe | None) -> 
     return raw
 
 
+def first_batch(config: Config, loaded: Loaded) -> torch.Tensor:
+    """The real batch of step 0 as the replays see it (fp32, CPU), outside any probe."""
+    rng = torch.get_rng_state()
+    try:
+        return _batch(config, loaded, 0, None)
+    finally:
+        torch.set_rng_state(rng)  # synthetic data draws from the global generator
+
+
 def _scalar(value, what: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
         return value.reshape(())

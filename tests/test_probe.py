@@ -91,3 +91,10 @@ def test_fills_and_copies_get_the_rows_measuring_would_give():
     assert by_op["aten.clone.default"].row == measured
     assert by_op["aten.copy_.default"].row == measured
     assert measured[st.ZEROS] == 1 and measured[st.SUBNORMAL] == 1
+
+
+def test_observe_records_one_event_and_not_its_own_statistics():
+    with OpProbe({}) as probe:
+        probe.observe(torch.tensor([0.0, 255.0, 1e-40]), "load", module="data")
+    assert [e.op for e in probe.events] == ["load"]
+    assert probe.events[0].row[3] == 1  # one zero
