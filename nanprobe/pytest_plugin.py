@@ -53,7 +53,15 @@ def _dtypes(text: str) -> list[str]:
     names = [d.strip() for d in text.split(",") if d.strip()]
     if not names:
         raise pytest.UsageError("--nanprobe-dtypes: give one or more of fp32, fp16, bf16, separated by commas")
+    for name in names:
+        if name not in ("fp32", "fp16", "bf16"):
+            raise pytest.UsageError(f"--nanprobe-dtypes: unknown precision '{name}'; use fp32, fp16 or bf16")
     return names
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("nanprobe") and config.getoption("nanprobe_dtypes") is not None:
+        _dtypes(config.getoption("nanprobe_dtypes"))  # a bad list is a usage error before collection
 
 
 class ConfigFile(pytest.File):
@@ -131,4 +139,5 @@ class PrecisionItem(pytest.Item):
         return super().repr_failure(excinfo, style=style)
 
     def reportinfo(self):
-        return self.path, None, f"{self.path.name}::{self.name}"
+        # Not "name.yaml::fp16": pytest -v would turn a domain that ends the node id into name::yaml::fp16.
+        return self.path, None, f"{self.path.name} {self.name}"
