@@ -27,6 +27,12 @@ class ModeChoice(str, Enum):
     half = "half"
 
 
+class FormatChoice(str, Enum):
+    table = "table"
+    json = "json"
+    github = "github"
+
+
 class DeviceChoice(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -63,9 +69,19 @@ def diagnose(
     device: Optional[DeviceChoice] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Critic steps replayed per precision."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no terminal report (exit code only)."),
+    output_format: FormatChoice = typer.Option(FormatChoice.table, "--format",
+                                               help="stdout: table (terminal report), json, or github "
+                                                    "(GitHub Actions ::error/::warning annotations)."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write a JUnit XML report to PATH."),
 ) -> None:
     """Replay critic and penalty steps in fp32, fp16 and bf16; name the first op that underflows or overflows."""
+    import time
+
     from nanprobe import render
+
+    if json_out == "-" and output_format is not FormatChoice.table:
+        _fail(f"--json -: stdout already carries --format {output_format.value}; give --json a file path")
+    started = time.perf_counter()
 
     overrides = {"dtypes": _dtypes(dtype), "mode": mode.value if mode else None,
                  "device": device.value if device else None, "steps": steps}
@@ -76,6 +92,10 @@ def diagnose(
 
             report = run_diagnose(config, progress=on_progress, **overrides)
     except NanprobeError as exc:
+        if output_format is FormatChoice.github:
+            from nanprobe.github import error
+
+            typer.echo(error(str(exc), str(config)))
         _fail(str(exc))
     except KeyboardInterrupt:
         typer.echo("nanprobe: interrupted", err=True)
@@ -89,7 +109,21 @@ def diagnose(
                 Path(json_out).write_text(text + "\n", encoding="utf-8")
             except OSError as exc:
                 _fail(f"--json: cannot write {json_out}: {exc.strerror or exc}")
-    if not quiet and not to_stdout:
+    if junit is not None:
+        from nanprobe.junit import junit_xml
+
+        try:
+            junit.write_text(junit_xml(report, fail_on.value, time.perf_counter() - started), encoding="utf-8")
+        except OSError as exc:
+            _fail(f"--junit: cannot write {junit}: {exc.strerror or exc}")
+    if output_format is FormatChoice.json:
+        typer.echo(report.to_json())
+    elif output_format is FormatChoice.github:
+        from nanprobe.github import annotations
+
+        for line in annotations(report, fail_on.value):
+            typer.echo(line)
+    elif not quiet and not to_stdout:
         render.report(report)
     from nanprobe.enums import FailOn
 
