@@ -130,6 +130,38 @@ def diagnose(
     raise typer.Exit(1 if any(FailOn(fail_on.value).fails(r.status) for r in report.runs) else 0)
 
 
+@app.command()
+def init(
+    models: Path = typer.Argument(..., help="The Python file that defines your critic and generator."),
+    critic: Optional[str] = typer.Option(None, "--critic", help="Name of the critic class or factory (default: guessed)."),
+    generator: Optional[str] = typer.Option(None, "--generator", help="Name of the generator (default: guessed)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the config to PATH (default: stdout)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite PATH if it exists."),
+) -> None:
+    """Find the critic and generator in MODELS (a dry forward on synthetic input) and write a commented config."""
+    if output is not None and output.exists() and not force:
+        _fail(f"{output} exists; pass --force to overwrite it")
+    if output is not None and not output.parent.is_dir():
+        _fail(f"-o: folder {output.parent} does not exist")
+    try:
+        from nanprobe.scaffold import scaffold
+
+        result = scaffold(models, critic=critic, generator=generator, config_path=output)
+    except NanprobeError as exc:
+        _fail(str(exc))
+    if output is None:
+        typer.echo(result.text, nl=False)
+        return
+    try:
+        output.write_text(result.text, encoding="utf-8")
+    except OSError as exc:
+        _fail(f"-o: cannot write {output}: {exc.strerror or exc}")
+    g = result.generator
+    found = f"critic {result.critic.name}" + (f", generator {g.name}" if g else ", no generator")
+    shape = "x".join(map(str, (g or result.critic).shape))
+    typer.echo(f"nanprobe: wrote {output} ({found}, samples {shape}); run: nanprobe diagnose {output}", err=True)
+
+
 def main() -> None:
     app(prog_name="nanprobe")
 
