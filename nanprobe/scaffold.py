@@ -280,7 +280,7 @@ def _ref_path(models: Path, config_path: Path | None) -> str:
 
 
 def _flow(value) -> str:
-    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+    return yaml.safe_dump(value, default_flow_style=True, width=1000, sort_keys=False).strip()
 
 
 def _render(models: Path, found: dict, c: Guess, g: Guess | None, named_c, named_g, notes: list,
@@ -346,7 +346,7 @@ def _align(line: str, column: int = 28) -> str:
     content, sep, comment = line.partition("  # ")
     if not sep or not content.strip() or content.lstrip().startswith("#"):
         return line
-    return f"{content.rstrip():<{column}}# {comment}"
+    return f"{content.rstrip() + '  ':<{column}}# {comment}"
 
 
 def _check(text: str, config_path: Path | None) -> None:
