@@ -143,12 +143,17 @@ def init(
         _fail(f"{output} exists; pass --force to overwrite it")
     if output is not None and not output.parent.is_dir():
         _fail(f"-o: folder {output.parent} does not exist")
+    if output is not None and output.resolve() == models.resolve():
+        _fail(f"-o: {output} is the models file itself; write the config to a .yaml file")
     try:
         from nanprobe.scaffold import scaffold
 
         result = scaffold(models, critic=critic, generator=generator, config_path=output)
     except NanprobeError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("nanprobe: interrupted", err=True)
+        raise typer.Exit(130)
     if output is None:
         typer.echo(result.text, nl=False)
         return

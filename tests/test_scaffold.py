@@ -179,6 +179,8 @@ class Critic(nn.Module):
      "--critic RaisingCritic: building RaisingCritic raised RuntimeError: RaisingCritic refuses to build "
      "({fixtures}/tiny_models.py:{raise_line})"),
     (["{tiny}", "-o", "{tmp}/no/such/dir/x.yaml"], "-o: folder {tmp}/no/such/dir does not exist"),
+    (["{tmp}/needs_args.py", "-o", "{tmp}/needs_args.py", "--force"],
+     "-o: {tmp}/needs_args.py is the models file itself; write the config to a .yaml file"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     from conftest import line_of
