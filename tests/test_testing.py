@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import FIXTURES, base_doc, line_of, merge, ref
 from nanprobe import ConfigError, UserCodeError
