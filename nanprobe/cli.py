@@ -27,6 +27,12 @@ class ModeChoice(str, Enum):
     half = "half"
 
 
+class FormatChoice(str, Enum):
+    table = "table"
+    json = "json"
+    github = "github"
+
+
 class DeviceChoice(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -63,9 +69,19 @@ def diagnose(
     device: Optional[DeviceChoice] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Critic steps replayed per precision."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no terminal report (exit code only)."),
+    output_format: FormatChoice = typer.Option(FormatChoice.table, "--format",
+                                               help="stdout: table (terminal report), json, or github "
+                                                    "(GitHub Actions ::error/::warning annotations)."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write a JUnit XML report to PATH."),
 ) -> None:
     """Replay critic and penalty steps in fp32, fp16 and bf16; name the first op that underflows or overflows."""
+    import time
+
     from nanprobe import render
+
+    if json_out == "-" and output_format is not FormatChoice.table:
+        _fail(f"--json -: stdout already carries --format {output_format.value}; give --json a file path")
+    started = time.perf_counter()
 
     overrides = {"dtypes": _dtypes(dtype), "mode": mode.value if mode else None,
                  "device": device.value if device else None, "steps": steps}
@@ -76,6 +92,10 @@ def diagnose(
 
             report = run_diagnose(config, progress=on_progress, **overrides)
     except NanprobeError as exc:
+        if output_format is FormatChoice.github:
+            from nanprobe.github import error
+
+            typer.echo(error(str(exc), str(config)))
         _fail(str(exc))
     except Interrupted as exc:
         if exc.report is None:
@@ -95,7 +115,21 @@ def diagnose(
                 Path(json_out).write_text(text + "\n", encoding="utf-8")
             except OSError as exc:
                 _fail(f"--json: cannot write {json_out}: {exc.strerror or exc}")
-    if not quiet and not to_stdout:
+    if junit is not None:
+        from nanprobe.junit import junit_xml
+
+        try:
+            junit.write_text(junit_xml(report, fail_on.value, time.perf_counter() - started), encoding="utf-8")
+        except OSError as exc:
+            _fail(f"--junit: cannot write {junit}: {exc.strerror or exc}")
+    if output_format is FormatChoice.json:
+        typer.echo(report.to_json())
+    elif output_format is FormatChoice.github:
+        from nanprobe.github import annotations
+
+        for line in annotations(report, fail_on.value):
+            typer.echo(line)
+    elif not quiet and not to_stdout:
         render.report(report)
     from nanprobe.enums import FailOn
 
@@ -135,6 +169,43 @@ def check_data(
     if not quiet and not to_stdout:
         render_checks.data_report(rep)
     raise typer.Exit(0 if rep.ok else 1)
+
+
+@app.command()
+def init(
+    models: Path = typer.Argument(..., help="The Python file that defines your critic and generator."),
+    critic: Optional[str] = typer.Option(None, "--critic", help="Name of the critic class or factory (default: guessed)."),
+    generator: Optional[str] = typer.Option(None, "--generator", help="Name of the generator (default: guessed)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the config to PATH (default: stdout)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite PATH if it exists."),
+) -> None:
+    """Find the critic and generator in MODELS (a dry forward on synthetic input) and write a commented config."""
+    if output is not None and output.exists() and not force:
+        _fail(f"{output} exists; pass --force to overwrite it")
+    if output is not None and not output.parent.is_dir():
+        _fail(f"-o: folder {output.parent} does not exist")
+    if output is not None and output.resolve() == models.resolve():
+        _fail(f"-o: {output} is the models file itself; write the config to a .yaml file")
+    try:
+        from nanprobe.scaffold import scaffold
+
+        result = scaffold(models, critic=critic, generator=generator, config_path=output)
+    except NanprobeError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("nanprobe: interrupted", err=True)
+        raise typer.Exit(130)
+    if output is None:
+        typer.echo(result.text, nl=False)
+        return
+    try:
+        output.write_text(result.text, encoding="utf-8")
+    except OSError as exc:
+        _fail(f"-o: cannot write {output}: {exc.strerror or exc}")
+    g = result.generator
+    found = f"critic {result.critic.name}" + (f", generator {g.name}" if g else ", no generator")
+    shape = "x".join(map(str, (g or result.critic).shape))
+    typer.echo(f"nanprobe: wrote {output} ({found}, samples {shape}); run: nanprobe diagnose {output}", err=True)
 
 
 def main() -> None:
