@@ -60,7 +60,7 @@ def _root() -> None:
 
 @app.command()
 def diagnose(
-    config: Path = typer.Argument(..., help="YAML config (see the README's config reference)."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="YAML config (see the README's config reference)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the JSON report to PATH ('-' for stdout)."),
     fail_on: FailOnChoice = typer.Option(FailOnChoice.overflow, "--fail-on",
                                          help="Exit 1 at this status or worse (overflow also counts nan)."),
@@ -140,7 +140,7 @@ def diagnose(
 
 @app.command("check-data")
 def check_data(
-    config: Path = typer.Argument(..., help="YAML config whose data.path (data.source: file) is scanned."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="YAML config whose data.path (data.source: file) is scanned."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the JSON result to PATH ('-' for stdout)."),
     chunk_mb: float = typer.Option(64.0, "--chunk-mb", min=0.001, help="Megabytes read per chunk (bounds memory)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no terminal report (exit code only)."),
@@ -173,7 +173,7 @@ def check_data(
 
 @app.command()
 def init(
-    models: Path = typer.Argument(..., help="The Python file that defines your critic and generator."),
+    models: Path = typer.Argument(..., metavar="MODELS", help="The Python file that defines your critic and generator."),
     critic: Optional[str] = typer.Option(None, "--critic", help="Name of the critic class or factory (default: guessed)."),
     generator: Optional[str] = typer.Option(None, "--generator", help="Name of the generator (default: guessed)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the config to PATH (default: stdout)."),
