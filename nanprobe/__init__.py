@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "DeviceError", "NanprobeError", "UserCodeError",
     "Config", "Report", "OpProbe", "diagnose", "load_config", "__version__",
+    "Comparison", "compare_precisions",
 ]
 
 _LAZY = {
@@ -19,6 +20,8 @@ _LAZY = {
     "Report": ("nanprobe.report", "Report"),
     "OpProbe": ("nanprobe.probe", "OpProbe"),
     "diagnose": ("nanprobe.api", "diagnose"),
+    "Comparison": ("nanprobe.comparison", "Comparison"),
+    "compare_precisions": ("nanprobe.api", "compare_precisions"),
 }
 
 
