@@ -21,11 +21,13 @@ def plot_ranges(c: Comparison, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(10, max(3.0, 0.22 * len(rows) + 1.5)))
     try:
         ranges = {r.precision: r for r in c.dtype_ranges}
-        lo = min([ranges[Precision.FP16].log2_min_subnormal] + [s.log2_min for m in rows for s in m.spans if s.log2_min is not None]) - 4
-        hi = max([ranges[Precision.FP16].log2_max] + [s.log2_max for m in rows for s in m.spans if s.log2_max is not None]) + 4
+        spans = [s for m in rows for s in m.spans if s.log2_min is not None]
+        lo = min([ranges[Precision.FP16].log2_min_subnormal] + [s.log2_min for s in spans]) - 4
+        hi = max([ranges[Precision.FP16].log2_max] + [s.log2_max for s in spans]) + 4
         for p, colour, alpha in ((Precision.BF16, "tab:blue", 0.06), (Precision.FP16, "tab:green", 0.12)):
             r = ranges[p]
-            ax.axvspan(max(lo, r.log2_min_normal), min(hi, r.log2_max), color=colour, alpha=alpha, label=f"{p.value} normal")
+            ax.axvspan(max(lo, r.log2_min_normal), min(hi, r.log2_max), color=colour, alpha=alpha,
+                       label=f"{p.value} normal")
             if r.log2_min_normal > lo:  # bf16's subnormals usually lie far left of every value
                 ax.axvspan(r.log2_min_subnormal, r.log2_min_normal, color="tab:orange", alpha=alpha * 1.5,
                            label=f"{p.value} subnormal")
