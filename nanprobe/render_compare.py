@@ -13,7 +13,7 @@ from nanprobe.enums import Phase, Precision
 from nanprobe.render import _STYLE, _num
 
 RANGE_ROWS = 32
-"""Rows of the range view; the ones nearest fp16's edges are kept when there are more."""
+"""Rows of the range view; when there are more, those whose largest values are nearest fp16's edges."""
 _RANGE_PHASES = (Phase.FORWARD, Phase.INPUT_GRAD, Phase.BACKWARD)
 # One glyph per class, so the view reads without colour too.
 _CELLS = {"normal": ("█", "green"), "subnormal": ("▓", "yellow"), "outside": ("░", "red")}
@@ -86,8 +86,8 @@ def summary_table(c: Comparison) -> Table:
 
 def module_table(c: Comparison, top: int) -> Table:
     low = [s.precision for s in c.summaries if s.precision.is_low]
-    t = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, title=f"per module, top {min(top, len(c.modules))} "
-              f"of {len(c.modules)} by divergence (error added there, in eps of each dtype)", title_justify="left",
+    t = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, title=f"per module: top {min(top, len(c.modules))} "
+              f"of {len(c.modules)} by error added there", title_justify="left",
               caption="headroom: powers of two left to the dtype's max / above its smallest normal (< 0: subnormal); "
               "◀: where the dtype departs from fp32",
               caption_justify="left")
@@ -124,8 +124,10 @@ def _range_rows(c: Comparison, fp16: DtypeRange) -> tuple[list[ModuleDivergence]
             and s.log2_min is not None]
     if len(rows) > RANGE_ROWS:
         def edge(m):
+            # Nearness of the bulk (the largest values), not of the smallest: a tensor that crosses 0
+            # always has some tiny values, one whose largest values are near the edge is at risk.
             s = m.span(Precision.FP32)
-            return min(s.log2_min - fp16.log2_min_normal, fp16.log2_max - s.log2_max)
+            return min(s.log2_max - fp16.log2_min_normal, fp16.log2_max - s.log2_max)
 
         keep = sorted(rows, key=edge)[:RANGE_ROWS]
         return sorted(keep, key=lambda m: m.order), len(rows) - RANGE_ROWS
@@ -162,7 +164,7 @@ def range_view(c: Comparison, width: int = 80) -> list[Text]:
                 t.append("░", style="red")
         return t
 
-    step = next(s for s in (2, 4, 8, 16, 32, 64, 128) if s / unit >= 8)
+    step = next(s for s in (2, 4, 8, 16, 32, 64, 128) if s / unit >= 6)
     axis = [" "] * bar_w
     first = math.ceil(lo / step) * step
     for v in range(first, hi + 1, step):
@@ -170,7 +172,7 @@ def range_view(c: Comparison, width: int = 80) -> list[Text]:
         i = col(v)
         if i + len(tick) <= bar_w and all(ch == " " for ch in axis[max(0, i - 1):i + len(tick)]):
             axis[i:i + len(tick)] = tick
-    out = [Text("dynamic range: log2|x| in fp32, smallest non-zero to largest, against fp16 and bf16", style="bold"),
+    out = [Text("dynamic range: log2|x| in fp32 (smallest non-zero..largest) vs fp16 and bf16", style="bold"),
            Text(f"{'log2|x|':<{label_w}} ", style="dim") + Text("".join(axis), style="dim"),
            Text(f"{'fp16':<{label_w}} ") + band(fp16),
            Text(f"{'bf16':<{label_w}} ") + band(bf16)]
@@ -188,7 +190,8 @@ def range_view(c: Comparison, width: int = 80) -> list[Text]:
         out.append(t)
     out.append(Text("█ fp16 normal  ▓ fp16 subnormal (precision lost)  ░ beyond fp16 (0 or inf)", style="dim"))
     if hidden:
-        out.append(Text(f"{hidden} more rows, farther from fp16's edges, are in --json (modules[].spans)", style="dim"))
+        out.append(Text(f"{hidden} more rows, farther from fp16's edges, in --json (modules[].spans) and --plot",
+                        style="dim"))
     return out
 
 

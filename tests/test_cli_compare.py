@@ -38,7 +38,7 @@ def test_full_run_shows_tables_range_view_and_writes_only_the_named_paths(tmp_pa
     text = result.stdout
     assert "per precision (fp32 is the reference)" in text
     assert "fp16 departs from fp32 at critic.net." in text and "· input-grad" in text
-    assert "per module, top 3 of" in text
+    assert "per module: top 3 of" in text
     assert "dynamic range: log2|x|" in text
     assert "recommendation: use bf16" in text and "gp-fp32" in text
     assert sorted(p.name for p in out.iterdir()) == ["c.json", "ranges.png"]

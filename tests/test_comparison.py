@@ -168,7 +168,7 @@ def test_terminal_output(gan):
     d = by_precision(gan)["fp16"].departs_at
     assert f"fp16 departs from fp32 at {d.module} · input-grad" in text
     assert "bf16 stays close to fp32" in text
-    assert "per module, top 5 of" in text
+    assert "per module: top 5 of" in text
     assert "◀" in text  # the departure row is marked
     for label in ("status", "loss per step", "penalty per step", "grad norm per step", "loss rel. error",
                   "param-grad rel. error", "ops over/underflow/nan", "headroom to max", "headroom to min normal"):
