@@ -208,6 +208,70 @@ def init(
     typer.echo(f"nanprobe: wrote {output} ({found}, samples {shape}); run: nanprobe diagnose {output}", err=True)
 
 
+@app.command("compare-precisions")
+def compare_precisions(
+    config: Path = typer.Argument(..., metavar="CONFIG", help="YAML config (see the README's config reference)."),
+    dtypes: Optional[str] = typer.Option(None, "--dtypes", help="Low precisions to compare with fp32, e.g. fp16,bf16."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Critic steps replayed per precision."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the JSON comparison to PATH ('-' for stdout)."),
+    top: int = typer.Option(10, "--top", min=1, help="Rows of the per-module table."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the range view to PATH.png (needs matplotlib)."),
+    fail_on: FailOnChoice = typer.Option(FailOnChoice.overflow, "--fail-on",
+                                         help="Exit 1 at this status or worse (overflow also counts nan)."),
+    mode: Optional[ModeChoice] = typer.Option(None, "--mode", help="amp (autocast) or half (model cast)."),
+    device: Optional[DeviceChoice] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no terminal report (exit code only)."),
+) -> None:
+    """Replay the same steps in fp32, fp16 and bf16 and show, per module, where each departs from fp32."""
+    names = None if dtypes is None else [v.strip() for v in dtypes.split(",") if v.strip()]
+    if plot is not None:
+        if plot.suffix.lower() != ".png":
+            _fail(f"--plot: {plot} is not a .png path; give e.g. --plot ranges.png")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            _fail('--plot needs matplotlib, which is not installed: pip install "nanprobe[plot]"')
+    from nanprobe import render, render_compare
+
+    low = None if names is None else [n for n in names if n != "fp32"]
+    if low == []:  # fp32 is the reference, not a precision to compare
+        _fail("--dtypes: give fp16, bf16 or both (fp32 is always replayed as the reference)")
+    overrides = {"dtypes": low, "mode": mode.value if mode else None,
+                 "device": device.value if device else None, "steps": steps}
+    to_stdout = json_out == "-"
+    try:
+        with render.progress(enabled=not quiet) as on_progress:
+            from nanprobe.api import compare_precisions as run_compare
+
+            result = run_compare(config, progress=on_progress, **overrides)
+    except NanprobeError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("nanprobe: interrupted", err=True)
+        raise typer.Exit(130)
+    if json_out is not None:
+        text = result.to_json()
+        if to_stdout:
+            typer.echo(text)
+        else:
+            try:
+                Path(json_out).write_text(text + "\n", encoding="utf-8")
+            except OSError as exc:
+                _fail(f"--json: cannot write {json_out}: {exc.strerror or exc}")
+    if plot is not None:
+        from nanprobe.plot import plot_ranges
+
+        try:
+            plot_ranges(result, plot)
+        except OSError as exc:
+            _fail(f"--plot: cannot write {plot}: {exc.strerror or exc}")
+    if not quiet and not to_stdout:
+        render_compare.comparison(result, top=top)
+    from nanprobe.enums import FailOn
+
+    raise typer.Exit(1 if any(FailOn(fail_on.value).fails(s.status) for s in result.summaries) else 0)
+
+
 def main() -> None:
     app(prog_name="nanprobe")
 

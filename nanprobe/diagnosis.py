@@ -66,6 +66,14 @@ def _aligned(events: list[OpEvent], ref: dict[tuple, OpEvent]) -> dict[int, OpEv
     return out
 
 
+def align(events: list[OpEvent], ref_events: list[OpEvent]) -> dict[int, OpEvent]:
+    """The fp32 op each recorded low-precision op lines up with, by the low op's index (skipped attempts left out)."""
+    def live(evs):
+        return [e for e in evs if not e.skipped and e.row is not None]
+
+    return _aligned(live(events), _key_events(live(ref_events)))
+
+
 def _fmt(x: float | None) -> str:
     return "none" if x is None else f"{x:.3g}"
 
@@ -101,6 +109,11 @@ def _inputs(e: OpEvent, by_index: list[OpEvent]) -> tuple[bool, bool, float]:
         inf |= row[st.POSINF] + row[st.NEGINF] > 0
         mx = max(mx, row[st.MAX_ABS])
     return nan, inf, mx
+
+
+def cancelled(e: OpEvent, ref: OpEvent, events: list[OpEvent], eps: float) -> bool:
+    """A sum or difference whose fp32 result is below eps times its inputs: cancellation, not precision loss."""
+    return e.op.split(".")[1] in _ADDITIVE and ref.row[st.MAX_ABS] < eps * _inputs(e, events)[2]
 
 
 def _describe_nonfinite(e: OpEvent, in_nan: bool, in_inf: bool, in_max: float) -> str:
@@ -190,6 +203,7 @@ def analyse_trace(trace: Trace, ref: Trace | None) -> dict:
     first_issue = first_nonfinite = None
     worst = Status.OK
     count = 0
+    kinds: dict[FindingKind, int] = defaultdict(int)
     for e in live:
         in_nan, in_inf, in_max = _inputs(e, by_index)
         kind, detail, share = None, "", None
@@ -206,6 +220,7 @@ def analyse_trace(trace: Trace, ref: Trace | None) -> dict:
             detail = _describe_nonfinite(e, in_nan, in_inf, in_max)
         if kind is not None:
             count += 1
+            kinds[kind] += 1
             if Status.of(kind).severity > worst.severity:
                 worst = Status.of(kind)
             if first_issue is None:
@@ -213,7 +228,7 @@ def analyse_trace(trace: Trace, ref: Trace | None) -> dict:
         if first_nonfinite is None and (e.has_nan or e.has_inf):
             first_nonfinite = (e, in_nan, in_inf, in_max)
     return {"issue": first_issue, "nonfinite": first_nonfinite, "status": worst, "count": count,
-            "aligned": aligned, "ops": len(live)}
+            "kinds": dict(kinds), "aligned": aligned, "ops": len(live)}
 
 
 def _skips(trace: Trace) -> tuple[SkippedAttempt, ...]:

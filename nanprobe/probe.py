@@ -14,6 +14,7 @@ import sys
 import sysconfig
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -190,8 +191,11 @@ class OpProbe:
     `torch.autograd.grad` during the forward phase are tagged `input-grad` automatically.
     """
 
-    def __init__(self, modules: dict[str, torch.nn.Module], base_dir: str | None = None, on_device: bool | None = None):
+    def __init__(self, modules: dict[str, torch.nn.Module], base_dir: str | None = None, on_device: bool | None = None,
+                 on_record: Callable[[OpEvent, list[torch.Tensor]], None] | None = None):
         self.modules = modules
+        self.on_record = on_record
+        """Called with each recorded event and its floating outputs once their statistics are taken."""
         self.events: list[OpEvent] = []
         self.phase = Phase.FORWARD
         self.step = 0
@@ -281,8 +285,10 @@ class OpProbe:
         idx = len(self.events)
         self.events.append(OpEvent(idx, self.step, self.attempt, self.phase, module, op, source, None,
                                    str(tensor.dtype).replace("torch.", ""), tuple(tensor.shape), (), info=info))
-        with self.paused():  # called from outside the mode: the statistics' own ops must not be recorded
+        with self.paused():  # called from outside the mode: nanprobe's own ops must not be recorded
             self._stat(idx, [tensor])
+            if self.on_record is not None:
+                self.on_record(self.events[idx], [tensor])
         self._producer[tensor] = idx
 
     def _tag_of_node(self, node) -> tuple:
@@ -344,6 +350,8 @@ class OpProbe:
                                    str(outs[0].dtype).replace("torch.", ""), tuple(outs[0].shape), tuple(prods), param))
         if not self._known_row(idx, name, args, inputs, outs):
             self._stat(idx, outs)
+        if self.on_record is not None:
+            self.on_record(self.events[idx], outs)
         for t in outs:
             producer[t] = idx
             if param is not None and phase is Phase.OPTIMIZER:

@@ -132,8 +132,10 @@ def _float(v) -> float | None:
 
 class _Replay:
     def __init__(self, config: Config, loaded: Loaded, precision: Precision, device: torch.device,
-                 probe_on: bool, progress: Callable | None):
+                 probe_on: bool, progress: Callable | None, on_record: Callable | None = None,
+                 on_grads: Callable | None = None):
         self.config, self.loaded, self.precision, self.device = config, loaded, precision, device
+        self.on_grads = on_grads
         self.mode = config.precision.mode
         self.low = precision.is_low
         self.half = self.low and self.mode is Mode.HALF
@@ -157,7 +159,7 @@ class _Replay:
             config.loss.kind, config.loss.gp_weight, config.loss.gp_precision == "fp32", config.loss.gp_norm,
             device.type, self.scaler))
         self.probe = OpProbe({"critic": self.critic, **({"generator": self.generator} if self.generator else {})},
-                             base_dir=str(config.base_dir)) if probe_on else None
+                             base_dir=str(config.base_dir), on_record=on_record) if probe_on else None
         self.trace = Trace(precision, self.mode, self.probe.events if self.probe else [])
 
     def _phase(self, phase: Phase):
@@ -248,6 +250,9 @@ class _Replay:
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         grad_norm = self._grad_norm()
+        if self.on_grads is not None:  # a retried attempt calls it again: the last call is the step's
+            with probe.paused() if probe is not None else nullcontext():
+                self.on_grads(step, {n: p.grad for n, p in self.params.items() if p.grad is not None})
         if self.config.train.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.config.train.grad_clip)
         if probe is not None:
@@ -278,6 +283,12 @@ class _Replay:
 
 
 def replay(config: Config, loaded: Loaded, precision: Precision, device: torch.device,
-           probe: bool = True, progress: Callable | None = None) -> Trace:
-    """Replay `config.train.steps` critic steps in one precision; with probe=False, the plain step (benchmarks)."""
-    return _Replay(config, loaded, precision, device, probe, progress).run()
+           probe: bool = True, progress: Callable | None = None,
+           on_record: Callable[[OpEvent, list[torch.Tensor]], None] | None = None,
+           on_grads: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> Trace:
+    """Replay `config.train.steps` critic steps in one precision; with probe=False, the plain step (benchmarks).
+
+    on_record is passed to the OpProbe; on_grads(step, {name: grad}) sees the unscaled parameter
+    gradients of each step before clipping and the optimizer step.
+    """
+    return _Replay(config, loaded, precision, device, probe, progress, on_record, on_grads).run()
