@@ -185,6 +185,7 @@ class OpProbe:
         self._node_tags: dict[int, tuple] = {}
         self._param_of: dict[int, str] = {}
         self._params = WeakTensorKeyDictionary()
+        self._writes: dict[str, int] = {}
         self.sources = _SourceFinder(base_dir)
         self._buf = _StepBuffer()
         self._train_modes: dict[torch.nn.Module, bool] = {}
@@ -243,6 +244,7 @@ class OpProbe:
     def name_params(self, named: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
         """Lets optimizer ops name the parameter they update (params, grads and optimizer state)."""
         self._param_of.clear()
+        self._writes = {}
         self._params = WeakTensorKeyDictionary((p, n) for n, p in named.items())
         for name, p in named.items():
             self._param_of[id(p)] = name
@@ -325,6 +327,12 @@ class OpProbe:
             producer[t] = idx
             if param is not None and phase is Phase.OPTIMIZER:
                 self._param_of[id(t)] = param
+                if t in self._params:
+                    self._writes[param] = idx  # an in-place op on the parameter itself
+
+    def param_writes(self) -> dict[str, int]:
+        """Parameter name -> index of the last optimizer op that wrote it, since `name_params`."""
+        return dict(self._writes)
 
     def _stat(self, idx: int, outs: list) -> None:
         on_device = self._on_device if self._on_device is not None else outs[0].device.type != "cpu"

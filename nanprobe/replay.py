@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from nanprobe import updates
 from nanprobe.config import Config, resolve
 from nanprobe.enums import Mode, Phase, Precision
 from nanprobe.errors import ConfigError, DeviceError, UserCodeError
@@ -22,6 +23,7 @@ from nanprobe.loading import Loaded, user_error
 from nanprobe.losses import StepContext, builtin
 from nanprobe.probe import OpEvent, OpProbe
 from nanprobe.report import StepMetrics
+from nanprobe.scaling import RecipeWatch, takes_scaler
 
 MAX_SCALER_RETRIES = 24  # GradScaler halves per skip: 65536 * 2**-24 ~ 4e-3, far below any useful scale
 
@@ -36,6 +38,8 @@ class Trace:
     metrics: list[StepMetrics] = field(default_factory=list)
     skipped: list[tuple[int, int, float]] = field(default_factory=list)  # (step, attempt, scale)
     stopped: str | None = None
+    lost: dict[int, dict[str, tuple[int, int]]] = field(default_factory=dict)  # step -> param -> (moving, unchanged)
+    unscaled_grads: list[tuple[int, str | None]] = field(default_factory=list)  # (step, source) per call
 
 
 def resolve_device(name: str) -> torch.device:
@@ -147,6 +151,9 @@ class _Replay:
         self.step_fn = loaded.step_fn or builtin(StepContext(
             config.loss.kind, config.loss.gp_weight, config.loss.gp_precision == "fp32", config.loss.gp_norm,
             device.type, self.scaler))
+        if loaded.step_fn is not None and self.scaler is not None and takes_scaler(loaded.step_fn):
+            user_step = loaded.step_fn
+            self.step_fn = lambda critic, generator, real, z: user_step(critic, generator, real, z, scaler=self.scaler)
         self.probe = OpProbe({"critic": self.critic, **({"generator": self.generator} if self.generator else {})},
                              base_dir=str(config.base_dir)) if probe_on else None
         self.trace = Trace(precision, self.mode, self.probe.events if self.probe else [])
@@ -158,7 +165,9 @@ class _Replay:
     def run(self) -> Trace:
         torch.manual_seed(self.config.seed)
         ctx = self.probe if self.probe is not None else nullcontext()
-        with ctx:
+        watch = RecipeWatch(self.scaler, self._unscaled) if self.scaler is not None and self.probe is not None \
+            else nullcontext()
+        with ctx, watch:
             if self.probe is not None:
                 self.probe.name_params(self.params)
             for step in range(self.config.train.steps):
@@ -167,6 +176,9 @@ class _Replay:
                 if not self._step(step):
                     break
         return self.trace
+
+    def _unscaled(self) -> None:
+        self.trace.unscaled_grads.append((self.probe.step, self.probe.sources.find()))
 
     def _inputs(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._phase(Phase.DATA)
@@ -213,6 +225,7 @@ class _Replay:
     def _attempt(self, step: int, real: torch.Tensor, z) -> tuple[StepMetrics, bool]:
         probe, scaler = self.probe, self.scaler
         self.optimizer.zero_grad(set_to_none=True)
+        weight_norm = self._weight_norm()
         self._phase(Phase.FORWARD)
         try:
             with self.autocast():
@@ -234,6 +247,11 @@ class _Replay:
             torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.config.train.grad_clip)
         if probe is not None:
             probe.name_params(self.params, self.optimizer)
+        # Low-precision weights can round an update away: compare each weight before and after the step.
+        before = None
+        if probe is not None and self.half:
+            with probe.paused():
+                before = updates.snapshot(self.params)
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
@@ -241,12 +259,33 @@ class _Replay:
         else:
             self.optimizer.step()
             skipped = False
+        if before is not None:
+            self._record_lost(step, before)
         with probe.paused() if probe is not None else nullcontext():
             values = {k: _float(v) for k, v in extra.items()}
             penalty = values.pop("penalty", None)
             metrics = StepMetrics(step=step, loss=_float(loss), penalty=penalty, grad_norm=grad_norm,
-                                  scale=scale, skipped=skipped, extra=values)
+                                  scale=scale, skipped=skipped, extra=values, weight_norm=weight_norm)
         return metrics, skipped
+
+    def _record_lost(self, step: int, before: dict) -> None:
+        """Count unchanged weights per parameter and attach the numbers to the op that wrote it."""
+        with self.probe.paused():
+            counts = updates.lost(self.optimizer, self.params, before)
+        self.trace.lost[step] = counts
+        writes = self.probe.param_writes()
+        for name, (moving, unchanged) in counts.items():
+            idx = writes.get(name)
+            if idx is None:
+                continue
+            e = self.probe.events[idx]
+            e.info = {**(e.info or {}), "lost_updates": {
+                "param": name, "elements": moving, "lost": unchanged, "share": round(unchanged / moving, 4)}}
+
+    def _weight_norm(self) -> float | None:
+        with self.probe.paused() if self.probe is not None else nullcontext():
+            norms = [torch.linalg.vector_norm(p.detach().float()) for p in self.critic.parameters()]
+            return float(torch.linalg.vector_norm(torch.stack(norms)).item()) if norms else None
 
     def _where(self) -> str:
         return self.probe.phase.value if self.probe is not None else "step"
