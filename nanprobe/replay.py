@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from nanprobe import stats as st
 from nanprobe import updates
 from nanprobe.config import Config, resolve
 from nanprobe.enums import Mode, Phase, Precision
@@ -26,6 +27,7 @@ from nanprobe.report import StepMetrics
 from nanprobe.scaling import RecipeWatch, takes_scaler
 
 MAX_SCALER_RETRIES = 24  # GradScaler halves per skip: 65536 * 2**-24 ~ 4e-3, far below any useful scale
+PERSISTENT_REPEATS = 4  # the same op making the same number of infs after this many halvings: no scale helps
 
 
 @dataclass
@@ -151,7 +153,7 @@ class _Replay:
         self.step_fn = loaded.step_fn or builtin(StepContext(
             config.loss.kind, config.loss.gp_weight, config.loss.gp_precision == "fp32", config.loss.gp_norm,
             device.type, self.scaler))
-        if loaded.step_fn is not None and self.scaler is not None and takes_scaler(loaded.step_fn):
+        if loaded.step_fn is not None and takes_scaler(loaded.step_fn):  # None when no scaler is on
             user_step = loaded.step_fn
             self.step_fn = lambda critic, generator, real, z: user_step(critic, generator, real, z, scaler=self.scaler)
         self.probe = OpProbe({"critic": self.critic, **({"generator": self.generator} if self.generator else {})},
@@ -198,17 +200,23 @@ class _Replay:
         real, z = self._inputs(step)
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
+        last, repeats = None, 0
         for attempt in range(MAX_SCALER_RETRIES + 1):
             if probe is not None:
                 probe.attempt = attempt
             torch.set_rng_state(rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
+            start = len(probe.events) if probe is not None else 0
             metrics, skipped = self._attempt(step, real, z)
             if probe is not None:
                 probe.fetch()
-            finite_loss = metrics.loss is not None and math.isfinite(metrics.loss)
-            if skipped and finite_loss and attempt < MAX_SCALER_RETRIES:
+            first = self._first_nonfinite(start)
+            key = first and (first.phase, first.module, first.source, first.op, first.node, tuple(first.row[st.POSINF:]))
+            repeats = repeats + 1 if key is not None and key == last else 0
+            last = key
+            if skipped and attempt < MAX_SCALER_RETRIES and repeats < PERSISTENT_REPEATS and \
+                    self._scale_bound(first, metrics):
                 # Dynamic loss scaling skipped this step on purpose; training would go on at the lower scale.
                 self.trace.skipped.append((step, attempt, metrics.scale))
                 if probe is not None:
@@ -286,6 +294,21 @@ class _Replay:
         with self.probe.paused() if self.probe is not None else nullcontext():
             norms = [torch.linalg.vector_norm(p.detach().float()) for p in self.critic.parameters()]
             return float(torch.linalg.vector_norm(torch.stack(norms)).item()) if norms else None
+
+    def _first_nonfinite(self, start: int) -> OpEvent | None:
+        if self.probe is None:
+            return None
+        return next((e for e in self.probe.events[start:] if e.row is not None and (e.has_inf or e.has_nan)), None)
+
+    def _scale_bound(self, first: OpEvent | None, metrics: StepMetrics) -> bool:
+        """Whether a lower scale could avoid this attempt's inf: it did not start in the data or the forward.
+
+        The penalty's scaled autograd.grad can overflow and make the loss itself non-finite, and a lower
+        scale helps there; an activation that overflows in the forward overflows at every scale.
+        """
+        if self.probe is None:
+            return metrics.loss is not None and math.isfinite(metrics.loss)
+        return first is None or first.phase not in (Phase.DATA, Phase.FORWARD)
 
     def _where(self) -> str:
         return self.probe.phase.value if self.probe is not None else "step"
