@@ -270,7 +270,8 @@ CATALOGUE: tuple[Fix, ...] = (
         "with torch.autocast(\"{device}\", dtype=torch.{dtype}):\n"
         "    gp = lambda_gp * ((grads.flatten(1).norm(2, dim=1) - 1) ** 2).mean()\n"
         "scaler.scale(loss + gp).backward(); scaler.step(opt); scaler.update()\n"
-        "# a nanprobe custom step gets the scaler when it takes it: def critic_step(critic, generator, real, z, scaler=None)",
+        "# nanprobe passes its scaler to a custom step that takes one:\n"
+        "# def critic_step(critic, generator, real, z, scaler=None)",
         "train.grad_scaler: true", _gp_scaled),
     Fix("scale-collapse", "Fix the op that overflows at every scale; loss scaling cannot",
         "GradScaler halves its scale and skips the step whenever a gradient is inf. An op that makes inf whatever "
@@ -317,7 +318,7 @@ CATALOGUE: tuple[Fix, ...] = (
     Fix("lower-lr", "Lower the learning rate",
         "The first steps are fine and a later one fails: the updates grow the weights until activations "
         "leave the dtype's range.",
-        "opt = torch.optim.Adam(critic.parameters(), lr={lr_low}, betas=(0.0, 0.9))   # WGAN-GP: 1e-4, betas (0, 0.9)",
+        "opt = torch.optim.{opt_class}(critic.parameters(), lr={lr_low})   # WGAN-GP: Adam, lr 1e-4, betas (0, 0.9)",
         "train.lr: {lr_low}", _lower_lr),
     Fix("grad-clip", "Clip the gradient norm (after unscaling)",
         "A single large gradient makes a huge update; clipping bounds the step while the cause is fixed.",

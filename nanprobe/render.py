@@ -166,10 +166,12 @@ def _run_panel(run: RunReport) -> Panel:
     if any(m.scale is not None for m in run.metrics):
         grid.add_row("scale per step", "  ".join(f"{m.step}: {m.scale:.6g}{' skipped' if m.skipped else ''}"
                                                  for m in run.metrics))
-    for s in run.skipped[:4]:
+    for s in run.skipped[:3]:
         cause = s.cause
-        grid.add_row("", f"step {s.step} skipped at scale {_num(s.scale)}"
+        grid.add_row("", f"step {s.step} skipped at scale {s.scale:.6g}"
                          + (f": {_where(cause)} made inf ({cause.source or '-'})" if cause is not None else ""))
+    if len(run.skipped) > 3:
+        grid.add_row("", f"... {len(run.skipped) - 3} more skipped attempt(s) (all in the JSON)")
     if run.unscaled_penalty is not None:
         grid.add_row("penalty recipe", run.unscaled_penalty.detail)
     parts.append(grid)
