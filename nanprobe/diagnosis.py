@@ -289,6 +289,8 @@ def scale_collapse(trace: Trace) -> Finding | None:
         counts[(e.phase, e.module, e.source, e.op, e.node)].append(e)
     events = max(counts.values(), key=len)
     e = events[0]
+    if e.phase is Phase.DATA:
+        return None  # bad data makes every step non-finite: the data finding says it, not the scaler
     cause = _cause(e, trace.events)
     start = trace.skipped[0][2] if trace.skipped else metrics[0].scale
     never = f"; step(s) {', '.join(map(str, persistent))} never recovered" if persistent else ""

@@ -212,7 +212,8 @@ class _Replay:
             if probe is not None:
                 probe.fetch()
             first = self._first_nonfinite(start)
-            key = first and (first.phase, first.module, first.source, first.op, first.node, tuple(first.row[st.POSINF:]))
+            key = None if first is None else (first.phase, first.module, first.source, first.op, first.node,
+                                              tuple(first.row[st.POSINF:]))
             repeats = repeats + 1 if key is not None and key == last else 0
             last = key
             if skipped and attempt < MAX_SCALER_RETRIES and repeats < PERSISTENT_REPEATS and \
