@@ -253,7 +253,8 @@ def _first_bad(trace: Trace, step: int, attempt: int | None) -> OpEvent | None:
 
 def _cause(e: OpEvent, events: list[OpEvent]) -> Finding:
     in_nan, in_inf, in_max = _inputs(e, events)
-    return _finding(e, FindingKind.OVERFLOW if e.has_inf else FindingKind.NAN, _describe_nonfinite(e, in_nan, in_inf, in_max), {})
+    kind = FindingKind.OVERFLOW if e.has_inf else FindingKind.NAN
+    return _finding(e, kind, _describe_nonfinite(e, in_nan, in_inf, in_max), {})
 
 
 def _skips(trace: Trace) -> tuple[SkippedAttempt, ...]:

@@ -13,7 +13,8 @@ from nanprobe.enums import FindingKind, Mode, Phase, Precision, Status
 from nanprobe.report import Finding, FixSuggestion
 
 INIT_FACTOR = 8.0  # weight std this many times the He value (or 1/this) counts as bad initialisation
-DIVERGENCE_GROWTH = 1.25  # weight norm at the failing step over step 0's; a sane lr moves it well under 1% in a few steps
+# Weight norm at the failing step over step 0's: the updates blew the weights up (a sane lr moves it well under 1%).
+DIVERGENCE_GROWTH = 1.25
 _NORM_NODES = ("SqrtBackward0", "LinalgVectorNormBackward0", "NormBackward1", "PowBackward0", "RsqrtBackward0")
 # Config changes that only reach the built-in losses; a custom step needs the code change.
 _LOSS_SETTINGS = ("loss.", "train.grad_scaler")
