@@ -210,6 +210,7 @@ class OpProbe:
         self._node_tags: dict[int, tuple] = {}
         self._param_of: dict[int, str] = {}
         self._params = WeakTensorKeyDictionary()
+        self._writes: dict[str, int] = {}
         self.sources = _SourceFinder(base_dir)
         self._buf = _StepBuffer()
         self._train_modes: dict[torch.nn.Module, bool] = {}
@@ -268,6 +269,7 @@ class OpProbe:
     def name_params(self, named: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
         """Lets optimizer ops name the parameter they update (params, grads and optimizer state)."""
         self._param_of.clear()
+        self._writes = {}
         self._params = WeakTensorKeyDictionary((p, n) for n, p in named.items())
         for name, p in named.items():
             self._param_of[id(p)] = name
@@ -356,6 +358,12 @@ class OpProbe:
             producer[t] = idx
             if param is not None and phase is Phase.OPTIMIZER:
                 self._param_of[id(t)] = param
+                if t in self._params:
+                    self._writes[param] = idx  # an in-place op on the parameter itself
+
+    def param_writes(self) -> dict[str, int]:
+        """Parameter name -> index of the last optimizer op that wrote it, since `name_params`."""
+        return dict(self._writes)
 
     def _known_row(self, idx: int, name: str, args, inputs: list, outs: list) -> bool:
         """Fill the row without reading the output when the op's values are known: a fill or a copy."""
