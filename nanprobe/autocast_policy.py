@@ -217,7 +217,7 @@ def _kernel(name: str, cast: Cast):
                 to = torch.float32
             else:
                 to = _widest((*args, *kwargs.values()), lower)
-            return op(*_cast(args, to, lower), **{k: _cast(v, to, lower) for k, v in kwargs.items()})
+            return op(*(_cast(a, to, lower) for a in args), **{k: _cast(v, to, lower) for k, v in kwargs.items()})
     return cast_inputs
 
 
