@@ -213,6 +213,28 @@ def test_replay_follows_the_policy(tmp_path):
     assert not ap.is_active()
 
 
+_SQUARED_SCORE_STEP = """
+def critic_step(critic, generator, real, z):
+    score = critic(real) * 4000.0  # ~1e2 to 1e3: fine in fp16
+    return (score ** 2).mean() * 1e-6  # squared: past fp16's 65504 unless pow runs in fp32
+"""
+
+
+def test_the_policy_decides_a_verdict_the_way_a_gpu_would(tmp_path):
+    """On CUDA, pow autocasts to fp32, so the squared score does not overflow; CPU autocast keeps it fp16."""
+    (tmp_path / "step.py").write_text(_SQUARED_SCORE_STEP, encoding="utf-8")
+    doc = merge(base_doc(), {"loss": {"step": "step.py:critic_step"}, "precision": {"dtypes": ["fp16"]}})
+    config = cfg.from_dict(doc, base_dir=tmp_path)
+    import nanprobe
+
+    cuda = nanprobe.diagnose(config).runs[0]
+    native = nanprobe.diagnose(config, policy="native").runs[0]
+    assert cuda.status.value == "ok", cuda.first_issue
+    assert native.status.value in ("overflow", "nan")
+    assert (native.first_issue.kind.value, native.first_issue.op) == ("overflow", "aten.pow.Tensor_Scalar")
+    assert native.first_issue.source == "step.py:4"
+
+
 runner = CliRunner()
 
 
