@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "DeviceError", "NanprobeError", "UserCodeError",
-    "Config", "Report", "OpProbe", "diagnose", "load_config", "__version__",
+    "Config", "Report", "OpProbe", "diagnose", "load_config", "cuda_autocast", "__version__",
 ]
 
 _LAZY = {
@@ -19,6 +19,7 @@ _LAZY = {
     "Report": ("nanprobe.report", "Report"),
     "OpProbe": ("nanprobe.probe", "OpProbe"),
     "diagnose": ("nanprobe.api", "diagnose"),
+    "cuda_autocast": ("nanprobe.autocast_policy", "cuda_autocast"),
 }
 
 

@@ -158,15 +158,18 @@ def _cast(value, to: torch.dtype, lower: torch.dtype):
     return value
 
 
+def _flat(values):
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            yield from _flat(v)
+        else:
+            yield v
+
+
 def _widest(values, lower: torch.dtype) -> torch.dtype:
     """at::autocast::promote_type: float32 if any floating input is float32, else the low dtype."""
     current = lower
-    stack = list(values)
-    while stack:
-        v = stack.pop(0)
-        if isinstance(v, (list, tuple)):
-            stack[:0] = list(v)
-            continue
+    for v in _flat(values):
         if not _eligible(v):
             continue
         if current is torch.float32 or v.dtype is torch.float32:

@@ -42,7 +42,7 @@ def _x(shape=(4, 8), seed=0):
 
 
 def test_table_matches_the_autocast_kernels_this_torch_registers():
-    """The CUDA lists are compiled into every build, the CPU-only one too: a torch upgrade that moves them fails here."""
+    """Every build, CPU-only too, registers CUDA's autocast kernels: a torch upgrade that moves them fails here."""
     cuda = {n.removeprefix("aten::") for n in torch._C._dispatch_get_registrations_for_dispatch_key("AutocastCUDA")}
     cpu = {n.removeprefix("aten::") for n in torch._C._dispatch_get_registrations_for_dispatch_key("AutocastCPU")}
     table = ap.cuda_policy()
@@ -156,7 +156,8 @@ def test_penalty_input_gradient_and_its_double_backward_follow_the_forward_dtype
 
 
 def _dumps():
-    return {name: torch._C._dispatch_dump(f"aten::{name}") for name in ("pow.Tensor_Scalar", "mm", "conv2d.padding", "cat")}
+    names = ("pow.Tensor_Scalar", "mm", "conv2d.padding", "cat")
+    return {name: torch._C._dispatch_dump(f"aten::{name}") for name in names}
 
 
 def test_registration_is_removed_on_exit_and_cpu_autocast_works_again():
