@@ -220,7 +220,11 @@ def _kernel(name: str, cast: Cast):
                 to = torch.float32
             else:
                 to = _widest((*args, *kwargs.values()), lower)
-            return op(*(_cast(a, to, lower) for a in args), **{k: _cast(v, to, lower) for k, v in kwargs.items()})
+            # Right to left, the order GCC evaluates the C++ kernels' argument pack in, so the casts
+            # come out in the same order as under CUDA autocast (and the probe's op indices match).
+            cast_kwargs = {k: _cast(v, to, lower) for k, v in reversed(kwargs.items())}
+            cast_args = [_cast(a, to, lower) for a in reversed(args)][::-1]
+            return op(*cast_args, **dict(reversed(cast_kwargs.items())))
     return cast_inputs
 
 
