@@ -262,6 +262,11 @@ def test_cli_policy_flag_is_reported_in_the_settings(write_config):
         assert json.loads(result.stdout)["settings"]["precision"]["policy"] == policy
 
 
+def test_cli_help_shows_the_policy_option():
+    result = runner.invoke(app, ["diagnose", "--help"])
+    assert result.exit_code == 0 and "--policy" in result.stdout
+
+
 def test_cli_bad_policy_is_one_line_and_exit_2(write_config):
     result = runner.invoke(app, ["diagnose", str(write_config()), "--policy", "gpu"])
     assert result.exit_code == 2
