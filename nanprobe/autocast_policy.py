@@ -18,6 +18,8 @@ from enum import Enum
 
 import torch
 
+from nanprobe.errors import DeviceError
+
 TORCH_VERSION = "2.13.0"
 SOURCE = ("aten/src/ATen/autocast_mode.cpp, TORCH_LIBRARY_IMPL(aten, Autocast) (CUDA) and "
           "TORCH_LIBRARY_IMPL(aten, AutocastCPU), with the AT_FORALL_* lists of aten/src/ATen/autocast_mode.h")
@@ -235,12 +237,21 @@ _users = 0
 _library: torch.library.Library | None = None
 
 
+def _registered(key: str) -> set[str]:
+    return {n.removeprefix("aten::") for n in torch._C._dispatch_get_registrations_for_dispatch_key(key)}
+
+
 def _register() -> torch.library.Library:
+    live_cuda = _registered("AutocastCUDA")
+    policy = {op: cast for op, cast in cuda_policy().items() if op in live_cuda}  # this torch's CUDA lists
+    unknown = sorted(live_cuda - set(policy))
+    if unknown:
+        raise DeviceError(f"precision.policy: cuda has CUDA autocast's op lists of torch {TORCH_VERSION}; this torch "
+                          f"({torch.__version__}) also autocasts {', '.join(unknown[:5])}; use --policy native "
+                          f"(precision.policy: native) or torch {TORCH_VERSION}")
     lib = torch.library.Library("aten", "IMPL")
-    policy = cuda_policy()
-    # Ops a newer torch adds to the CPU lists are neutralised too, so they cannot creep back in.
-    live = {n.removeprefix("aten::") for n in torch._C._dispatch_get_registrations_for_dispatch_key(_KEY)}
-    passthrough = sorted((set(CPU_ONLY) | live) - set(policy))
+    # CPU_ONLY on torch 2.13; taken from the dispatcher so an op another torch adds is neutralised too.
+    passthrough = sorted(_registered(_KEY) - set(policy))
     try:
         with warnings.catch_warnings():
             # "Overriding a previously registered kernel": replacing CPU autocast's kernels is the point.

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from typer.testing import CliRunner
 
+import nanprobe
 from conftest import base_doc, merge
 from nanprobe import autocast_policy as ap
 from nanprobe import config as cfg
@@ -206,6 +207,16 @@ def test_registration_is_made_once_and_kept_while_nested():
     assert _dumps() == before
 
 
+def test_a_torch_whose_cuda_lists_hold_unknown_ops_is_refused_in_one_line(monkeypatch):
+    real = ap._registered
+    monkeypatch.setattr(ap, "_registered", lambda key: real(key) | ({"fancy_new_op"} if key == "AutocastCUDA" else set()))
+    before = _dumps()
+    with pytest.raises(nanprobe.DeviceError, match=r"also autocasts fancy_new_op; use --policy native"):
+        with ap.cuda_autocast(torch.float16):
+            pass
+    assert not ap.is_active() and _dumps() == before
+
+
 # ---- the replay and the policy setting
 
 
@@ -241,8 +252,6 @@ def test_the_policy_decides_a_verdict_the_way_a_gpu_would(tmp_path):
     (tmp_path / "step.py").write_text(_SQUARED_SCORE_STEP, encoding="utf-8")
     doc = merge(base_doc(), {"loss": {"step": "step.py:critic_step"}, "precision": {"dtypes": ["fp16"]}})
     config = cfg.from_dict(doc, base_dir=tmp_path)
-    import nanprobe
-
     cuda = nanprobe.diagnose(config).runs[0]
     native = nanprobe.diagnose(config, policy="native").runs[0]
     assert cuda.status.value == "ok", cuda.first_issue
