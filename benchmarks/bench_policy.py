@@ -2,7 +2,8 @@
 
 Replays one shipped example (default configs/wgan_gp_fp16_underflow.yaml) in one low precision
 with policy cuda and with policy native, interleaved, median of --reps repetitions, with the
-probe (what `diagnose` runs) and without it (the plain step), and prints both times and the ratio.
+probe (what `diagnose` runs) and without it (the plain step), and prints both times and the ratio:
+wall-clock, and the process's CPU time (all threads), which a machine shared with other jobs skews less.
 """
 from __future__ import annotations
 
@@ -39,16 +40,19 @@ def main() -> None:
     for probe in (False, True):
         runs = {policy: cfg.with_overrides(base, policy=policy) for policy in ("native", "cuda")}
         times: dict[str, list[float]] = {policy: [] for policy in runs}
+        cpu_times: dict[str, list[float]] = {policy: [] for policy in runs}
         for policy, config in runs.items():  # warm-up
             replay(config, loaded, precision, cpu, probe=probe)
         for _ in range(args.reps):
             for policy, config in runs.items():
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 replay(config, loaded, precision, cpu, probe=probe)
                 times[policy].append(time.perf_counter() - t)
-        native, cuda = (statistics.median(times[p]) for p in ("native", "cuda"))
-        print(f"{'diagnose replay (probe)' if probe else 'plain replay':24s} native {native:7.3f} s   "
-              f"cuda {cuda:7.3f} s   ratio {cuda / native:5.2f}x")
+                cpu_times[policy].append(time.process_time() - c)
+        for what, values in (("wall", times), ("cpu", cpu_times)):
+            native, cuda = (statistics.median(values[p]) for p in ("native", "cuda"))
+            print(f"{'diagnose replay (probe)' if probe else 'plain replay':24s} {what:4s} native {native:7.3f} s   "
+                  f"cuda {cuda:7.3f} s   ratio {cuda / native:5.2f}x")
 
 
 if __name__ == "__main__":
