@@ -12,6 +12,7 @@ __all__ = [
     "ConfigError", "DeviceError", "Interrupted", "NanprobeError", "UserCodeError",
     "Config", "Report", "OpProbe", "diagnose", "load_config", "check_data", "DataReport", "__version__",
     "Comparison", "compare_precisions",
+    "cuda_autocast",
 ]
 
 _LAZY = {
@@ -25,6 +26,7 @@ _LAZY = {
     "DataReport": ("nanprobe.datacheck", "DataReport"),
     "Comparison": ("nanprobe.comparison", "Comparison"),
     "compare_precisions": ("nanprobe.api", "compare_precisions"),
+    "cuda_autocast": ("nanprobe.autocast_policy", "cuda_autocast"),
 }
 
 

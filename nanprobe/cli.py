@@ -67,6 +67,9 @@ def diagnose(
     dtype: Optional[str] = typer.Option(None, "--dtype", "--precision", help="Precisions to replay, e.g. fp16,bf16."),
     mode: Optional[ModeChoice] = typer.Option(None, "--mode", help="amp (autocast) or half (model cast)."),
     device: Optional[DeviceChoice] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    # A plain string, checked by the config, so a bad value is one line naming precision.policy.
+    policy: Optional[str] = typer.Option(
+        None, "--policy", help="cuda (default: a CPU replay casts each op as CUDA autocast would) or native."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Critic steps replayed per precision."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no terminal report (exit code only)."),
     output_format: FormatChoice = typer.Option(FormatChoice.table, "--format",
@@ -84,7 +87,8 @@ def diagnose(
     started = time.perf_counter()
 
     overrides = {"dtypes": _dtypes(dtype), "mode": mode.value if mode else None,
-                 "device": device.value if device else None, "steps": steps}
+                 "device": device.value if device else None, "steps": steps,
+                 "policy": policy}
     to_stdout = json_out == "-"
     try:
         with render.progress(enabled=not quiet) as on_progress:

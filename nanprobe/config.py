@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from nanprobe.enums import Mode, Precision
+from nanprobe.enums import Mode, Policy, Precision
 from nanprobe.errors import ConfigError
 
 LOSS_KINDS = ("wgan-gp", "r1", "hinge", "non-saturating")
@@ -95,6 +95,8 @@ class PrecisionConfig:
     """amp (autocast) or half (model and inputs cast to the dtype)."""
     dtypes: tuple = (Precision.FP32, Precision.FP16, Precision.BF16)
     """Precisions replayed; fp32 is always replayed first as the reference."""
+    policy: Policy = Policy.CUDA
+    """cuda: a CPU replay casts each op as CUDA autocast would; native: the device's own autocast."""
 
 
 @dataclass(frozen=True)
@@ -252,6 +254,10 @@ def _mode(v, key):
     return Mode(_choice(*(m.value for m in Mode))(v.value if isinstance(v, Mode) else v, key))
 
 
+def _policy(v, key):
+    return Policy(_choice(*(p.value for p in Policy))(v.value if isinstance(v, Policy) else v, key))
+
+
 def _dtypes(v, key):
     if isinstance(v, (str, Precision)):
         v = [v]
@@ -283,7 +289,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable]]] = {
         "eps": _number(0.0), "weight_decay": _number(0.0), "steps": _int(1, 10000),
         "grad_scaler": _bool, "grad_clip": _clip,
     }),
-    "precision": (PrecisionConfig, {"mode": _mode, "dtypes": _dtypes}),
+    "precision": (PrecisionConfig, {"mode": _mode, "dtypes": _dtypes, "policy": _policy}),
 }
 _TOP = {"device": _choice(*DEVICES), "seed": _int(0, 2**63 - 1)}
 
@@ -378,7 +384,7 @@ def resolve(config: Config, p: Path) -> Path:
     return p if p.is_absolute() else config.base_dir / p
 
 
-_OVERRIDE_SECTIONS = {"dtypes": "precision", "mode": "precision", "steps": "train"}
+_OVERRIDE_SECTIONS = {"dtypes": "precision", "mode": "precision", "policy": "precision", "steps": "train"}
 
 
 def with_overrides(config: Config, **overrides: Any) -> Config:
@@ -412,7 +418,7 @@ def to_dict(config: Config) -> dict:
     def plain(v):
         if isinstance(v, Path):
             return str(v)
-        if isinstance(v, (Mode, Precision)):
+        if isinstance(v, (Mode, Policy, Precision)):
             return v.value
         if isinstance(v, tuple):
             return [plain(x) for x in v]

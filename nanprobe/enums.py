@@ -29,6 +29,13 @@ class Mode(str, Enum):
     HALF = "half"  # model, optimizer state and inputs cast to the dtype
 
 
+class Policy(str, Enum):
+    """Whose autocast op lists a CPU replay follows."""
+
+    CUDA = "cuda"  # each op in the dtype CUDA autocast gives it (nanprobe.autocast_policy)
+    NATIVE = "native"  # the device's own autocast
+
+
 class Phase(str, Enum):
     """Where in a critic step an op ran."""
 

@@ -18,7 +18,7 @@ import torch
 from nanprobe import stats as st
 from nanprobe import updates
 from nanprobe.config import Config, resolve
-from nanprobe.enums import Mode, Phase, Precision
+from nanprobe.enums import Mode, Phase, Policy, Precision
 from nanprobe.errors import ConfigError, DeviceError, UserCodeError
 from nanprobe.loading import Loaded, user_error
 from nanprobe.losses import StepContext, builtin
@@ -161,6 +161,12 @@ class _Replay:
                                   "or turn grad_scaler off in half mode")
             self.scaler = torch.amp.GradScaler(device.type)
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if self.low and not self.half else nullcontext
+        self.op_lists = nullcontext  # whose autocast op lists the replay follows, set up once per replay
+        if self.low and not self.half and device.type == "cpu" and config.precision.policy is Policy.CUDA:
+            from nanprobe.autocast_policy import cuda_autocast, cuda_op_lists
+
+            self.autocast = lambda: cuda_autocast(dtype)
+            self.op_lists = cuda_op_lists
         self.step_fn = loaded.step_fn or builtin(StepContext(
             config.loss.kind, config.loss.gp_weight, config.loss.gp_precision == "fp32", config.loss.gp_norm,
             device.type, self.scaler))
@@ -180,7 +186,7 @@ class _Replay:
         ctx = self.probe if self.probe is not None else nullcontext()
         watch = RecipeWatch(self.scaler, self._unscaled) if self.scaler is not None and self.probe is not None \
             else nullcontext()
-        with ctx, watch:
+        with self.op_lists(), ctx, watch:
             if self.probe is not None:
                 self.probe.name_params(self.params)
             step = 0

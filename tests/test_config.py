@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from conftest import base_doc, merge, ref
 from nanprobe import ConfigError
 from nanprobe import config as cfg
-from nanprobe.enums import Mode, Precision
+from nanprobe.enums import Mode, Policy, Precision
 
 # Every documented key, each set to a value other than its default.
 FULL_DOC = {
@@ -48,7 +48,7 @@ FULL_DOC = {
         "grad_scaler": True,
         "grad_clip": 1.5,
     },
-    "precision": {"mode": "half", "dtypes": ["fp16", "bf16"]},
+    "precision": {"mode": "half", "dtypes": ["fp16", "bf16"], "policy": "native"},
     "device": "cpu",
     "seed": 7,
 }
@@ -79,7 +79,7 @@ def test_load_full_config(tmp_path):
     assert c.data == cfg.DataConfig("file", Path("data/real.npy"), (3, 8, 8), (0.0, 1.0), 2)
     assert c.loss == cfg.LossConfig("r1", 5.0, "fp32", "vector_norm", "steps.py:critic_step")
     assert c.train == cfg.TrainConfig("adamw", 2e-4, (0.5, 0.99), 1e-6, 0.01, 3, True, 1.5)
-    assert c.precision == cfg.PrecisionConfig(Mode.HALF, (Precision.FP16, Precision.BF16))
+    assert c.precision == cfg.PrecisionConfig(Mode.HALF, (Precision.FP16, Precision.BF16), Policy.NATIVE)
     assert c.device == "cpu"
     assert c.seed == 7
 
@@ -105,6 +105,7 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path):
     assert c.train == cfg.TrainConfig()
     assert c.precision.mode is Mode.AMP
     assert c.precision.dtypes == (Precision.FP32, Precision.FP16, Precision.BF16)
+    assert c.precision.policy is Policy.CUDA
     assert (c.device, c.seed) == ("auto", 0)
 
 
@@ -156,6 +157,15 @@ def test_overrides_short_and_dotted_keys(base):
     assert c.model == base.model and c.train.optimizer == base.train.optimizer
 
 
+def test_policy_override_and_report_settings(base):
+    assert base.precision.policy is Policy.CUDA
+    native = cfg.with_overrides(base, policy="native")
+    assert native.precision.policy is Policy.NATIVE
+    assert cfg.with_overrides(base, **{"precision.policy": Policy.NATIVE}) == native
+    assert cfg.to_dict(native)["precision"]["policy"] == "native"
+    assert cfg.to_dict(base)["precision"]["policy"] == "cuda"
+
+
 def test_none_overrides_are_ignored(base):
     assert cfg.with_overrides(base, steps=None, dtypes=None, mode=None, device=None) == base
 
@@ -164,11 +174,12 @@ def test_none_overrides_are_ignored(base):
     ({"stpes": 3}, "unknown key 'stpes'; did you mean 'steps'?"),
     ({"train.stpes": 3}, "unknown key 'train.stpes'; did you mean 'steps'?"),
     ({"trian.steps": 3}, "unknown key 'trian'; did you mean 'train'?"),
-    ({"zzz": 1}, "unknown key 'zzz'; valid keys: dtypes, mode, steps, device, seed, model.KEY, data.KEY"),
+    ({"zzz": 1}, "unknown key 'zzz'; valid keys: dtypes, mode, policy, steps, device, seed, model.KEY"),
     ({"dtype": "fp16"}, "unknown key 'dtype'; did you mean 'dtypes'?"),
     ({"steps": 0}, "train.steps: must be >= 1, got 0"),
     ({"dtypes": ["fp64"]}, "precision.dtypes: must be one of fp32, fp16, bf16, got 'fp64'"),
     ({"device": "gpu"}, "device: must be one of auto, cpu, cuda, got 'gpu'"),
+    ({"policy": "gpu"}, "precision.policy: must be one of cuda, native, got 'gpu'"),
     ({"data.source": "file"}, "data.path is missing"),
 ])
 def test_bad_overrides_raise_config_error(base, overrides, message):
@@ -258,6 +269,8 @@ def test_yaml_syntax_error_names_the_line(tmp_path, text, where):
     ({"precision": {"dtypes": []}}, "precision.dtypes: expected a non-empty list of fp32, fp16, bf16"),
     ({"precision": {"dtypes": ["fp16", "float16"]}}, "precision.dtypes: must be one of fp32, fp16, bf16"),
     ({"precision": {"mode": "amp16"}}, "precision.mode: must be one of amp, half, got 'amp16' (did you mean 'amp'?)"),
+    ({"precision": {"policy": "cude"}}, "precision.policy: must be one of cuda, native, got 'cude' (did you mean 'cuda'?)"),
+    ({"precision": {"polcy": "cuda"}}, "unknown key 'precision.polcy'; did you mean 'policy'?"),
     ({"device": "cuda:1"}, "device: must be one of auto, cpu, cuda, got 'cuda:1' (did you mean 'cuda'?)"),
     ({"seed": -1}, "seed: must be >= 0, got -1"),
     ({"model": {"critic_args": [1, 2]}}, "model.critic_args: expected a mapping of argument names to values"),

@@ -70,6 +70,16 @@ def test_example_diagnosis(name):
         assert top3 & fixes, (precision, [f.id for f in run.fixes])
 
 
+def test_native_policy_reaches_the_same_penalty_verdict():
+    """The examples' verdicts were first taken with the CPU's own autocast lists; this one still holds there."""
+    report = nanprobe.diagnose(CONFIGS / "wgan_gp_fp16_underflow.yaml", policy="native", dtypes=["fp16"])
+    assert report.settings["precision"]["policy"] == "native"
+    (run,) = report.runs
+    issue = run.first_issue
+    assert (run.status.value, issue.kind.value, issue.phase.value) == ("nan", "underflow", "input-grad")
+    assert run.fixes[0].id == "gp-fp32"
+
+
 def test_penalty_underflow_points_at_the_penalty_chain():
     run = next(r for r in report_for("wgan_gp_fp16_underflow").runs if r.precision.value == "fp16")
     assert run.fixes[0].id == "gp-fp32"
