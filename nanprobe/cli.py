@@ -224,6 +224,8 @@ def compare_precisions(
                                          help="Exit 1 at this status or worse (overflow also counts nan)."),
     mode: Optional[ModeChoice] = typer.Option(None, "--mode", help="amp (autocast) or half (model cast)."),
     device: Optional[DeviceChoice] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    policy: Optional[str] = typer.Option(
+        None, "--policy", help="cuda (default: a CPU replay casts each op as CUDA autocast would) or native."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no terminal report (exit code only)."),
 ) -> None:
     """Replay the same steps in fp32, fp16 and bf16 and show, per module, where each departs from fp32."""
@@ -241,7 +243,7 @@ def compare_precisions(
     if low == []:  # fp32 is the reference, not a precision to compare
         _fail("--dtypes: give fp16, bf16 or both (fp32 is always replayed as the reference)")
     overrides = {"dtypes": low, "mode": mode.value if mode else None,
-                 "device": device.value if device else None, "steps": steps}
+                 "device": device.value if device else None, "steps": steps, "policy": policy}
     to_stdout = json_out == "-"
     try:
         with render.progress(enabled=not quiet) as on_progress:

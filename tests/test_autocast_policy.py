@@ -271,6 +271,13 @@ def test_cli_policy_flag_is_reported_in_the_settings(write_config):
         assert json.loads(result.stdout)["settings"]["precision"]["policy"] == policy
 
 
+def test_compare_precisions_takes_the_policy_too(write_config):
+    path = write_config(precision={"dtypes": ["bf16"]})
+    result = runner.invoke(app, ["compare-precisions", str(path), "--policy", "native", "--json", "-", "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["settings"]["precision"]["policy"] == "native"
+
+
 def test_cli_help_shows_the_policy_option():
     result = runner.invoke(app, ["diagnose", "--help"])
     assert result.exit_code == 0 and "--policy" in result.stdout
