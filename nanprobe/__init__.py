@@ -4,13 +4,14 @@ Importing nanprobe does not import torch; the API below loads it on first use.
 """
 from __future__ import annotations
 
-from nanprobe.errors import ConfigError, DeviceError, NanprobeError, UserCodeError
+from nanprobe.errors import ConfigError, DeviceError, NanprobeError, NonFiniteError, NonFiniteWarning, UserCodeError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "DeviceError", "NanprobeError", "UserCodeError",
     "Config", "Report", "OpProbe", "diagnose", "load_config", "__version__",
+    "NonFiniteError", "NonFiniteWarning", "watch", "Watch",
 ]
 
 _LAZY = {
@@ -19,6 +20,8 @@ _LAZY = {
     "Report": ("nanprobe.report", "Report"),
     "OpProbe": ("nanprobe.probe", "OpProbe"),
     "diagnose": ("nanprobe.api", "diagnose"),
+    "watch": ("nanprobe.watch", "watch"),
+    "Watch": ("nanprobe.watch", "Watch"),
 }
 
 

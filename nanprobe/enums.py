@@ -78,3 +78,11 @@ class FailOn(str, Enum):
     def fails(self, status: Status) -> bool:
         threshold = {"nan": 3, "overflow": 2, "underflow": 1}[self.value]
         return status.severity >= threshold
+
+
+class OnNan(str, Enum):
+    """What nanprobe.watch does when a training step turns non-finite."""
+
+    RAISE = "raise"  # diagnose the step, then raise NonFiniteError with the report
+    WARN = "warn"  # diagnose the step, warn with the verdict, let training go on
+    DUMP = "dump"  # write the step to a folder for `nanprobe diagnose DUMP/config.yaml`, warn, go on
