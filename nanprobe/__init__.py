@@ -20,7 +20,7 @@ _LAZY = {
     "Report": ("nanprobe.report", "Report"),
     "OpProbe": ("nanprobe.probe", "OpProbe"),
     "diagnose": ("nanprobe.api", "diagnose"),
-    "watch": ("nanprobe.watch", "watch"),
+    "watch": ("nanprobe", "watch"),  # the module nanprobe.watch, itself callable as the function
     "Watch": ("nanprobe.watch", "Watch"),
 }
 
@@ -30,5 +30,7 @@ def __getattr__(name: str):
         import importlib
 
         module, attr = _LAZY[name]
+        if (module, attr) == ("nanprobe", "watch"):
+            return importlib.import_module("nanprobe.watch")
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'nanprobe' has no attribute {name!r}")

@@ -34,7 +34,7 @@ def _auto_ref(obj: Any, what: str, option: str) -> tuple[str, Path | None]:
     target = obj if callable(obj) and not isinstance(obj, torch.nn.Module) else type(obj)
     name, module = getattr(target, "__qualname__", ""), getattr(target, "__module__", "") or ""
     if not name or "<" in name or "." in name:
-        raise ConfigError(f"nanprobe.watch: a dump's config cannot name {what} ({name or target!r} is not defined "
+        raise ConfigError(f"nanprobe.watch: a dump's config cannot name {what} ({name or repr(target)} is not defined "
                           f"at the top level of a file); pass {option}='file.py:Name'")
     mod = sys.modules.get(module)
     file = getattr(mod, "__file__", None)

@@ -9,6 +9,7 @@ build a Config of that step and run `diagnose` on it (fp32 and the step's precis
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,6 +318,8 @@ class Watch:
 
     def config(self) -> cfg.Config:
         """The last watched step as a Config that `nanprobe.diagnose` replays exactly (tensors in memory)."""
+        if not hasattr(self, "_real"):
+            raise ConfigError("nanprobe.watch: no step has been watched yet; config() describes the last one")
         mode, precision = self._precision()
         dtypes = (Precision.FP32,) if precision is Precision.FP32 else (Precision.FP32, precision)
         checkpoint = {"critic": self._critic_buf.as_dict()}
@@ -414,3 +417,13 @@ def watch(critic: torch.nn.Module, generator: torch.nn.Module | None = None,
     generator_ref/generator_args, loss_ref (how a dump's config names your code).
     """
     return Watch(critic, generator, optimizer, scaler, **options)
+
+
+class _CallableModule(type(sys.modules[__name__])):
+    # Importing this submodule sets the package attribute `nanprobe.watch` to the module, whatever
+    # nanprobe/__init__.py put there; making the module callable keeps `nanprobe.watch(critic, ...)` working.
+    def __call__(self, *args, **kwargs) -> Watch:
+        return watch(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
