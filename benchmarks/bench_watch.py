@@ -4,7 +4,7 @@ The same WGAN-GP critic step (DCGAN-64 critic and generator from configs/models.
 the penalty written as in the example) timed with and without `with w.step(real, z):` around it,
 alternating the two every repetition so that load from other processes hits both alike. Prints,
 per precision, the median step time of each, their ratio (target <= 1.10), the spread of the
-per-pair ratios, and the watch's own cost per step (snapshot + the one-sync check) in milliseconds.
+per-pair ratios, the ratio of CPU time (steadier than wall time on shared cores), and the watch's own cost per step (snapshot + the one-sync check) in milliseconds.
 """
 from __future__ import annotations
 
@@ -71,23 +71,25 @@ def measure(precision: str, reps: int) -> dict:
             scaler.update()
             s.loss = loss
 
-    def timed(fn) -> float:
-        t = time.perf_counter()
+    def timed(fn) -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
 
     for _ in range(2):  # warm-up: allocator, kernels, autocast caches, the watch's buffers
         step()
         watched()
-    plain, watch_t, ratios = [], [], []
+    plain, watch_t, ratios, cpu_plain, cpu_watch = [], [], [], [], []
     for i in range(reps):
         # alternate which goes first, so a slow spell does not always land on the same one
         a, b = (step, watched) if i % 2 == 0 else (watched, step)
         ta, tb = timed(a), timed(b)
-        tp, tw = (ta, tb) if a is step else (tb, ta)
+        (tp, cp), (tw, cw) = (ta, tb) if a is step else (tb, ta)
         plain.append(tp)
         watch_t.append(tw)
         ratios.append(tw / tp)
+        cpu_plain.append(cp)
+        cpu_watch.append(cw)
 
     # The watch's own work, timed alone: the snapshot at entry and the one-sync check at exit.
     own = []
@@ -100,7 +102,9 @@ def measure(precision: str, reps: int) -> dict:
     q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
     return {"precision": precision, "plain_ms": 1e3 * statistics.median(plain), "watched_ms": 1e3 * statistics.median(watch_t),
             "ratio": statistics.median(watch_t) / statistics.median(plain), "pair_ratio_median": statistics.median(ratios),
-            "pair_ratio_iqr": [q[0], q[2]], "watch_own_ms": 1e3 * statistics.median(own), "failures": w.failures}
+            "pair_ratio_iqr": [q[0], q[2]], "watch_own_ms": 1e3 * statistics.median(own),
+            # CPU time of this process: less sensitive than wall time to other processes on shared cores
+            "cpu_ratio": statistics.median(cpu_watch) / statistics.median(cpu_plain), "failures": w.failures}
 
 
 def main() -> None:
@@ -112,14 +116,19 @@ def main() -> None:
     n_params = sum(p.numel() for p in DCGANCritic(img=IMG, ch=64).parameters())
     print(f"DCGAN-{IMG} critic ({n_params / 1e6:.2f}M parameters) and generator, batch {BATCH}, CPU, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.reps} repetitions", file=sys.stderr)
-    results = [measure(p.strip(), args.reps) for p in args.dtypes.split(",") if p.strip()]
+    if not args.json:
+        print(f"{'precision':<10}{'plain ms':>10}{'watched ms':>12}{'ratio':>8}{'pair ratios (median, IQR)':>30}"
+              f"{'CPU-time ratio':>16}{'watch own ms':>14}", flush=True)
+    results = []
+    for p in (p.strip() for p in args.dtypes.split(",") if p.strip()):
+        r = measure(p, args.reps)
+        results.append(r)
+        if not args.json:
+            iqr = f"{r['pair_ratio_median']:.3f} [{r['pair_ratio_iqr'][0]:.3f}, {r['pair_ratio_iqr'][1]:.3f}]"
+            print(f"{r['precision']:<10}{r['plain_ms']:>10.1f}{r['watched_ms']:>12.1f}{r['ratio']:>8.3f}{iqr:>30}"
+                  f"{r['cpu_ratio']:>16.3f}{r['watch_own_ms']:>14.2f}", flush=True)
     if args.json:
         print(json.dumps(results, indent=2))
-        return
-    print(f"{'precision':<10}{'plain ms':>10}{'watched ms':>12}{'ratio':>8}{'pair ratios (median, IQR)':>30}{'watch own ms':>14}")
-    for r in results:
-        iqr = f"{r['pair_ratio_median']:.3f} [{r['pair_ratio_iqr'][0]:.3f}, {r['pair_ratio_iqr'][1]:.3f}]"
-        print(f"{r['precision']:<10}{r['plain_ms']:>10.1f}{r['watched_ms']:>12.1f}{r['ratio']:>8.3f}{iqr:>30}{r['watch_own_ms']:>14.2f}")
 
 
 if __name__ == "__main__":

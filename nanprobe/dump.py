@@ -155,6 +155,6 @@ def write(root: Path, step: int, config: cfg.Config, refs: dict[str, Ref]) -> Pa
     import yaml
 
     note = f"Copied code: {', '.join(sorted(copied.values()))}." if copied else ""
-    text = _HEADER.format(folder=folder, copied=note) + yaml.safe_dump(doc, sort_keys=False)
+    text = _HEADER.format(folder=folder, copied=note) + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
     (folder / "config.yaml").write_text(text, encoding="utf-8")
     return folder

@@ -269,19 +269,18 @@ class Watch:
             weights, grad, loss_v, scale_after, scale_before = torch.stack(
                 [v.to(device=device, dtype=torch.float32) for v in vals]).tolist()  # the one host sync
         bad = [name for name, v in (("loss", loss_v), ("gradients", grad), ("weights", weights)) if not math.isfinite(v)]
-        skipped = scaler is not None and after is not None and scale_after < scale_before
-        if skipped:
+        if scaler is not None and after is not None and scale_after < scale_before:
             self.skipped += 1
             self._skips_in_row += 1
-            if self._skips_in_row <= self.max_skips and "weights" not in bad:
-                return  # dynamic loss scaling skipped the step on purpose; training goes on at a lower scale
             if "weights" not in bad:
-                bad = [f"the GradScaler skipped {self._skips_in_row} steps in a row (scale now {scale_after:g}; {', '.join(bad) or 'gradients'} non-finite)"]
+                if self._skips_in_row <= self.max_skips:
+                    return  # loss scaling skipped the step on purpose; training goes on at a lower scale
+                self._fail(step, f"the GradScaler skipped {self._skips_in_row} steps in a row (scale now {scale_after:g})")
+                return
         elif not bad:
             self._skips_in_row = 0
             return
-        reason = bad[0] if skipped and len(bad) == 1 and bad[0].startswith("the GradScaler") else f"{', '.join(bad)} non-finite"
-        self._fail(step, reason)
+        self._fail(step, f"{', '.join(bad)} non-finite")
 
     # ---- a failing step
 
