@@ -273,8 +273,7 @@ def _tensor_or_path(what: str) -> Callable:
             return v
         if what == "dict" and isinstance(v, dict):
             return v
-        expected = "a tensor or array" if what == "tensor" else "a state_dict"
-        raise _fail(key, f"a file path or (from Python) {expected}", v)
+        return _path(v, key)  # the YAML's own message
 
     return check
 
