@@ -4,7 +4,8 @@ Importing nanprobe does not import torch; the API below loads it on first use.
 """
 from __future__ import annotations
 
-from nanprobe.errors import ConfigError, DeviceError, Interrupted, NanprobeError, UserCodeError
+from nanprobe.errors import (ConfigError, DeviceError, Interrupted, NanprobeError, NonFiniteError, NonFiniteWarning,
+                             UserCodeError)
 
 __version__ = "0.1.0"
 
@@ -13,6 +14,7 @@ __all__ = [
     "Config", "Report", "OpProbe", "diagnose", "load_config", "check_data", "DataReport", "__version__",
     "Comparison", "compare_precisions",
     "cuda_autocast",
+    "NonFiniteError", "NonFiniteWarning", "watch", "Watch",
 ]
 
 _LAZY = {
@@ -27,6 +29,8 @@ _LAZY = {
     "Comparison": ("nanprobe.comparison", "Comparison"),
     "compare_precisions": ("nanprobe.api", "compare_precisions"),
     "cuda_autocast": ("nanprobe.autocast_policy", "cuda_autocast"),
+    "watch": ("nanprobe", "watch"),  # the module nanprobe.watch, itself callable as the function
+    "Watch": ("nanprobe.watch", "Watch"),
 }
 
 
@@ -35,5 +39,7 @@ def __getattr__(name: str):
         import importlib
 
         module, attr = _LAZY[name]
+        if (module, attr) == ("nanprobe", "watch"):
+            return importlib.import_module("nanprobe.watch")
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'nanprobe' has no attribute {name!r}")

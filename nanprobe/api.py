@@ -9,7 +9,7 @@ import torch
 from nanprobe import config as cfg
 from nanprobe import datacheck, diagnosis, initialisation, loading, replay
 from nanprobe.enums import Precision
-from nanprobe.errors import Interrupted
+from nanprobe.errors import ConfigError, Interrupted
 from nanprobe.initialisation import he_ratios
 from nanprobe.report import Report
 
@@ -19,7 +19,12 @@ if TYPE_CHECKING:
 check_data = datacheck.check_data  # the whole data file, chunk by chunk (also nanprobe.check_data)
 
 def _config(config_or_path, overrides: dict) -> cfg.Config:
-    config = config_or_path if isinstance(config_or_path, cfg.Config) else cfg.load(Path(config_or_path))
+    if isinstance(config_or_path, cfg.Config):
+        config = cfg.check(config_or_path)  # built in Python: the same checks as a YAML file
+    elif isinstance(config_or_path, (str, Path)):
+        config = cfg.load(Path(config_or_path))
+    else:
+        raise ConfigError(f"expected a nanprobe Config or the path of a YAML config, got {type(config_or_path).__name__}")
     return cfg.with_overrides(config, **overrides) if overrides else config
 
 

@@ -29,8 +29,8 @@ class ModelConfig:
     """Keyword arguments for the generator class or factory."""
     latent_dim: tuple = (128,)
     """Shape of z after the batch dimension (an int or a list, e.g. [128, 1, 1])."""
-    checkpoint: Path | None = None
-    """{"critic": sd, "generator": sd} or a bare critic state_dict, loaded with weights_only=True."""
+    checkpoint: Any = None
+    """{"critic": sd, "generator": sd} or a bare critic state_dict, loaded with weights_only=True (Python API: the dict itself)."""
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,8 @@ class DataConfig:
 
     source: str = "synthetic"
     """synthetic (uniform in `range`) or file (.npy or .pt tensor [N, C, H, W])."""
-    path: Path | None = None
-    """The data file when source is file; step k uses samples [k*B, (k+1)*B) in file order."""
+    path: Any = None
+    """The data file when source is file; step k uses samples [k*B, (k+1)*B) in file order (Python API: a tensor or array)."""
     shape: tuple | None = None
     """Shape of one sample (C, H, W): [3, 64, 64] when synthetic and unset; checked against the file."""
     range: tuple = (-1.0, 1.0)
@@ -61,8 +61,8 @@ class LossConfig:
     """autocast (the penalty inside autocast, as most code does) or fp32 (outside autocast)."""
     gp_norm: str = "sqrt"
     """sqrt: torch.sqrt((g**2).sum(1)) as in the reference code; vector_norm: torch.linalg.vector_norm."""
-    step: str | None = None
-    """"file.py:function" or "module:function": the user's critic step, overriding `kind`."""
+    step: Any = None
+    """"file.py:function" or "module:function" (Python API: the function): the user's critic step, overriding `kind`."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,20 @@ class PrecisionConfig:
 
 
 @dataclass(frozen=True)
+class StateConfig:
+    """Training state captured by nanprobe.watch, so a dumped step replays exactly (all optional)."""
+
+    z: Any = None
+    """The step's generator input, a .pt tensor [B, *latent_dim] (Python API: the tensor); None draws it from the seed."""
+    rng: Any = None
+    """A .pt file {"cpu": state, "cuda": state} set before the step (before z when z is not given); None seeds with `seed`."""
+    optimizer: Any = None
+    """The optimizer's state_dict before the step (.pt), loaded into the replay's optimizer."""
+    scaler: Any = None
+    """The GradScaler's state_dict before the step (.pt); needs train.grad_scaler: true."""
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole nanprobe config."""
 
@@ -113,6 +127,8 @@ class Config:
     """The optimizer step."""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     """The precisions."""
+    state: StateConfig = field(default_factory=StateConfig)
+    """Captured training state (written by nanprobe.watch's dumps)."""
     device: str = "auto"
     """auto (cuda when available) | cpu | cuda."""
     seed: int = 0
@@ -238,12 +254,30 @@ def _betas(v, key):
 def _model_ref(v, key):
     if v is None or isinstance(v, str):
         return _opt_str(v, key)
-    # The Python API passes modules (or factories) directly.
+    # The Python API passes modules, classes or factories (and step functions) directly.
+    if not callable(v):
+        raise _fail(key, "'file.py:Name' or (from Python) an nn.Module, class or function", v)
     return v
 
 
 def _path(v, key):
+    if isinstance(v, Path):
+        return v
     return None if v is None else Path(_str(v, key))
+
+
+def _tensor_or_path(what: str) -> Callable:
+    # YAML names a file; the Python API may pass the object itself (a tensor, array or dict).
+    def check(v, key):
+        if v is None or isinstance(v, (str, Path)):
+            return _path(v, key)
+        if what == "tensor" and hasattr(v, "shape") and hasattr(v, "dtype"):
+            return v
+        if what == "dict" and isinstance(v, dict):
+            return v
+        return _path(v, key)  # the YAML's own message
+
+    return check
 
 
 def _clip(v, key):
@@ -273,16 +307,16 @@ def _dtypes(v, key):
 _SECTIONS: dict[str, tuple[type, dict[str, Callable]]] = {
     "model": (ModelConfig, {
         "critic": _model_ref, "critic_args": _mapping, "generator": _model_ref,
-        "generator_args": _mapping, "latent_dim": _shape(1), "checkpoint": _path,
+        "generator_args": _mapping, "latent_dim": _shape(1), "checkpoint": _tensor_or_path("dict"),
     }),
     "data": (DataConfig, {
-        "source": _choice("synthetic", "file"), "path": _path, "shape": lambda v, k: None if v is None else _shape(1)(v, k),
+        "source": _choice("synthetic", "file"), "path": _tensor_or_path("tensor"), "shape": lambda v, k: None if v is None else _shape(1)(v, k),
         "range": _range, "batch_size": _int(1, 65536),
     }),
     "loss": (LossConfig, {
         "kind": _choice(*LOSS_KINDS), "gp_weight": _number(0.0),
         "gp_precision": _choice("autocast", "fp32"), "gp_norm": _choice("sqrt", "vector_norm"),
-        "step": _opt_str,
+        "step": _model_ref,
     }),
     "train": (TrainConfig, {
         "optimizer": _choice(*OPTIMIZERS), "lr": _number(0.0, lo_open=True), "betas": _betas,
@@ -290,6 +324,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable]]] = {
         "grad_scaler": _bool, "grad_clip": _clip,
     }),
     "precision": (PrecisionConfig, {"mode": _mode, "dtypes": _dtypes, "policy": _policy}),
+    "state": (StateConfig, {"z": _tensor_or_path("tensor"), "rng": _tensor_or_path("dict"),
+                            "optimizer": _tensor_or_path("dict"), "scaler": _tensor_or_path("dict")}),
 }
 _TOP = {"device": _choice(*DEVICES), "seed": _int(0, 2**63 - 1)}
 
@@ -333,6 +369,20 @@ def from_dict(raw: Any, base_dir: Path | None = None, source: Path | None = None
     return validate(config)
 
 
+def check(config: Config) -> Config:
+    """A Config built in Python, checked key by key as a YAML one is; returns the clean copy."""
+    if not isinstance(config, Config):
+        raise ConfigError(f"expected a nanprobe Config or the path of a YAML config, got {_type_name(config)}")
+    sections = {}
+    for name, (cls, checks) in _SECTIONS.items():
+        section = getattr(config, name)
+        if not isinstance(section, cls):
+            raise _fail(name, f"a {cls.__name__}", section)
+        sections[name] = replace(section, **{k: checks[k](getattr(section, k), f"{name}.{k}") for k in checks})
+    top = {k: _TOP[k](getattr(config, k), k) for k in _TOP}
+    return validate(replace(config, **sections, **top))
+
+
 def validate(config: Config) -> Config:
     """Checks that span several keys; returns the config unchanged."""
     if config.model.critic is None and config.loss.step is None:
@@ -343,6 +393,8 @@ def validate(config: Config) -> Config:
         raise ConfigError("data.path is missing; data.source is 'file', so give a .npy or .pt file")
     if config.data.source == "synthetic" and config.data.path is not None:
         raise ConfigError("data.path is set but data.source is 'synthetic'; set data.source: file to use it")
+    if config.state.scaler is not None and not config.train.grad_scaler:
+        raise ConfigError("state.scaler is set but train.grad_scaler is false; set train.grad_scaler: true")
     return config
 
 
@@ -418,6 +470,12 @@ def to_dict(config: Config) -> dict:
     def plain(v):
         if isinstance(v, Path):
             return str(v)
+        if hasattr(v, "shape") and hasattr(v, "dtype"):  # a tensor or array passed from Python
+            return f"<{type(v).__name__} {list(v.shape)} {v.dtype}>"
+        if isinstance(v, dict) and not all(isinstance(x, (str, int, float, bool, type(None), list, tuple)) for x in v.values()):
+            return f"<state_dict of {len(v)} entries>"
+        if callable(v):  # a module, class or function passed from Python
+            return f"<{getattr(v, '__qualname__', type(v).__name__)}>"
         if isinstance(v, (Mode, Policy, Precision)):
             return v.value
         if isinstance(v, tuple):

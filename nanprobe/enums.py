@@ -93,3 +93,11 @@ class DataProblem(str, Enum):
     NONFINITE = "non-finite"  # a sample holds NaN or Inf
     CONSTANT = "constant"  # every value of a sample is the same: zero variance
     RANGE = "range"  # values outside data.range, or a different range than the config's
+
+
+class OnNan(str, Enum):
+    """What nanprobe.watch does when a training step turns non-finite."""
+
+    RAISE = "raise"  # diagnose the step, then raise NonFiniteError with the report
+    WARN = "warn"  # diagnose the step, warn with the verdict, let training go on
+    DUMP = "dump"  # write the step to a folder for `nanprobe diagnose DUMP/config.yaml`, warn, go on

@@ -26,3 +26,20 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, report=None):
         super().__init__("interrupted")
         self.report = report
+
+
+class NonFiniteError(FloatingPointError):
+    """A step watched by nanprobe.watch turned non-finite (on_nan="raise"); the message is the verdict."""
+
+    def __init__(self, message: str, failure=None):
+        super().__init__(message)
+        self.failure = failure
+        """The nanprobe.watch.Failure: step, reason, report (the diagnosis) and dump folder."""
+
+    @property
+    def report(self):
+        return self.failure.report if self.failure is not None else None
+
+
+class NonFiniteWarning(RuntimeWarning):
+    """A step watched by nanprobe.watch turned non-finite (on_nan="warn" or "dump"); training went on."""

@@ -1,6 +1,7 @@
 """Loading the user's models, step function, checkpoint and data, with one-line errors."""
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import inspect
@@ -33,6 +34,14 @@ class Loaded:
     """Shape of one sample."""
     user_files: tuple
     """Files of the user's code, for source lines and error messages."""
+    latents: torch.Tensor | None = None
+    """z for the replayed steps (state.z), or None to draw it from the seed."""
+    rng: dict | None = None
+    """RNG state set before the first step (state.rng): {"cpu": tensor, "cuda": tensor or absent}."""
+    optimizer_state: dict | None = None
+    """The optimizer's state_dict before the first step (state.optimizer)."""
+    scaler_state: dict | None = None
+    """The GradScaler's state_dict before the first step (state.scaler)."""
 
 
 @contextmanager
@@ -137,7 +146,12 @@ def resolve_ref(config: Config, ref: str, key: str) -> tuple[Any, str]:
 def build_module(config: Config, ref: Any, args: dict, key: str) -> tuple[torch.nn.Module, str]:
     """A class or factory reference (or a ready module) to an nn.Module."""
     if isinstance(ref, torch.nn.Module):
-        return ref, inspect.getsourcefile(type(ref)) or ""
+        # A module passed from Python is the user's live model: load the checkpoint into a copy, never into it.
+        try:
+            return copy.deepcopy(ref).cpu(), inspect.getsourcefile(type(ref)) or ""
+        except Exception as exc:
+            raise ConfigError(f"{key}: cannot copy the {type(ref).__name__} passed in ({type(exc).__name__}: {exc}); "
+                              "pass its class and arguments instead") from None
     if isinstance(ref, str):
         obj, file = resolve_ref(config, ref, key)
     elif callable(ref):
@@ -164,7 +178,7 @@ def load_step(config: Config) -> tuple[Callable | None, str]:
     ref = config.loss.step
     if ref is None:
         return None, ""
-    fn, file = resolve_ref(config, ref, "loss.step") if isinstance(ref, str) else (ref, "")
+    fn, file = resolve_ref(config, ref, "loss.step") if isinstance(ref, str) else (ref, _source_file(ref))
     if not callable(fn):
         raise ConfigError(f"loss.step: '{ref}' is not a function")
     try:
@@ -181,17 +195,22 @@ def load_step(config: Config) -> tuple[Callable | None, str]:
     return fn, file
 
 
+def _source_file(fn) -> str:
+    try:
+        return inspect.getsourcefile(fn) or ""
+    except TypeError:
+        return ""
+
+
 def load_checkpoint(config: Config, critic: torch.nn.Module, generator: torch.nn.Module | None) -> None:
     if config.model.checkpoint is None:
         return
-    path = resolve(config, config.model.checkpoint)
-    if not _exists(path, "model.checkpoint"):
-        raise ConfigError(f"model.checkpoint: file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # weights_only refuses pickles that would run code
-        raise _torch_load_error("model.checkpoint", path, exc,
-                                "save the state_dicts only, e.g. torch.save({'critic': critic.state_dict()}, path)") from None
+    if isinstance(config.model.checkpoint, dict):  # passed from Python
+        state, path = config.model.checkpoint, Path("the checkpoint dict")
+    else:
+        path = resolve(config, config.model.checkpoint)
+        state = _load_pt(path, "model.checkpoint",
+                         "save the state_dicts only, e.g. torch.save({'critic': critic.state_dict()}, path)")
     if not isinstance(state, dict):
         raise ConfigError(f"model.checkpoint: {path.name} holds a {type(state).__name__}, not a state_dict "
                           "or {'critic': state_dict, 'generator': state_dict}")
@@ -211,6 +230,40 @@ def load_checkpoint(config: Config, critic: torch.nn.Module, generator: torch.nn
                                   "or the critic's bare state_dict")
             raise ConfigError(f"model.checkpoint: the '{name}' entry of {path.name} is not a state_dict of tensors")
         _load_state(model, sd, name, path.name)
+
+
+def _load_pt(path: Path, key: str, save_hint: str):
+    if not _exists(path, key):
+        raise ConfigError(f"{key}: file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses pickles that would run code
+        raise _torch_load_error(key, path, exc, save_hint) from None
+
+
+def load_state(config: Config) -> dict:
+    """The state section's objects: tensors and dicts from Python, or read from .pt files (weights_only)."""
+    out = {}
+    for name in ("z", "rng", "optimizer", "scaler"):
+        value = getattr(config.state, name)
+        if isinstance(value, Path):
+            value = _load_pt(resolve(config, value), f"state.{name}", "write it with nanprobe.watch(on_nan='dump')")
+        out[name] = value
+    z, rng = out["z"], out["rng"]
+    if z is not None:
+        z = torch.as_tensor(z)
+        if z.dim() < 2 or not z.is_floating_point():
+            raise ConfigError(f"state.z: expected a float tensor [B, *latent_dim], got shape {list(z.shape)} {z.dtype}")
+        if tuple(z.shape[1:]) != tuple(config.model.latent_dim):
+            raise ConfigError(f"state.z: its samples have shape {list(z.shape[1:])} but model.latent_dim is "
+                              f"{list(config.model.latent_dim)}")
+        out["z"] = z
+    if rng is not None and not (isinstance(rng, dict) and isinstance(rng.get("cpu"), torch.Tensor)):
+        raise ConfigError("state.rng: expected {'cpu': torch.get_rng_state(), 'cuda': ...}")
+    for name in ("optimizer", "scaler"):
+        if out[name] is not None and not isinstance(out[name], dict):
+            raise ConfigError(f"state.{name}: expected a state_dict, got {type(out[name]).__name__}")
+    return out
 
 
 def _torch_load_error(key: str, path: Path, exc: BaseException, save_hint: str) -> ConfigError:
@@ -261,6 +314,13 @@ def load_data(config: Config) -> tuple[Any, tuple]:
     d = config.data
     if d.source == "synthetic":
         return None, tuple(d.shape or DEFAULT_SHAPE)
+    if not isinstance(d.path, Path):  # a tensor or array passed from Python
+        shape = tuple(d.path.shape)
+        if len(shape) != 4 or shape[0] == 0:
+            raise ConfigError(f"data.path: the tensor passed has shape {list(shape)}; expected [N, C, H, W] with N > 0")
+        if d.shape is not None and tuple(d.shape) != shape[1:]:
+            raise ConfigError(f"data.shape: {list(d.shape)} does not match the tensor passed, whose samples are {list(shape[1:])}")
+        return d.path, shape[1:]
     path = resolve(config, d.path)
     if not _exists(path, "data.path"):
         raise ConfigError(f"data.path: file not found: {path}")
@@ -317,7 +377,9 @@ def load(config: Config) -> Loaded:
     step_fn, sfile = load_step(config)
     data, shape = load_data(config)
     files = tuple(f for f in (cfile, gfile, sfile) if f)
-    loaded = Loaded(critic.float(), generator.float() if generator is not None else None, step_fn, data, shape, files)
+    state = load_state(config)
+    loaded = Loaded(critic.float(), generator.float() if generator is not None else None, step_fn, data, shape, files,
+                    state["z"], state["rng"], state["optimizer"], state["scaler"])
     _dry_run(config, loaded)
     return loaded
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import nullcontext
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -97,7 +98,8 @@ def _batch(config: Config, loaded: Loaded, step: int, probe: OpProbe | None) -> 
     if probe is not None:
         with probe.paused():
             bad = [idx[i] for i in (~torch.isfinite(raw.flatten(1))).any(1).nonzero().flatten().tolist()]
-        where = probe.sources.show(str(resolve(config, config.data.path)))
+        path = config.data.path
+        where = probe.sources.show(str(resolve(config, path))) if isinstance(path, Path) else "the batch"
         probe.observe(raw, "load", module="data", source=f"{where}[{', '.join(map(str, bad))}]" if bad else where,
                       info={"bad_samples": bad})
     return raw
@@ -160,6 +162,7 @@ class _Replay:
                 raise ConfigError("train.grad_scaler: GradScaler needs fp32 weights; use precision.mode: amp, "
                                   "or turn grad_scaler off in half mode")
             self.scaler = torch.amp.GradScaler(device.type)
+        self._restore_state()
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if self.low and not self.half else nullcontext
         self.op_lists = nullcontext  # whose autocast op lists the replay follows, set up once per replay
         if self.low and not self.half and device.type == "cpu" and config.precision.policy is Policy.CUDA:
@@ -176,6 +179,24 @@ class _Replay:
         self.probe = OpProbe({"critic": self.critic, **({"generator": self.generator} if self.generator else {})},
                              base_dir=str(config.base_dir), on_record=on_record) if probe_on else None
         self.trace = Trace(precision, self.mode, self.probe.events if self.probe else [])
+
+    def _restore_state(self) -> None:
+        """Optimizer and scaler state captured before the step (state.optimizer, state.scaler), if any."""
+        loaded = self.loaded
+        if loaded.optimizer_state is not None:
+            try:
+                self.optimizer.load_state_dict(copy.deepcopy(loaded.optimizer_state))
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise ConfigError(f"state.optimizer: does not fit a {self.config.train.optimizer} optimizer over the "
+                                  f"critic's parameters ({str(exc).splitlines()[0][:120]})") from None
+        if loaded.scaler_state is not None and self.scaler is not None:
+            self.scaler.load_state_dict(dict(loaded.scaler_state))
+
+    def _set_rng(self) -> None:
+        rng = self.loaded.rng
+        torch.set_rng_state(rng["cpu"])
+        if self.device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     def _phase(self, phase: Phase):
         if self.probe is not None:
@@ -214,8 +235,16 @@ class _Replay:
         if self.half:
             real = real.to(self.model_dtype)
         z = None
-        if self.generator is not None:
+        latents = self.loaded.latents
+        if step == 0 and self.loaded.rng is not None and latents is None:
+            self._set_rng()  # the captured step drew z first, from this state
+        if latents is not None:
+            b = real.shape[0]
+            z = latents[[(step * b + i) % len(latents) for i in range(b)]].to(device=self.device, dtype=self.model_dtype)
+        elif self.generator is not None:
             z = torch.randn(real.shape[0], *self.config.model.latent_dim, device=self.device, dtype=self.model_dtype)
+        if step == 0 and self.loaded.rng is not None and latents is not None:
+            self._set_rng()
         return real, z
 
     def _step(self, step: int) -> bool:

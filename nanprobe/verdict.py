@@ -2,7 +2,7 @@
 GitHub annotations and JUnit reports (no rich, no torch)."""
 from __future__ import annotations
 
-from nanprobe.enums import FailOn
+from nanprobe.enums import FailOn, Precision
 from nanprobe.report import Finding, Report, RunReport
 
 
@@ -49,3 +49,11 @@ def message(run: RunReport) -> str:
         if len(run.fixes) > 1:
             lines.append("also: " + ", ".join(x.id for x in run.fixes[1:3]))
     return "\n".join(lines)
+
+
+def verdict(report: Report, precision: Precision | None = None) -> str:
+    """The message of `precision`'s run, or of the worst run when None (nanprobe.watch's warnings and errors)."""
+    runs = [r for r in report.runs if precision is None or r.precision is precision]
+    if not runs:
+        return "no replay of that precision in the report."
+    return message(max(runs, key=lambda r: r.status.severity))

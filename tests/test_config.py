@@ -49,6 +49,7 @@ FULL_DOC = {
         "grad_clip": 1.5,
     },
     "precision": {"mode": "half", "dtypes": ["fp16", "bf16"], "policy": "native"},
+    "state": {"z": "dump/z.pt", "rng": "dump/rng.pt", "optimizer": "dump/optimizer.pt", "scaler": "dump/scaler.pt"},
     "device": "cpu",
     "seed": 7,
 }
@@ -56,7 +57,7 @@ FULL_DOC = {
 
 def test_full_doc_sets_every_documented_key():
     """If a key is added to the config, this test (and FULL_DOC) must learn about it."""
-    for name in ("model", "data", "loss", "train", "precision"):
+    for name in ("model", "data", "loss", "train", "precision", "state"):
         section_cls = type(getattr(cfg.Config(), name))
         assert set(FULL_DOC[name]) == {f.name for f in dataclasses.fields(section_cls)}, name
     top = {f.name for f in dataclasses.fields(cfg.Config)} - {"base_dir", "source"}
@@ -80,6 +81,7 @@ def test_load_full_config(tmp_path):
     assert c.loss == cfg.LossConfig("r1", 5.0, "fp32", "vector_norm", "steps.py:critic_step")
     assert c.train == cfg.TrainConfig("adamw", 2e-4, (0.5, 0.99), 1e-6, 0.01, 3, True, 1.5)
     assert c.precision == cfg.PrecisionConfig(Mode.HALF, (Precision.FP16, Precision.BF16), Policy.NATIVE)
+    assert c.state == cfg.StateConfig(*(Path(f"dump/{n}.pt") for n in ("z", "rng", "optimizer", "scaler")))
     assert c.device == "cpu"
     assert c.seed == 7
 
