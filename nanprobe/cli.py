@@ -63,6 +63,10 @@ def diagnose(
     device: Optional[DeviceChoice] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Critic steps replayed per precision."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no terminal report (exit code only)."),
+    verify_fix: bool = typer.Option(False, "--verify-fix",
+                                    help="Replay each failing run with its suggested fixes applied; mark each verified or not."),
+    verify_top: Optional[int] = typer.Option(None, "--verify-top", min=1,
+                                             help="With --verify-fix: fixes replayed per failing run (default 3)."),
 ) -> None:
     """Replay critic and penalty steps in fp32, fp16 and bf16; name the first op that underflows or overflows."""
     from nanprobe import render
@@ -74,7 +78,7 @@ def diagnose(
         with render.progress(enabled=not quiet) as on_progress:
             from nanprobe.api import diagnose as run_diagnose
 
-            report = run_diagnose(config, progress=on_progress, **overrides)
+            report = run_diagnose(config, progress=on_progress, verify_fix=verify_fix, verify_top=verify_top, **overrides)
     except NanprobeError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:

@@ -1,0 +1,128 @@
+"""Fixes proven by replay (`--verify-fix`).
+
+For each failing low-precision run, the suggested fixes that a config change applies are replayed:
+the same steps, seed, data, precision and mode with only the fix's overrides changed, under the
+probe, and judged against an fp32 replay under the same change (the diagnosis's own fp32 trace when
+the change cannot affect fp32, e.g. loss.gp_precision). A fix is verified when the run is now ok and
+fp32 still is. Replays are cached by what they ran, so a fix that only narrows the precisions to
+one already replayed (bf16) costs nothing.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Callable
+
+import torch
+
+from nanprobe import config as cfg
+from nanprobe import replay as rp
+from nanprobe.diagnosis import analyse_trace
+from nanprobe.enums import Precision, Status
+from nanprobe.errors import ConfigError, DeviceError, UserCodeError
+from nanprobe.fixes import REGISTRY
+from nanprobe.loading import Loaded
+from nanprobe.replay import Trace
+from nanprobe.report import FixSuggestion, RunReport
+
+MAX_VERIFIED = 3
+"""Fixes replayed per failing run, at most: the first ones (best first) that a config change applies."""
+
+# Settings an fp32 replay does not depend on: under a fix that changes only these, fp32 is not replayed again.
+_FP32_NEUTRAL = {"precision": ("mode", "fp32_modules"), "loss": ("gp_precision",)}
+_ORDER = {True: 0, None: 1, False: 2}
+
+
+def _key(config: cfg.Config, precision: Precision) -> str:
+    d = cfg.to_dict(config)
+    d["precision"].pop("dtypes")  # which precisions are requested does not change any one replay
+    if precision is Precision.FP32:
+        for section, keys in _FP32_NEUTRAL.items():
+            for k in keys:
+                d[section].pop(k, None)
+    return json.dumps([precision.value, d], sort_keys=True, default=str)
+
+
+class _Replays:
+    """Replays keyed by config and precision, seeded with the diagnosis's traces."""
+
+    def __init__(self, config: cfg.Config, loaded: Loaded, device: torch.device, traces: dict, progress):
+        self.loaded, self.device, self.progress = loaded, device, progress
+        self.cache: dict[str, Trace] = {_key(config, p): t for p, t in traces.items()}
+
+    def get(self, config: cfg.Config, precision: Precision, label: str) -> Trace:
+        k = _key(config, precision)
+        if k not in self.cache:
+            on_step = None
+            if self.progress is not None:
+                def on_step(p, step, steps):
+                    self.progress(f"{p.value} + {label}", step, steps)
+            self.cache[k] = rp.replay(config, self.loaded, precision, self.device, probe=True, progress=on_step)
+        return self.cache[k]
+
+
+def rank(fixes) -> tuple[FixSuggestion, ...]:
+    """Verified fixes first, then those not replayed, then those that failed; the catalogue's order within each."""
+    return tuple(sorted(fixes, key=lambda f: _ORDER[f.verified]))
+
+
+def _issue(found: dict) -> str:
+    e, kind, _, _ = found["issue"]
+    where = e.module or e.op.removeprefix("aten.").split(".")[0]
+    return f"{kind.value} in {e.phase.value} at {where}, step {e.step}"
+
+
+def _why_not(fix: FixSuggestion, config: cfg.Config) -> str:
+    entry = REGISTRY.get(fix.id)
+    if entry is not None and entry.apply is not None and config.loss.step:
+        return ("not replayed: loss.step is your own code, which a config change to the loss cannot reach; "
+                "apply the snippet there")
+    return "not replayed: this fix is a code change (see the snippet), not a config change nanprobe can apply"
+
+
+def _replayed(config: cfg.Config, run: RunReport, fix: FixSuggestion, replays: _Replays,
+              device: torch.device) -> FixSuggestion:
+    line = f"with {fix.apply}"
+    try:
+        fixed = cfg.with_overrides(config, **fix.overrides)
+        dtypes = fixed.precision.dtypes
+        target = run.precision if run.precision in dtypes else next((p for p in dtypes if p.is_low), run.precision)
+        rp.check_dtype(device, target, fixed.precision.mode)
+        ref = replays.get(fixed, Precision.FP32, fix.id)
+        trace = replays.get(fixed, target, fix.id)
+    except (ConfigError, DeviceError) as exc:
+        return replace(fix, verified=None, verification=f"not replayed: it cannot be applied to this config ({exc})")
+    except UserCodeError as exc:
+        return replace(fix, verified=False, verification=f"{line}: the replay failed: {exc}")
+    ref_found, found = analyse_trace(ref, None), analyse_trace(trace, ref)
+    if found["status"] is not Status.OK:
+        return replace(fix, verified=False, verification=(
+            f"{line}: {target.value} still fails ({found['status'].value}): {_issue(found)}"))
+    if ref_found["status"] is not Status.OK:
+        return replace(fix, verified=False, verification=(
+            f"{line}: {target.value} is ok but fp32 fails ({ref_found['status'].value}): {_issue(ref_found)}"))
+    steps = len(trace.metrics)
+    return replace(fix, verified=True, verification=(
+        f"{line}: {target.value} is now ok ({steps} step{'' if steps == 1 else 's'} replayed)"))
+
+
+def _verify_run(config: cfg.Config, run: RunReport, replays: _Replays, device: torch.device, top: int) -> RunReport:
+    out, tried = [], 0
+    for fix in run.fixes:
+        if not fix.overrides:
+            out.append(replace(fix, verification=_why_not(fix, config)))
+        elif tried >= top:
+            out.append(replace(fix, verification=f"not replayed: only the first {top} fixes that a config "
+                                                  "change applies are replayed (--verify-top)"))
+        else:
+            tried += 1
+            out.append(_replayed(config, run, fix, replays, device))
+    return replace(run, fixes=rank(out))
+
+
+def verify(config: cfg.Config, loaded: Loaded, traces: dict, runs: tuple[RunReport, ...], device: torch.device,
+           progress: Callable | None = None, top: int = MAX_VERIFIED) -> tuple[RunReport, ...]:
+    """The runs with each failing low-precision run's fixes replayed, marked verified or not, and re-ranked."""
+    replays = _Replays(config, loaded, device, traces, progress)
+    return tuple(_verify_run(config, run, replays, device, top) if run.precision.is_low and run.status is not Status.OK
+                 else run for run in runs)
