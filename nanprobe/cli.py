@@ -64,7 +64,7 @@ def diagnose(
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Critic steps replayed per precision."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no terminal report (exit code only)."),
     verify_fix: bool = typer.Option(False, "--verify-fix",
-                                    help="Replay each failing run with its suggested fixes applied; mark each verified or not."),
+                                    help="Replay each failing run with each suggested fix applied; mark it verified."),
     verify_top: Optional[int] = typer.Option(None, "--verify-top", min=1,
                                              help="With --verify-fix: fixes replayed per failing run (default 3)."),
 ) -> None:
@@ -78,7 +78,8 @@ def diagnose(
         with render.progress(enabled=not quiet) as on_progress:
             from nanprobe.api import diagnose as run_diagnose
 
-            report = run_diagnose(config, progress=on_progress, verify_fix=verify_fix, verify_top=verify_top, **overrides)
+            report = run_diagnose(config, progress=on_progress, verify_fix=verify_fix, verify_top=verify_top,
+                                  fail_on=fail_on.value, **overrides)
     except NanprobeError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:

@@ -264,7 +264,8 @@ CATALOGUE: tuple[Fix, ...] = (
         "with torch.autocast(\"{device}\", dtype=torch.{dtype}):\n"
         "    gp = lambda_gp * ((grads.flatten(1).norm(2, dim=1) - 1) ** 2).mean()\n"
         "scaler.scale(loss + gp).backward(); scaler.step(opt); scaler.update()",
-        Apply((("train.grad_scaler", True),), builtin_only=True), lambda c: _penalty_hit(c) - 4 if _penalty_hit(c) else 0.0),
+        Apply((("train.grad_scaler", True),), builtin_only=True),
+        lambda c: _penalty_hit(c) - 4 if _penalty_hit(c) else 0.0),
     Fix("grad-scaler", "Use dynamic loss scaling (torch.amp.GradScaler)",
         "Without loss scaling, gradients below {tiny} flush to 0 in {low} and those weights stop learning; "
         "the scaler multiplies the loss so the gradients stay in range, then unscales them.",

@@ -3,9 +3,10 @@
 For each failing low-precision run, the suggested fixes that a config change applies are replayed:
 the same steps, seed, data, precision and mode with only the fix's overrides changed, under the
 probe, and judged against an fp32 replay under the same change (the diagnosis's own fp32 trace when
-the change cannot affect fp32, e.g. loss.gp_precision). A fix is verified when the run is now ok and
-fp32 still is. Replays are cached by what they ran, so a fix that only narrows the precisions to
-one already replayed (bf16) costs nothing.
+the change cannot affect fp32, e.g. loss.gp_precision). A fix is verified when fp32 stays ok and the
+run is now ok, or no longer fails `--fail-on` and is milder than it was (a NaN cured, an underflow
+of another cause left: the line says which). Replays are cached by what they ran, so a fix that only
+narrows the precisions to one already replayed (bf16) costs nothing.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from nanprobe import config as cfg
 from nanprobe import replay as rp
 from nanprobe.diagnosis import analyse_trace
-from nanprobe.enums import Precision, Status
+from nanprobe.enums import FailOn, Precision, Status
 from nanprobe.errors import ConfigError, DeviceError, UserCodeError
 from nanprobe.fixes import REGISTRY
 from nanprobe.loading import Loaded
@@ -81,7 +82,7 @@ def _why_not(fix: FixSuggestion, config: cfg.Config) -> str:
 
 
 def _replayed(config: cfg.Config, run: RunReport, fix: FixSuggestion, replays: _Replays,
-              device: torch.device) -> FixSuggestion:
+              device: torch.device, fail_on: Status) -> FixSuggestion:
     line = f"with {fix.apply}"
     try:
         fixed = cfg.with_overrides(config, **fix.overrides)
@@ -95,18 +96,24 @@ def _replayed(config: cfg.Config, run: RunReport, fix: FixSuggestion, replays: _
     except UserCodeError as exc:
         return replace(fix, verified=False, verification=f"{line}: the replay failed: {exc}")
     ref_found, found = analyse_trace(ref, None), analyse_trace(trace, ref)
-    if found["status"] is not Status.OK:
-        return replace(fix, verified=False, verification=(
-            f"{line}: {target.value} still fails ({found['status'].value}): {_issue(found)}"))
+    status, p = found["status"], target.value
     if ref_found["status"] is not Status.OK:
         return replace(fix, verified=False, verification=(
-            f"{line}: {target.value} is ok but fp32 fails ({ref_found['status'].value}): {_issue(ref_found)}"))
-    steps = len(trace.metrics)
-    return replace(fix, verified=True, verification=(
-        f"{line}: {target.value} is now ok ({steps} step{'' if steps == 1 else 's'} replayed)"))
+            f"{line}: fp32 now fails ({ref_found['status'].value}): {_issue(ref_found)}"))
+    if status is Status.OK:
+        steps = len(trace.metrics)
+        plural = "" if steps == 1 else "s"
+        return replace(fix, verified=True, verification=f"{line}: {p} is now ok ({steps} step{plural} replayed)")
+    # A run that fails the user's --fail-on passes with a fix that leaves only a milder finding below it.
+    if status.severity < min(run.status.severity, fail_on.severity):
+        return replace(fix, verified=True, verification=(
+            f"{line}: {p} no longer fails --fail-on {fail_on.value} (was {run.status.value}); "
+            f"{status.value} remains: {_issue(found)}"))
+    return replace(fix, verified=False, verification=f"{line}: {p} still fails ({status.value}): {_issue(found)}")
 
 
-def _verify_run(config: cfg.Config, run: RunReport, replays: _Replays, device: torch.device, top: int) -> RunReport:
+def _verify_run(config: cfg.Config, run: RunReport, replays: _Replays, device: torch.device, top: int,
+                fail_on: Status) -> RunReport:
     out, tried = [], 0
     for fix in run.fixes:
         if not fix.overrides:
@@ -116,13 +123,19 @@ def _verify_run(config: cfg.Config, run: RunReport, replays: _Replays, device: t
                                                   "change applies are replayed (--verify-top)"))
         else:
             tried += 1
-            out.append(_replayed(config, run, fix, replays, device))
+            out.append(_replayed(config, run, fix, replays, device, fail_on))
     return replace(run, fixes=rank(out))
 
 
 def verify(config: cfg.Config, loaded: Loaded, traces: dict, runs: tuple[RunReport, ...], device: torch.device,
-           progress: Callable | None = None, top: int = MAX_VERIFIED) -> tuple[RunReport, ...]:
-    """The runs with each failing low-precision run's fixes replayed, marked verified or not, and re-ranked."""
+           progress: Callable | None = None, top: int = MAX_VERIFIED,
+           fail_on: FailOn = FailOn.OVERFLOW) -> tuple[RunReport, ...]:
+    """The runs with each failing low-precision run's fixes replayed, marked verified or not, and re-ranked.
+
+    A fix is verified when fp32 stays ok and the run is ok with it, or (for a run at or above
+    `fail_on`) only a finding below `fail_on` and below the run's own status remains.
+    """
     replays = _Replays(config, loaded, device, traces, progress)
-    return tuple(_verify_run(config, run, replays, device, top) if run.precision.is_low and run.status is not Status.OK
-                 else run for run in runs)
+    bar = Status(FailOn(fail_on).value)
+    return tuple(_verify_run(config, run, replays, device, top, bar)
+                 if run.precision.is_low and run.status is not Status.OK else run for run in runs)
