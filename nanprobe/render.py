@@ -128,7 +128,7 @@ def _run_panel(run: RunReport) -> Panel:
         if top.apply:
             parts.append(Text.assemble(("in the config: ", "dim"), top.apply))
         if top.verification:
-            parts.append(Text.assemble(("verified: ", "dim"), top.verification))
+            parts.append(Text.assemble(("replay: ", "dim"), top.verification))
         checked = any(f.verification for f in run.fixes)
         for other in run.fixes[1:] if checked else run.fixes[1:3]:
             parts.append(Text.assemble(("also: ", "dim"), *_mark(other), (other.id, "cyan"), f"  {other.title}"))

@@ -27,7 +27,7 @@ from nanprobe.replay import Trace
 from nanprobe.report import FixSuggestion, RunReport
 
 MAX_VERIFIED = 3
-"""Fixes replayed per failing run, at most: the first ones (best first) that a config change applies."""
+"""Fixes per failing run that may need new replays (best first); fixes whose replays exist are free."""
 
 # Settings an fp32 replay does not depend on: under a fix that changes only these, fp32 is not replayed again.
 _FP32_NEUTRAL = {"precision": ("mode", "fp32_modules"), "loss": ("gp_precision",)}
@@ -61,6 +61,10 @@ class _Replays:
             self.cache[k] = rp.replay(config, self.loaded, precision, self.device, probe=True, progress=on_step)
         return self.cache[k]
 
+    def cached(self, config: cfg.Config, precision: Precision) -> bool:
+        """Both replays a fix needs (fp32 and its precision) were made already: verifying it is free."""
+        return _key(config, precision) in self.cache and _key(config, Precision.FP32) in self.cache
+
 
 def rank(fixes) -> tuple[FixSuggestion, ...]:
     """Verified fixes first, then those not replayed, then those that failed; the catalogue's order within each."""
@@ -81,13 +85,25 @@ def _why_not(fix: FixSuggestion, config: cfg.Config) -> str:
     return "not replayed: this fix is a code change (see the snippet), not a config change nanprobe can apply"
 
 
+def _fixed(config: cfg.Config, run: RunReport, fix: FixSuggestion) -> tuple[cfg.Config, Precision]:
+    """The config with the fix applied, and the precision to replay (bf16 for the bf16 fix)."""
+    fixed = cfg.with_overrides(config, **fix.overrides)
+    dtypes = fixed.precision.dtypes
+    return fixed, run.precision if run.precision in dtypes else next((p for p in dtypes if p.is_low), run.precision)
+
+
+def _free(config: cfg.Config, run: RunReport, fix: FixSuggestion, replays: _Replays) -> bool:
+    try:
+        return replays.cached(*_fixed(config, run, fix))
+    except ConfigError:
+        return True  # it will not be replayed at all
+
+
 def _replayed(config: cfg.Config, run: RunReport, fix: FixSuggestion, replays: _Replays,
               device: torch.device, fail_on: Status) -> FixSuggestion:
     line = f"with {fix.apply}"
     try:
-        fixed = cfg.with_overrides(config, **fix.overrides)
-        dtypes = fixed.precision.dtypes
-        target = run.precision if run.precision in dtypes else next((p for p in dtypes if p.is_low), run.precision)
+        fixed, target = _fixed(config, run, fix)
         rp.check_dtype(device, target, fixed.precision.mode)
         ref = replays.get(fixed, Precision.FP32, fix.id)
         trace = replays.get(fixed, target, fix.id)
@@ -118,9 +134,11 @@ def _verify_run(config: cfg.Config, run: RunReport, replays: _Replays, device: t
     for fix in run.fixes:
         if not fix.overrides:
             out.append(replace(fix, verification=_why_not(fix, config)))
+        elif _free(config, run, fix, replays):  # its replays exist already (bf16): no cost, no count
+            out.append(_replayed(config, run, fix, replays, device, fail_on))
         elif tried >= top:
-            out.append(replace(fix, verification=f"not replayed: only the first {top} fixes that a config "
-                                                  "change applies are replayed (--verify-top)"))
+            out.append(replace(fix, verification=f"not replayed: only the first {top} fixes that need a new "
+                                                  "replay are replayed (--verify-top)"))
         else:
             tried += 1
             out.append(_replayed(config, run, fix, replays, device, fail_on))
