@@ -1,8 +1,9 @@
 """What --verify-fix costs, run by hand (not a test): python benchmarks/bench_verify_fix.py [CONFIG ...] [--reps 3]
 
-For each config (default: every configs/*.yaml), in this one process: the median wall time of a
-plain `diagnose`, of `diagnose --verify-fix`, their ratio, how many extra replays the verification
-ran, and each verified fix. Times include loading; run it on a quiet machine.
+For each config (default: every configs/*.yaml), in this one process: the median wall and CPU time
+(this process, all its threads) of a plain `diagnose` and of `diagnose --verify-fix`, the ratios, how
+many extra replays the verification ran, and each fix's verdict. Times include loading. CPU time is
+the figure to trust on a shared machine; wall time only on a quiet one.
 """
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ sys.path.insert(0, str(ROOT))
 def _timed(path: Path, verify: bool, reps: int):
     import nanprobe
 
-    times, report, replays = [], None, 0
+    walls, cpus, report, replays = [], [], None, 0
     for _ in range(reps):
         steps = []
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         report = nanprobe.diagnose(path, verify_fix=verify, progress=lambda p, s, n: steps.append((p, s)))
-        times.append(time.perf_counter() - t)
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
         replays = sum(1 for p, s in steps if s == 0 and isinstance(p, str))  # verification replays pass a label
-    return statistics.median(times), report, replays
+    return statistics.median(walls), statistics.median(cpus), report, replays
 
 
 def main() -> None:
@@ -35,14 +37,16 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1)
     args = ap.parse_args()
     configs = args.configs or sorted((ROOT / "configs").glob("*.yaml"))
-    print(f"{'config':32} {'plain s':>8} {'verify s':>9} {'ratio':>6} {'replays':>8}  fixes (✓ verified, ✗ failed, ? not replayed)")
+    print(f"{'config':30} {'wall s':>13} {'ratio':>5} {'cpu s':>13} {'ratio':>5} {'replays':>7}  "
+          "fixes (✓ verified, ✗ failed, ? not replayed)")
     for path in configs:
-        plain, _, _ = _timed(path, False, args.reps)
-        verify, report, replays = _timed(path, True, args.reps)
+        wall0, cpu0, _, _ = _timed(path, False, args.reps)
+        wall1, cpu1, report, replays = _timed(path, True, args.reps)
         marks = {True: "✓", False: "✗", None: "?"}
         fixes = "; ".join(f"{r.precision.value}: " + ", ".join(f"{marks[f.verified]}{f.id}" for f in r.fixes)
                           for r in report.runs if r.fixes) or "-"
-        print(f"{path.name:32} {plain:8.1f} {verify:9.1f} {verify / plain:6.2f} {replays:8d}  {fixes}", flush=True)
+        print(f"{path.name:30} {wall0:6.1f}>{wall1:6.1f} {wall1 / wall0:5.2f} {cpu0:6.1f}>{cpu1:6.1f} "
+              f"{cpu1 / cpu0:5.2f} {replays:7d}  {fixes}", flush=True)
 
 
 if __name__ == "__main__":
