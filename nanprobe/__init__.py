@@ -4,13 +4,13 @@ Importing nanprobe does not import torch; the API below loads it on first use.
 """
 from __future__ import annotations
 
-from nanprobe.errors import ConfigError, DeviceError, NanprobeError, UserCodeError
+from nanprobe.errors import ConfigError, DeviceError, Interrupted, NanprobeError, UserCodeError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "DeviceError", "NanprobeError", "UserCodeError",
-    "Config", "Report", "OpProbe", "diagnose", "load_config", "__version__",
+    "ConfigError", "DeviceError", "Interrupted", "NanprobeError", "UserCodeError",
+    "Config", "Report", "OpProbe", "diagnose", "load_config", "check_data", "DataReport", "__version__",
 ]
 
 _LAZY = {
@@ -19,6 +19,9 @@ _LAZY = {
     "Report": ("nanprobe.report", "Report"),
     "OpProbe": ("nanprobe.probe", "OpProbe"),
     "diagnose": ("nanprobe.api", "diagnose"),
+    # From datacheck, not api: scanning a .npy file needs no torch import (and no torch memory).
+    "check_data": ("nanprobe.datacheck", "check_data"),
+    "DataReport": ("nanprobe.datacheck", "DataReport"),
 }
 
 

@@ -8,10 +8,13 @@ from typing import Callable
 import torch
 
 from nanprobe import config as cfg
-from nanprobe import diagnosis, loading, replay, verification
+from nanprobe import datacheck, diagnosis, initialisation, loading, replay, verification
 from nanprobe.enums import FailOn, Precision
+from nanprobe.errors import Interrupted
 from nanprobe.initialisation import he_ratios, reinitialise
 from nanprobe.report import Report
+
+check_data = datacheck.check_data  # the whole data file, chunk by chunk (also nanprobe.check_data)
 
 
 def _config(config_or_path, overrides: dict) -> cfg.Config:
@@ -40,15 +43,42 @@ def diagnose(config_or_path: "cfg.Config | str | Path", progress: Callable | Non
     for p in order:
         replay.check_dtype(device, p, config.precision.mode)
     loaded = loading.load(config)
-    traces = {p: replay.replay(config, loaded, p, device, probe=True, progress=progress) for p in order}
     critic = loaded.critic if config.model.init == "default" else \
-        reinitialise(copy.deepcopy(loaded.critic), config.model.init, config.seed)
-    runs = diagnosis.analyse(config, traces, requested, he_ratios(critic), device.type)
+        reinitialise(copy.deepcopy(loaded.critic), config.model.init, config.seed)  # as the replays see it
+    init = initialisation.check(critic, replay.first_batch(config, loaded))
+    data = datacheck.check_replayed(config, loaded.data)
+    ratios = he_ratios(critic, checks=init)
+    traces: dict[Precision, replay.Trace] = {}
+    try:
+        for p in order:
+            traces[p] = replay.replay(config, loaded, p, device, probe=True, progress=progress)
+    except KeyboardInterrupt as exc:
+        partial = getattr(exc, "trace", None)
+        if partial is not None and partial.precision not in traces:
+            traces[partial.precision] = partial
+        left = [p.value for p in order if p not in traces]
+        where = f"during the {partial.precision.value} replay" if partial is not None else "before the replays"
+        note = f"interrupted (Ctrl-C) {where}" + (f"; not replayed: {', '.join(left)}" if left else "")
+        report = None
+        if Precision.FP32 in traces:
+            done = tuple(p for p in requested if p in traces)
+            runs = diagnosis.analyse(config, traces, done, ratios, device.type, init)
+            report = _report(config, device, runs, data=data, init=init, interrupted=note)
+        raise Interrupted(report) from None
+    runs = diagnosis.analyse(config, traces, requested, ratios, device.type, init)
     if verify_fix:
-        runs = verification.verify(config, loaded, traces, runs, device, progress,
-                                   verify_top or verification.MAX_VERIFIED, fail_on)
+        try:
+            runs = verification.verify(config, loaded, traces, runs, device, progress,
+                                       verify_top or verification.MAX_VERIFIED, fail_on)
+        except KeyboardInterrupt:
+            note = "interrupted (Ctrl-C) while verifying fixes; the fixes are not verified"
+            raise Interrupted(_report(config, device, runs, data=data, init=init, interrupted=note)) from None
+    return _report(config, device, runs, data=data, init=init)
+
+
+def _report(config: cfg.Config, device: torch.device, runs: tuple, **extra) -> Report:
     return Report(config=str(config.source) if config.source else None, device=_device_name(device),
-                  torch=torch.__version__, runs=runs, settings=cfg.to_dict(config))
+                  torch=torch.__version__, runs=runs, settings=cfg.to_dict(config), **extra)
 
 
 def _device_name(device: torch.device) -> str:

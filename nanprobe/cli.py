@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from nanprobe.errors import NanprobeError
+from nanprobe.errors import Interrupted, NanprobeError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -82,6 +82,12 @@ def diagnose(
                                   fail_on=fail_on.value, **overrides)
     except NanprobeError as exc:
         _fail(str(exc))
+    except Interrupted as exc:
+        if exc.report is None:
+            typer.echo("nanprobe: interrupted before the fp32 replay finished; nothing to report", err=True)
+            raise typer.Exit(130)
+        typer.echo("nanprobe: interrupted; reporting what was found so far", err=True)
+        report = exc.report
     except KeyboardInterrupt:
         typer.echo("nanprobe: interrupted", err=True)
         raise typer.Exit(130)
@@ -98,7 +104,42 @@ def diagnose(
         render.report(report)
     from nanprobe.enums import FailOn
 
+    if report.interrupted:
+        raise typer.Exit(130)
     raise typer.Exit(1 if any(FailOn(fail_on.value).fails(r.status) for r in report.runs) else 0)
+
+
+@app.command("check-data")
+def check_data(
+    config: Path = typer.Argument(..., help="YAML config whose data.path (data.source: file) is scanned."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the JSON result to PATH ('-' for stdout)."),
+    chunk_mb: float = typer.Option(64.0, "--chunk-mb", min=0.001, help="Megabytes read per chunk (bounds memory)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no terminal report (exit code only)."),
+) -> None:
+    """Scan the whole data file for NaN/Inf samples, constant images and values outside data.range."""
+    from nanprobe import render_checks
+    from nanprobe.datacheck import check_data as run_check
+
+    to_stdout = json_out == "-"
+    try:
+        with render_checks.scan_progress(enabled=not quiet) as on_chunk:
+            rep = run_check(config, progress=on_chunk, chunk_mb=chunk_mb)
+    except NanprobeError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("nanprobe: interrupted", err=True)
+        raise typer.Exit(130)
+    if json_out is not None:
+        if to_stdout:
+            typer.echo(rep.to_json())
+        else:
+            try:
+                Path(json_out).write_text(rep.to_json() + "\n", encoding="utf-8")
+            except OSError as exc:
+                _fail(f"--json: cannot write {json_out}: {exc.strerror or exc}")
+    if not quiet and not to_stdout:
+        render_checks.data_report(rep)
+    raise typer.Exit(0 if rep.ok else 1)
 
 
 def main() -> None:

@@ -267,20 +267,20 @@ def build_run(trace: Trace, found: dict, context: dict) -> RunReport:
         notes=tuple(notes))
 
 
-def fix_settings(config: Config, init_ratios: dict, device: str) -> dict:
+def fix_settings(config: Config, init_ratios: dict, device: str, init_checks: tuple = ()) -> dict:
     t, loss = config.train, config.loss
     return {"loss_kind": "custom" if loss.step else loss.kind, "gp_fp32": loss.gp_precision == "fp32",
             "grad_scaler": t.grad_scaler, "grad_clip": t.grad_clip, "optimizer": t.optimizer, "eps": t.eps,
-            "lr": t.lr, "init_ratios": init_ratios, "device": device,
+            "lr": t.lr, "init_ratios": init_ratios, "device": device, "init_checks": init_checks,
             "fp32_modules": tuple(config.precision.fp32_modules)}
 
 
 def analyse(config: Config, traces: dict[Precision, Trace], requested: tuple[Precision, ...],
-            init_ratios: dict, device: str) -> tuple[RunReport, ...]:
+            init_ratios: dict, device: str, init_checks: tuple = ()) -> tuple[RunReport, ...]:
     """RunReports for the requested precisions (fp32 is the reference whether requested or not)."""
     ref = traces[Precision.FP32]
     found = {p: analyse_trace(t, ref) for p, t in traces.items()}
     context = {"fp32_status": found[Precision.FP32]["status"],
                "statuses": {p: f["status"] for p, f in found.items()},
-               "fix_settings": fix_settings(config, init_ratios, device)}
+               "fix_settings": fix_settings(config, init_ratios, device, init_checks)}
     return tuple(build_run(traces[p], found[p], context) for p in requested)

@@ -78,3 +78,11 @@ class FailOn(str, Enum):
     def fails(self, status: Status) -> bool:
         threshold = {"nan": 3, "overflow": 2, "underflow": 1}[self.value]
         return status.severity >= threshold
+
+
+class DataProblem(str, Enum):
+    """What `check-data` can find in a data file."""
+
+    NONFINITE = "non-finite"  # a sample holds NaN or Inf
+    CONSTANT = "constant"  # every value of a sample is the same: zero variance
+    RANGE = "range"  # values outside data.range, or a different range than the config's

@@ -18,3 +18,11 @@ class UserCodeError(NanprobeError):
 
 class DeviceError(NanprobeError):
     """The requested device or dtype is not available here."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a replay; `report` holds what was found so far (None before fp32 finished)."""
+
+    def __init__(self, report=None):
+        super().__init__("interrupted")
+        self.report = report

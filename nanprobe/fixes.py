@@ -13,6 +13,9 @@ from nanprobe.enums import FindingKind, Mode, Phase, Precision, Status
 from nanprobe.report import Finding, FixSuggestion
 
 INIT_FACTOR = 8.0  # weight std this many times the He value (or 1/this) counts as bad initialisation
+# Below the He value, flagging starts lower: DCGAN's N(0, 0.02) puts an RGB input conv ~10x below He
+# and trains fine, while 8x above He already overflows fp16 within a few layers.
+INIT_SMALL_FACTOR = 16.0
 _NORM_NODES = ("SqrtBackward0", "LinalgVectorNormBackward0", "NormBackward1", "PowBackward0", "RsqrtBackward0")
 _PRECISION_FIXES = frozenset({"gp-fp32", "gp-scaled", "grad-scaler", "bf16", "fp32-module", "master-weights"})
 
@@ -53,6 +56,8 @@ class FixContext:
     """Learning rate."""
     init_ratios: dict = field(default_factory=dict)
     """Module path -> weight std / He std."""
+    init_checks: tuple = ()
+    """initialisation.InitCheck per weight layer (for the init fix's module, numbers and call)."""
     device: str = "cuda"
     """Device type for snippets."""
     fp32_modules: tuple = ()
@@ -202,13 +207,16 @@ def _logits(c: FixContext) -> float:
 
 
 CATALOGUE: tuple[Fix, ...] = (
-    Fix("data", "Clean the data: drop non-finite samples and normalise",
-        "A NaN or Inf in the batch, or a constant image divided by its zero range, poisons every op after it "
-        "in every precision; no change to the model helps.",
+    Fix("data", "Clean the data: drop non-finite and constant samples, and normalise to data.range",
+        "A NaN or Inf in the batch, or a constant image divided by its zero std (per-image normalisation), "
+        "poisons every op after it in every precision; data outside the range the model expects (0..255 "
+        "where [-1, 1] is expected) scales every activation up to 255x. No change to the model helps.",
         "x = torch.as_tensor(batch).float()\n"
-        "bad = ~torch.isfinite(x).flatten(1).all(1)   # bad samples here: {bad_samples}\n"
-        "x = x[~bad]\n"
-        "# and bring it to the range the model expects, e.g. x / 127.5 - 1 for uint8 images",
+        "flat = x.flatten(1)\n"
+        "bad = ~torch.isfinite(flat).all(1)           # non-finite samples: {bad_samples}\n"
+        "constant = flat.amax(1) == flat.amin(1)      # constant images: {constant_samples}\n"
+        "x = x[~(bad | constant)]\n"
+        "{normalise}",
         None, _data),
     Fix("logits-loss", "Use a logits loss (softplus) instead of log(sigmoid(x))",
         "sigmoid(x) rounds to exactly 0 or 1 in low precision for |x| above ~17 (fp16), so log gives -inf "
@@ -220,12 +228,15 @@ CATALOGUE: tuple[Fix, ...] = (
     Fix("init", "Re-initialise the weights at the Glorot/He scale",
         "Weights far above the He scale multiply activations at every layer, so they leave the range of "
         "{low} within a few layers.",
+        "# {init_module}: weight std {init_std}, He value {init_he} ({init_ratio}x)\n"
+        "{init_call}\n"
+        "# off the He scale: {init_flagged}; or re-initialise every layer:\n"
         "def init_weights(m):\n"
         "    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):\n"
         "        nn.init.kaiming_normal_(m.weight, a=0.2, nonlinearity=\"leaky_relu\")  # He init for LeakyReLU(0.2)\n"
         "        if m.bias is not None:\n"
         "            nn.init.zeros_(m.bias)\n\n"
-        "critic.apply(init_weights)   # {init_module}: weight std is {init_ratio}x the He value",
+        "critic.apply(init_weights)",
         Apply((("model.init", "he"),)), _init),
     Fix("adam-eps", "Use an eps that survives the dtype (1e-4 in fp16)",
         "eps={eps} rounds to 0 in {low}, so m / (sqrt(v) + eps) divides by zero wherever v is 0 or tiny.",
@@ -321,6 +332,12 @@ def _vars(c: FixContext) -> dict:
     parts = module.split(".")
     attr = parts[0] + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in parts[1:])
     init_module, init_ratio = c.worst_init()
+    # The layer where the finding is, when it is off the He scale itself; else the worst one.
+    at_issue = next((i for i in c.init_checks if i.flagged and c.issue is not None and i.module == c.issue.module), None)
+    if at_issue is not None:
+        init_module, init_ratio = at_issue.module, at_issue.ratio
+    worst = next((i for i in c.init_checks if i.module == init_module), None)
+    flagged = [f"{i.module} ({i.ratio:.3g}x)" for i in c.init_checks if i.flagged]
     bad = c.issue.numbers.get("bad_samples") if c.issue is not None else None
     return {
         "low": low.value, "dtype": {"fp16": "float16", "bf16": "bfloat16"}[low.value],
@@ -329,6 +346,10 @@ def _vars(c: FixContext) -> dict:
         "opt_class": {"adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "sgd": "SGD"}[c.optimizer],
         "init_module": init_module or "critic", "init_ratio": f"{init_ratio:.3g}",
         "bad_samples": ", ".join(map(str, bad)) if bad else "see the report",
+        "constant_samples": "see nanprobe check-data", "normalise": _NORMALISE,
+        "init_std": f"{worst.std:.3g}" if worst else "?", "init_he": f"{worst.he:.3g}" if worst else "?",
+        "init_call": worst.call if worst else "nn.init.kaiming_normal_(layer.weight, a=0.2)",
+        "init_flagged": ", ".join(flagged[:6]) + (f" and {len(flagged) - 6} more" if len(flagged) > 6 else "") or "none",
     }
 
 
@@ -363,6 +384,17 @@ def _yaml(v) -> str:
 def describe(changes: dict) -> str | None:
     """The overrides as the config lines a user would write ("loss.gp_precision: fp32")."""
     return "; ".join(f"{k}: {_yaml(v)}" for k, v in changes.items()) or None
+
+
+_NORMALISE = "# then bring x to data.range (x / 127.5 - 1 maps uint8 to [-1, 1])"
+
+
+def adapt(fix_id: str, **values: str) -> FixSuggestion:
+    """A catalogue entry with its placeholders filled from `values` (outside a replay, e.g. check-data)."""
+    fix = REGISTRY[fix_id]
+    v = {"normalise": _NORMALISE, **values}
+    return FixSuggestion(fix.id, fix.title.format(**v), fix.why.format(**v), fix.snippet.format(**v),
+                         None)
 
 
 def rank(c: FixContext, limit: int = 5) -> tuple[FixSuggestion, ...]:

@@ -66,9 +66,6 @@ def user_error(what: str, exc: BaseException, files: tuple) -> UserCodeError:
     return UserCodeError(f"{what} raised {type(exc).__name__}: {msg} ({_user_frame(exc, files)})")
 
 
-_module_cache: dict[str, Any] = {}
-
-
 def _exists(path: Path, key: str) -> bool:
     try:
         return path.exists()
@@ -102,6 +99,9 @@ def _import_file(path: Path, key: str):
     except Exception as exc:
         sys.modules.pop(name, None)
         raise user_error(f"importing {path.name}", exc, (str(path),)) from None
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)  # the process's imports are the user's, not nanprobe's, after this
     return module
 
 

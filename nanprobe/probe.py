@@ -29,6 +29,15 @@ _NO_VALUES = frozenset({
     "aten.set_.source_Storage_storage_offset", "aten.set_.source_Tensor", "aten.lift_fresh.default",
     "aten.detach.default", "aten.alias.default", "aten._to_copy_noop",
 })
+# Ops that fill their output with one value: where the value sits in the arguments (None: fixed value).
+_CONSTANT = {
+    "aten.zeros_like.default": 0.0, "aten.zeros.default": 0.0, "aten.new_zeros.default": 0.0,
+    "aten.zero_.default": 0.0, "aten.ones_like.default": 1.0, "aten.ones.default": 1.0,
+    "aten.new_ones.default": 1.0, "aten.full.default": 1, "aten.full_like.default": 1,
+    "aten.fill_.Scalar": 1, "aten.new_full.default": 2,
+}
+# Ops whose output holds their (first) input's values when the dtype is kept: the row is copied, not measured.
+_COPIES = frozenset({"aten.clone.default", "aten._to_copy.default", "aten.copy_.default"})
 
 
 @dataclass(slots=True)
@@ -158,8 +167,20 @@ def _tensors(values):
 
 @dataclass
 class _StepBuffer:
+    """Device-side rows waiting for the step's one host transfer."""
+
     pending_idx: list = field(default_factory=list)
     pending_rows: list = field(default_factory=list)
+    position: dict = field(default_factory=dict)
+
+    def add(self, idx: int, row: torch.Tensor) -> None:
+        self.position[idx] = len(self.pending_rows)
+        self.pending_idx.append(idx)
+        self.pending_rows.append(row)
+
+    def pending(self, idx: int) -> torch.Tensor | None:
+        pos = self.position.get(idx)
+        return None if pos is None else self.pending_rows[pos]
 
 
 class OpProbe:
@@ -260,7 +281,8 @@ class OpProbe:
         idx = len(self.events)
         self.events.append(OpEvent(idx, self.step, self.attempt, self.phase, module, op, source, None,
                                    str(tensor.dtype).replace("torch.", ""), tuple(tensor.shape), (), info=info))
-        self._stat(idx, [tensor])
+        with self.paused():  # called from outside the mode: the statistics' own ops must not be recorded
+            self._stat(idx, [tensor])
         self._producer[tensor] = idx
 
     def _tag_of_node(self, node) -> tuple:
@@ -320,18 +342,55 @@ class OpProbe:
         idx = len(self.events)
         self.events.append(OpEvent(idx, self.step, self.attempt, phase, module, name, source, node_name,
                                    str(outs[0].dtype).replace("torch.", ""), tuple(outs[0].shape), tuple(prods), param))
-        self._stat(idx, outs)
+        if not self._known_row(idx, name, args, inputs, outs):
+            self._stat(idx, outs)
         for t in outs:
             producer[t] = idx
             if param is not None and phase is Phase.OPTIMIZER:
                 self._param_of[id(t)] = param
 
+    def _known_row(self, idx: int, name: str, args, inputs: list, outs: list) -> bool:
+        """Fill the row without reading the output when the op's values are known: a fill or a copy."""
+        if len(outs) != 1:
+            return False
+        out = outs[0]
+        where = _CONSTANT.get(name)
+        if where is not None:
+            value = where if isinstance(where, float) else (args[where] if len(args) > where else None)
+            if not isinstance(value, (int, float)):
+                return False
+            # The value as the output dtype holds it: 1e5 is inf in fp16, 1e-8 is 0.
+            value = torch.tensor(value, dtype=out.dtype).item() if out.dtype != torch.float64 else float(value)
+            row = st.constant_row(value, out.numel(), out.dtype)
+            if self._on_device_for(out):
+                self._buf.add(idx, torch.tensor(row, dtype=torch.float64, device=out.device))
+            else:
+                self.events[idx].row = row
+            return True
+        if name in _COPIES:
+            src_t = inputs[-1] if name == "aten.copy_.default" else (inputs[0] if inputs else None)
+            if src_t is None or src_t.dtype != out.dtype or src_t.numel() != out.numel():
+                return False
+            src = self._producer.get(src_t)
+            if src is None:
+                return False
+            row = self.events[src].row if self.events[src].row is not None else self._buf.pending(src)
+            if row is None:
+                return False
+            if isinstance(row, list):
+                self.events[idx].row = list(row)
+            else:
+                self._buf.add(idx, row)
+            return True
+        return False
+
+    def _on_device_for(self, t: torch.Tensor) -> bool:
+        return self._on_device if self._on_device is not None else t.device.type != "cpu"
+
     def _stat(self, idx: int, outs: list) -> None:
-        on_device = self._on_device if self._on_device is not None else outs[0].device.type != "cpu"
-        if on_device:
+        if self._on_device_for(outs[0]):
             rows = [st.device_row(t) for t in outs]
-            self._buf.pending_idx.append(idx)
-            self._buf.pending_rows.append(rows[0] if len(rows) == 1 else _merge_device(rows))
+            self._buf.add(idx, rows[0] if len(rows) == 1 else _merge_device(rows))
         else:
             self.events[idx].row = st.merge([st.host_row(t) for t in outs])
 

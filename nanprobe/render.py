@@ -143,8 +143,14 @@ def report(rep: Report, console: Console | None = None) -> None:
     console = console or Console()
     console.print(Text.assemble(("nanprobe diagnose ", "bold"), rep.config or "", (f"  ({rep.device}, torch {rep.torch})", "dim")))
     console.print(_summary_table(rep))
+    if rep.interrupted:
+        console.print(Text(rep.interrupted, style="bold yellow"))
     bad = [r for r in rep.runs if r.status is not Status.OK]
     for run in bad:
         console.print(_run_panel(run))
     if not bad:
         console.print(Text("No underflow, overflow or NaN in any precision.", style="bold green"))
+    from nanprobe import render_checks
+
+    render_checks.data_note(rep.data, console)
+    render_checks.init_table(rep.init, console)

@@ -99,6 +99,15 @@ def _batch(config: Config, loaded: Loaded, step: int, probe: OpProbe | None) -> 
     return raw
 
 
+def first_batch(config: Config, loaded: Loaded) -> torch.Tensor:
+    """The real batch of step 0 as the replays see it (fp32, CPU), outside any probe."""
+    rng = torch.get_rng_state()
+    try:
+        return _batch(config, loaded, 0, None)
+    finally:
+        torch.set_rng_state(rng)  # synthetic data draws from the global generator
+
+
 def _scalar(value, what: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
         return value.reshape(())
@@ -168,11 +177,20 @@ class _Replay:
         with ctx, fp32_modules.outside_autocast(self.fp32, self.device.type, self.model_dtype if self.half else None):
             if self.probe is not None:
                 self.probe.name_params(self.params)
-            for step in range(self.config.train.steps):
-                if self.progress:
-                    self.progress(self.precision, step, self.config.train.steps)
-                if not self._step(step):
-                    break
+            step = 0
+            try:
+                for step in range(self.config.train.steps):
+                    if self.progress:
+                        self.progress(self.precision, step, self.config.train.steps)
+                    if not self._step(step):
+                        break
+            except KeyboardInterrupt as exc:
+                # Keep what this replay recorded so the caller can report it.
+                if self.probe is not None:
+                    self.probe.fetch()
+                self.trace.stopped = f"interrupted (Ctrl-C) during step {step}"
+                exc.trace = self.trace
+                raise
         return self.trace
 
     def _inputs(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -5,8 +5,13 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from nanprobe.enums import FindingKind, Mode, Phase, Precision, Status
+
+if TYPE_CHECKING:
+    from nanprobe.datacheck import DataReport
+    from nanprobe.initialisation import InitCheck
 
 SCHEMA = 1
 
@@ -157,15 +162,24 @@ class Report:
     """One per precision, fp32 first."""
     settings: dict = field(default_factory=dict)
     """The config as replayed (after overrides)."""
+    interrupted: str | None = None
+    """Set when Ctrl-C stopped the replays: the runs hold what was found so far."""
     schema: int = SCHEMA
     """JSON schema version."""
+    data: "DataReport | None" = None
+    """The data check of the samples the replays used (None for synthetic data)."""
+    init: "tuple[InitCheck, ...]" = ()
+    """Initialisation of each critic weight layer: std against Glorot/He, output scale on the first batch."""
 
     @property
     def worst(self) -> Status:
         return max((r.status for r in self.runs), key=lambda s: s.severity, default=Status.OK)
 
     def to_dict(self) -> dict:
-        return _plain(asdict(self))
+        d = _plain(asdict(self))
+        if self.data is not None:
+            d["data"] = self.data.to_dict()
+        return d
 
     def to_json(self, indent: int | None = 2) -> str:
         d = self.to_dict()

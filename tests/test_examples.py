@@ -5,9 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 import nanprobe
+from nanprobe import render
 from nanprobe.cli import app
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -150,3 +152,31 @@ def test_cli_terminal_report_shows_culprit_and_fix(tmp_path):
     text = result.output
     assert "overflow" in text and "critic.net.6" in text and "fix: fp32-module" in text
     assert json.loads(out.read_text())["runs"][1]["first_issue"]["module"] == "critic.net.6"
+
+
+def test_bad_init_names_the_layers_off_the_he_scale_and_the_init_call():
+    report = report_for("bad_init")
+    flagged = [c.module for c in report.init if c.flagged]
+    assert flagged[:2] == ["critic.net.2", "critic.net.4"] and "critic.net.6" in flagged
+    layer = next(c for c in report.init if c.module == "critic.net.6")
+    assert layer.ratio > 8 and layer.nonlinearity == "leaky_relu(0.2)" and layer.output_std > 1e4  # near fp16's max
+    fp16 = next(r for r in report.runs if r.precision.value == "fp16")
+    fix = fp16.fixes[0]
+    assert fix.id == "init" and fp16.first_issue.module == "critic.net.6"
+    assert "nn.init.kaiming_normal_(critic.net[6].weight, a=0.2)" in fix.snippet
+    assert f"critic.net.6: weight std {layer.std:.3g}, He value {layer.he:.3g} ({layer.ratio:.3g}x)" in fix.snippet
+    doc = json.loads(report.to_json())
+    assert [c["module"] for c in doc["init"] if c["flagged"]] == flagged
+    assert {"std", "he", "glorot", "ratio", "output_std", "call"} <= set(doc["init"][0])
+    console = Console(record=True, width=100)
+    render.report(report, console)
+    text = console.export_text()
+    assert "initialisation: weight std against He" in text and "critic.net.12" in text
+
+
+def test_healthy_and_corrupt_examples_data_and_init_checks():
+    healthy = report_for("healthy_dcgan")
+    assert healthy.data is None and healthy.init and not any(c.flagged for c in healthy.init)
+    corrupt = report_for("corrupt_data")
+    assert corrupt.data.nonfinite.indices == (5,) and corrupt.data.scope == "replayed"
+    assert json.loads(corrupt.to_json())["data"]["problems"] == ["non-finite"]

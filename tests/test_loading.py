@@ -324,3 +324,21 @@ def test_api_error_classes(tmp_path):
             nanprobe.diagnose(make(tmp_path), device="cuda")
     assert all(issubclass(e, nanprobe.NanprobeError) and e.exit_code == 2
                for e in (ConfigError, UserCodeError, DeviceError))
+
+
+def test_user_folder_leaves_sys_path_after_import(tmp_path):
+    import sys
+
+    from nanprobe import config as cfg
+    from nanprobe import loading
+
+    (tmp_path / "helper_mod.py").write_text("SCALE = 2\n")
+    (tmp_path / "mine.py").write_text(
+        "import torch\nimport helper_mod\n\n"
+        "class C(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.l = torch.nn.Linear(4, helper_mod.SCALE - 1)\n"
+        "    def forward(self, x):\n        return self.l(x.flatten(1))\n")
+    config = cfg.from_dict({"model": {"critic": "mine.py:C"}, "data": {"shape": [4]}}, base_dir=tmp_path)
+    loaded = loading.load(config)
+    assert str(tmp_path.resolve()) not in sys.path
+    assert loaded.critic.l.out_features == 1  # its neighbour was importable while it loaded

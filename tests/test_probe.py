@@ -71,3 +71,30 @@ def test_paused_records_nothing_and_stats_are_per_op():
     row = probe.events[0].row
     assert row[0] == 3 and row[1] == 3.0 and row[3] == 1
     assert y.shape == (3,)
+
+
+def test_fills_and_copies_get_the_rows_measuring_would_give():
+    from nanprobe import stats as st
+
+    with OpProbe({}) as probe:
+        torch.zeros_like(torch.ones(6))
+        torch.full((4,), 1e-9, dtype=torch.float16)  # 1e-9 is 0 in fp16
+        x = torch.tensor([0.0, 2.0, -1e-40, 3.0]) * 1.0
+        x.clone()
+        torch.empty(4).copy_(x)
+    by_op = {}
+    for e in probe.events:
+        by_op.setdefault(e.op, e)
+    assert by_op["aten.zeros_like.default"].row == st.device_row(torch.zeros(6)).tolist()
+    assert by_op["aten.full.default"].row[st.ZEROS] == 4
+    measured = by_op["aten.mul.Tensor"].row
+    assert by_op["aten.clone.default"].row == measured
+    assert by_op["aten.copy_.default"].row == measured
+    assert measured[st.ZEROS] == 1 and measured[st.SUBNORMAL] == 1
+
+
+def test_observe_records_one_event_and_not_its_own_statistics():
+    with OpProbe({}) as probe:
+        probe.observe(torch.tensor([0.0, 255.0, 1e-40]), "load", module="data")
+    assert [e.op for e in probe.events] == ["load"]
+    assert probe.events[0].row[3] == 1  # one zero
