@@ -23,6 +23,7 @@ FULL_DOC = {
         "generator_args": {"latent_dim": 16},
         "latent_dim": [16, 1, 1],
         "checkpoint": "ckpt/critic.pt",
+        "init": "he",
     },
     "data": {
         "source": "file",
@@ -48,7 +49,7 @@ FULL_DOC = {
         "grad_scaler": True,
         "grad_clip": 1.5,
     },
-    "precision": {"mode": "half", "dtypes": ["fp16", "bf16"]},
+    "precision": {"mode": "half", "dtypes": ["fp16", "bf16"], "fp32_modules": ["critic.net.2"]},
     "device": "cpu",
     "seed": 7,
 }
@@ -79,7 +80,8 @@ def test_load_full_config(tmp_path):
     assert c.data == cfg.DataConfig("file", Path("data/real.npy"), (3, 8, 8), (0.0, 1.0), 2)
     assert c.loss == cfg.LossConfig("r1", 5.0, "fp32", "vector_norm", "steps.py:critic_step")
     assert c.train == cfg.TrainConfig("adamw", 2e-4, (0.5, 0.99), 1e-6, 0.01, 3, True, 1.5)
-    assert c.precision == cfg.PrecisionConfig(Mode.HALF, (Precision.FP16, Precision.BF16))
+    assert c.model.init == "he"
+    assert c.precision == cfg.PrecisionConfig(Mode.HALF, (Precision.FP16, Precision.BF16), ("critic.net.2",))
     assert c.device == "cpu"
     assert c.seed == 7
 
