@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "DeviceError", "Interrupted", "NanprobeError", "UserCodeError",
     "Config", "Report", "OpProbe", "diagnose", "load_config", "check_data", "DataReport", "__version__",
+    "Comparison", "compare_precisions",
 ]
 
 _LAZY = {
@@ -22,6 +23,8 @@ _LAZY = {
     # From datacheck, not api: scanning a .npy file needs no torch import (and no torch memory).
     "check_data": ("nanprobe.datacheck", "check_data"),
     "DataReport": ("nanprobe.datacheck", "DataReport"),
+    "Comparison": ("nanprobe.comparison", "Comparison"),
+    "compare_precisions": ("nanprobe.api", "compare_precisions"),
 }
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -14,8 +14,10 @@ from nanprobe.errors import Interrupted
 from nanprobe.initialisation import he_ratios, reinitialise
 from nanprobe.report import Report
 
-check_data = datacheck.check_data  # the whole data file, chunk by chunk (also nanprobe.check_data)
+if TYPE_CHECKING:
+    from nanprobe.comparison import Comparison
 
+check_data = datacheck.check_data  # the whole data file, chunk by chunk (also nanprobe.check_data)
 
 def _config(config_or_path, overrides: dict) -> cfg.Config:
     config = config_or_path if isinstance(config_or_path, cfg.Config) else cfg.load(Path(config_or_path))
@@ -79,6 +81,26 @@ def diagnose(config_or_path: "cfg.Config | str | Path", progress: Callable | Non
 def _report(config: cfg.Config, device: torch.device, runs: tuple, **extra) -> Report:
     return Report(config=str(config.source) if config.source else None, device=_device_name(device),
                   torch=torch.__version__, runs=runs, settings=cfg.to_dict(config), **extra)
+
+
+def compare_precisions(config_or_path: "cfg.Config | str | Path", progress: Callable | None = None,
+                       **overrides) -> "Comparison":
+    """Replay fp32 and the low precisions on the same steps and compare them op by op, per module.
+
+    The low precisions are those in precision.dtypes (fp16 and bf16 when it lists none); overrides
+    as for `diagnose`, e.g. dtypes=["fp16"], steps=2. Raises nanprobe.ConfigError (or UserCodeError,
+    DeviceError) on bad input.
+    """
+    from nanprobe.comparison import compare
+
+    config = _config(config_or_path, overrides)
+    low = tuple(p for p in config.precision.dtypes if p.is_low) or (Precision.FP16, Precision.BF16)
+    device = replay.resolve_device(config.device)
+    for p in low:
+        replay.check_dtype(device, p, config.precision.mode)
+    loaded = loading.load(config)
+    return compare(config, loaded, device, (Precision.FP32,) + low, he_ratios(loaded.critic), _device_name(device),
+                   progress=progress)
 
 
 def _device_name(device: torch.device) -> str:

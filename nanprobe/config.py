@@ -82,8 +82,8 @@ class TrainConfig:
     """Optimizer eps (Adam, AdamW, RMSprop)."""
     weight_decay: float = 0.0
     """Weight decay."""
-    steps: int = 1
-    """Critic steps replayed per precision."""
+    steps: int = 5
+    """Critic steps replayed per precision (5: the usual n_critic per generator step)."""
     grad_scaler: bool = False
     """Dynamic loss scaling (torch.amp.GradScaler), with the AMP gradient-penalty recipe."""
     grad_clip: float | None = None

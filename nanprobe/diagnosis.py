@@ -21,7 +21,7 @@ from nanprobe.config import Config
 from nanprobe.enums import FindingKind, Phase, Precision, Status
 from nanprobe.probe import OpEvent
 from nanprobe.replay import Trace
-from nanprobe.report import ChainLink, Finding, RunReport, SkippedAttempt
+from nanprobe.report import ChainLink, Finding, LostUpdates, RunReport, SkippedAttempt
 from nanprobe.stats import TensorStats
 
 UNDERFLOW_SHARE = 0.05
@@ -30,6 +30,10 @@ UNDERFLOW_RANGE = 2.0
 """The fp32 reference's smallest non-zero |x| must be below this many smallest normals of the low dtype."""
 CHAIN_MAX = 8
 """Longer chains keep their first three and last four links."""
+LOST_UPDATE_SHARE = 0.25
+"""Share of a parameter's moving elements left unchanged by the optimizer step that makes an underflow finding."""
+SCALE_FLOOR = 1.0
+"""A GradScaler scale below this shrinks gradients instead of protecting them: the scale has collapsed."""
 
 _LOW_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # Why some backward nodes make inf or NaN from finite inputs.
@@ -41,6 +45,7 @@ _NODE_WHY = {
     "PowBackward0": "a fractional power has an infinite derivative at 0",
     "ReciprocalBackward0": "d (1/x)/dx is infinite at x = 0",
 }
+_DIVIDING = frozenset({"div", "div_", "addcdiv", "addcdiv_"})
 _ADDITIVE = frozenset({"add", "add_", "sub", "sub_", "rsub", "sum", "mean", "addcmul", "addcmul_", "lerp", "lerp_"})
 
 
@@ -64,6 +69,14 @@ def _aligned(events: list[OpEvent], ref: dict[tuple, OpEvent]) -> dict[int, OpEv
         if hit is not None and hit.shape == e.shape:
             out[e.index] = hit
     return out
+
+
+def align(events: list[OpEvent], ref_events: list[OpEvent]) -> dict[int, OpEvent]:
+    """The fp32 op each recorded low-precision op lines up with, by the low op's index (skipped attempts left out)."""
+    def live(evs):
+        return [e for e in evs if not e.skipped and e.row is not None]
+
+    return _aligned(live(events), _key_events(live(ref_events)))
 
 
 def _fmt(x: float | None) -> str:
@@ -103,6 +116,11 @@ def _inputs(e: OpEvent, by_index: list[OpEvent]) -> tuple[bool, bool, float]:
     return nan, inf, mx
 
 
+def cancelled(e: OpEvent, ref: OpEvent, events: list[OpEvent], eps: float) -> bool:
+    """A sum or difference whose fp32 result is below eps times its inputs: cancellation, not precision loss."""
+    return e.op.split(".")[1] in _ADDITIVE and ref.row[st.MAX_ABS] < eps * _inputs(e, events)[2]
+
+
 def _describe_nonfinite(e: OpEvent, in_nan: bool, in_inf: bool, in_max: float) -> str:
     r = e.row
     parts = []
@@ -123,6 +141,8 @@ def _describe_nonfinite(e: OpEvent, in_nan: bool, in_inf: bool, in_max: float) -
         src = "the data as loaded" if e.phase is Phase.DATA else "no recorded inputs"
     dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(e.dtype)
     why = _NODE_WHY.get(e.node or "")
+    if why is None and e.phase is Phase.OPTIMIZER and e.op.split(".")[1] in _DIVIDING and not (in_nan or in_inf):
+        why = "the optimizer divides by sqrt(v) + eps, which is 0 where v is 0 unless eps survives " + e.dtype
     if why is None and dt is not None and (r[st.POSINF] or r[st.NEGINF]) and not (in_nan or in_inf):
         why = f"{e.dtype} max is {torch.finfo(dt).max:.6g}"
     node = f" in {e.node}" if e.node else ""
@@ -141,7 +161,19 @@ def _numbers(e: OpEvent, ref: OpEvent | None, by_index: list[OpEvent], share: fl
 
 
 def _finding(e: OpEvent, kind: FindingKind | None, detail: str, numbers: dict) -> Finding:
-    return Finding(kind, e.op, e.module, e.phase, e.step, e.source, detail, e.node, e.dtype, numbers, e.index)
+    return Finding(kind, e.op, e.module, e.phase, e.step, e.source, detail, e.node, e.dtype, numbers, e.index, e.param)
+
+
+def _lost_update(e: OpEvent) -> tuple[float, str] | None:
+    """An optimizer write that left too many of its weights unchanged (the update was rounded away)."""
+    lost = (e.info or {}).get("lost_updates")
+    if lost is None or e.dtype not in _LOW_DTYPES or lost["share"] < LOST_UPDATE_SHARE:
+        return None
+    eps = torch.finfo(_LOW_DTYPES[e.dtype]).eps
+    detail = (f"the update of {lost['lost']} of {lost['elements']} elements of {lost['param']} ({lost['share']:.0%}) "
+              f"was lost: below half an ulp of the {e.dtype} weight ({eps / 4:.2g} to {eps / 2:.2g} of |w|), "
+              f"so w + update == w")
+    return lost["share"], detail
 
 
 def _chain(first: OpEvent, last: OpEvent, by_index: list[OpEvent]) -> list[OpEvent]:
@@ -190,6 +222,7 @@ def analyse_trace(trace: Trace, ref: Trace | None) -> dict:
     first_issue = first_nonfinite = None
     worst = Status.OK
     count = 0
+    kinds: dict[FindingKind, int] = defaultdict(int)
     for e in live:
         in_nan, in_inf, in_max = _inputs(e, by_index)
         kind, detail, share = None, "", None
@@ -197,6 +230,9 @@ def analyse_trace(trace: Trace, ref: Trace | None) -> dict:
             kind = FindingKind.NAN
         elif e.has_inf and not in_inf and not in_nan:
             kind = FindingKind.OVERFLOW
+        elif e.phase is Phase.OPTIMIZER and not (e.has_nan or e.has_inf) and _lost_update(e) is not None:
+            kind = FindingKind.UNDERFLOW
+            share, detail = _lost_update(e)
         elif e.index in aligned and not (e.has_nan or e.has_inf):
             hit = _underflow(e, aligned[e.index], in_max)
             if hit is not None:
@@ -206,28 +242,115 @@ def analyse_trace(trace: Trace, ref: Trace | None) -> dict:
             detail = _describe_nonfinite(e, in_nan, in_inf, in_max)
         if kind is not None:
             count += 1
+            kinds[kind] += 1
             if Status.of(kind).severity > worst.severity:
                 worst = Status.of(kind)
             if first_issue is None:
                 first_issue = (e, kind, detail, share)
         if first_nonfinite is None and (e.has_nan or e.has_inf):
             first_nonfinite = (e, in_nan, in_inf, in_max)
+    collapse = scale_collapse(trace)
+    if collapse is not None and Status.of(collapse.kind).severity > worst.severity:
+        worst = Status.of(collapse.kind)
     return {"issue": first_issue, "nonfinite": first_nonfinite, "status": worst, "count": count,
-            "aligned": aligned, "ops": len(live)}
+            "kinds": dict(kinds), "aligned": aligned, "ops": len(live), "collapse": collapse}
+
+
+def _first_bad(trace: Trace, step: int, attempt: int | None) -> OpEvent | None:
+    """The first op making inf or NaN in a skipped attempt, or (attempt None) in the step's final attempt."""
+    for e in trace.events:
+        if e.step != step or e.row is None or not (e.has_inf or e.has_nan):
+            continue
+        if (e.skipped and e.attempt == attempt) if attempt is not None else (not e.skipped and e.attempt >= 0):
+            return e
+    return None
+
+
+def _cause(e: OpEvent, events: list[OpEvent]) -> Finding:
+    in_nan, in_inf, in_max = _inputs(e, events)
+    kind = FindingKind.OVERFLOW if e.has_inf else FindingKind.NAN
+    return _finding(e, kind, _describe_nonfinite(e, in_nan, in_inf, in_max), {})
 
 
 def _skips(trace: Trace) -> tuple[SkippedAttempt, ...]:
     out = []
     for step, attempt, scale in trace.skipped:
-        cause = None
-        for e in trace.events:
-            if e.skipped and e.step == step and e.attempt == attempt and e.row is not None and (e.has_inf or e.has_nan):
-                in_nan, in_inf, in_max = _inputs(e, trace.events)
-                cause = _finding(e, FindingKind.OVERFLOW if e.has_inf else FindingKind.NAN,
-                                 _describe_nonfinite(e, in_nan, in_inf, in_max), {})
-                break
-        out.append(SkippedAttempt(step, scale, cause))
+        e = _first_bad(trace, step, attempt)
+        out.append(SkippedAttempt(step, scale, _cause(e, trace.events) if e is not None else None))
     return tuple(out)
+
+
+def scale_collapse(trace: Trace) -> Finding | None:
+    """The op that keeps making inf while GradScaler's scale falls (apex#654), or None when scaling recovers.
+
+    One skipped first step is the scaler finding its level. It has collapsed when a step is still skipped
+    after every retry, when every replayed step (two or more) needed a skip, or when the scale fell below
+    SCALE_FLOOR.
+    """
+    metrics = trace.metrics
+    if not metrics or metrics[0].scale is None:
+        return None
+    persistent = [m.step for m in metrics if m.skipped]
+    skip_steps = {s for s, _, _ in trace.skipped} | set(persistent)
+    tried = [sc for _, _, sc in trace.skipped] + [m.scale for m in metrics]
+    every = len(metrics) >= 2 and len(skip_steps) == len(metrics)
+    if not (persistent or every or min(tried) < SCALE_FLOOR):
+        return None
+    bad = [_first_bad(trace, s, a) for s, a, _ in trace.skipped] + [_first_bad(trace, s, None) for s in persistent]
+    bad = [e for e in bad if e is not None]
+    if not bad:
+        return None
+    counts: dict[tuple, list[OpEvent]] = defaultdict(list)
+    for e in bad:
+        counts[(e.phase, e.module, e.source, e.op, e.node)].append(e)
+    events = max(counts.values(), key=len)
+    e = events[0]
+    if e.phase is Phase.DATA:
+        return None  # bad data makes every step non-finite: the data finding says it, not the scaler
+    cause = _cause(e, trace.events)
+    start = trace.skipped[0][2] if trace.skipped else metrics[0].scale
+    never = f"; step(s) {', '.join(map(str, persistent))} never recovered" if persistent else ""
+    what = "NaN" if cause.kind is FindingKind.NAN else "inf"
+    detail = (f"GradScaler skipped {len(bad)} attempt(s) in {len(skip_steps)} of {len(metrics)} step(s){never}; "
+              f"the scale fell from {start:g} to {min(tried):g}. {len(events)} of the {len(bad)} skips came from "
+              f"{e.op.removeprefix('aten.').rsplit('.', 1)[0]}{f' ({e.node})' if e.node else ''} in "
+              f"{e.module or '(outside modules)'} making {what} ({cause.detail}): loss scaling cannot fix an op "
+              f"that overflows at every scale")
+    return Finding(cause.kind, e.op, e.module, e.phase, e.step, e.source, detail, e.node, e.dtype,
+                   {"skipped_attempts": len(bad), "skipped_steps": sorted(skip_steps), "never_recovered": persistent,
+                    "scale_start": start, "scale_lowest": min(tried), "cause_count": len(events)}, e.index, e.param)
+
+
+def unscaled_penalty(trace: Trace) -> Finding | None:
+    """A torch.autograd.grad call on outputs the GradScaler did not scale, in an fp16 run (bf16 needs no scaling)."""
+    if trace.precision is not Precision.FP16 or not trace.unscaled_grads:
+        return None
+    step, source = trace.unscaled_grads[0]
+    calls = sum(1 for s, src in trace.unscaled_grads if src == source)
+    detail = (f"torch.autograd.grad at {source or 'an unknown line'} takes outputs that scaler.scale did not scale "
+              f"({calls} call(s) over the replay): the penalty's input gradient gets no loss scaling, so under fp16 "
+              f"it can flush to zero while the rest of the backward is scaled. Scale the outputs before "
+              f"autograd.grad and multiply the gradients by 1/scale (a custom step receives the scaler as `scaler=`)")
+    return Finding(None, "torch.autograd.grad", "", Phase.INPUT_GRAD, step, source, detail, numbers={"calls": calls})
+
+
+def lost_updates(trace: Trace) -> tuple[LostUpdates, ...]:
+    """Per module, the weights whose update was rounded away, summed over the steps, worst first."""
+    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for counts in trace.lost.values():
+        for name, (moving, unchanged) in counts.items():
+            t = totals[name.rsplit(".", 1)[0]]
+            t[0] += moving
+            t[1] += unchanged
+    dtype = str(trace.precision.torch_dtype).replace("torch.", "")
+    out = [LostUpdates(m, n, k, round(k / n, 4), dtype) for m, (n, k) in totals.items() if k]
+    return tuple(sorted(out, key=lambda x: (-x.share, x.module)))
+
+
+def _growth(metrics: tuple, step: int) -> float:
+    """Weight norm at `step` over the first step's: how far the updates have moved the weights."""
+    norms = {m.step: m.weight_norm for m in metrics if m.weight_norm}
+    return norms[step] / norms[0] if step in norms and 0 in norms else 1.0
 
 
 def build_run(trace: Trace, found: dict, context: dict) -> RunReport:
@@ -247,11 +370,17 @@ def build_run(trace: Trace, found: dict, context: dict) -> RunReport:
             path = _chain(found["issue"][0], e, by_index)
             chain = _shorten([_link(x) for x in path])
     status = found["status"]
+    collapse = found["collapse"]
+    issue = issue or collapse
+    unscaled = unscaled_penalty(trace)
+    first = issue or nonfinite
     fp32_ok = context["fp32_status"] is Status.OK
     chain_nodes = tuple(x.node for x in (by_index[c.index] for c in chain if c.index >= 0) if x.node)
     ctx = fx.FixContext(
         precision=trace.precision, mode=trace.mode, status=status, issue=issue, nonfinite=nonfinite,
-        chain_nodes=chain_nodes, fp32_ok=fp32_ok or not trace.precision.is_low,
+        chain_nodes=chain_nodes, fp32_ok=fp32_ok or not trace.precision.is_low, collapse=collapse,
+        unscaled_penalty=unscaled is not None,
+        weight_growth=_growth(tuple(trace.metrics), first.step) if first is not None else 1.0,
         other={p: s for p, s in context["statuses"].items() if p is not trace.precision},
         **context["fix_settings"])
     notes = []
@@ -264,7 +393,8 @@ def build_run(trace: Trace, found: dict, context: dict) -> RunReport:
         precision_problem=trace.precision.is_low and fp32_ok and status is not Status.OK,
         first_issue=issue, first_nonfinite=nonfinite, chain=chain, fixes=fx.rank(ctx),
         metrics=tuple(trace.metrics), skipped=_skips(trace), ops=found["ops"], findings=found["count"],
-        notes=tuple(notes))
+        notes=tuple(notes), failed_step=first.step if first is not None else None,
+        lost_updates=lost_updates(trace), scale_collapse=collapse, unscaled_penalty=unscaled)
 
 
 def fix_settings(config: Config, init_ratios: dict, device: str, init_checks: tuple = ()) -> dict:

@@ -16,6 +16,8 @@ INIT_FACTOR = 8.0  # weight std this many times the He value (or 1/this) counts 
 # Below the He value, flagging starts lower: DCGAN's N(0, 0.02) puts an RGB input conv ~10x below He
 # and trains fine, while 8x above He already overflows fp16 within a few layers.
 INIT_SMALL_FACTOR = 16.0
+# Weight norm at the failing step over step 0's: the updates blew the weights up (a sane lr moves it well under 1%).
+DIVERGENCE_GROWTH = 1.25
 _NORM_NODES = ("SqrtBackward0", "LinalgVectorNormBackward0", "NormBackward1", "PowBackward0", "RsqrtBackward0")
 _PRECISION_FIXES = frozenset({"gp-fp32", "gp-scaled", "grad-scaler", "bf16", "fp32-module", "master-weights"})
 
@@ -62,12 +64,18 @@ class FixContext:
     """Device type for snippets."""
     fp32_modules: tuple = ()
     """Modules already run in fp32 (precision.fp32_modules)."""
+    collapse: Finding | None = None
+    """The op that kept making inf while GradScaler's scale fell."""
+    unscaled_penalty: bool = False
+    """The step calls torch.autograd.grad on outputs the GradScaler did not scale."""
+    weight_growth: float = 1.0
+    """Weight norm at the failing step over step 0's."""
 
     def phases(self) -> set:
-        return {f.phase for f in (self.issue, self.nonfinite) if f is not None}
+        return {f.phase for f in (self.issue, self.nonfinite, self.collapse) if f is not None}
 
     def kinds(self) -> set:
-        return {f.kind for f in (self.issue, self.nonfinite) if f is not None and f.kind is not None}
+        return {f.kind for f in (self.issue, self.nonfinite, self.collapse) if f is not None and f.kind is not None}
 
     def worst_init(self) -> tuple[str, float]:
         if not self.init_ratios:
@@ -180,7 +188,18 @@ def _lower_lr(c: FixContext) -> float:
     i = c.issue
     if i is None or i.kind is FindingKind.UNDERFLOW or i.step == 0 or i.phase is Phase.DATA:
         return 0.0
-    return 75.0
+    return 97.0 if c.weight_growth >= DIVERGENCE_GROWTH else 75.0
+
+
+def _gp_scaled(c: FixContext) -> float:
+    if c.unscaled_penalty and c.precision is Precision.FP16 and (
+            c.collapse is not None or Phase.INPUT_GRAD in c.phases() or c.status is not Status.OK):
+        return 96.0  # a scaler is on but the penalty bypasses it: the recipe is the fix
+    return _penalty_hit(c) - 4 if _penalty_hit(c) else 0.0
+
+
+def _scale_collapse(c: FixContext) -> float:
+    return 80.0 if c.collapse is not None else 0.0
 
 
 def _init(c: FixContext) -> float:
@@ -274,9 +293,21 @@ CATALOGUE: tuple[Fix, ...] = (
         "grads = scaled * (1.0 / scaler.get_scale())\n"
         "with torch.autocast(\"{device}\", dtype=torch.{dtype}):\n"
         "    gp = lambda_gp * ((grads.flatten(1).norm(2, dim=1) - 1) ** 2).mean()\n"
-        "scaler.scale(loss + gp).backward(); scaler.step(opt); scaler.update()",
-        Apply((("train.grad_scaler", True),), builtin_only=True),
-        lambda c: _penalty_hit(c) - 4 if _penalty_hit(c) else 0.0),
+        "scaler.scale(loss + gp).backward(); scaler.step(opt); scaler.update()\n"
+        "# nanprobe passes its scaler to a custom step that takes one:\n"
+        "# def critic_step(critic, generator, real, z, scaler=None)",
+        Apply((("train.grad_scaler", True),), builtin_only=True), _gp_scaled),
+    Fix("scale-collapse", "Fix the op that overflows at every scale; loss scaling cannot",
+        "GradScaler halves its scale and skips the step whenever a gradient is inf. An op that makes inf whatever "
+        "the scale (here {collapse_at}; typically the penalty's sqrt backward at a zero norm, or an activation above "
+        "{low}'s max) makes it skip every step while the scale falls toward 0 (apex#654). Apply the fix for that "
+        "op (above); keep one scaler per network (G and D).",
+        "scaler_d = torch.amp.GradScaler(\"{device}\")   # the critic's own scaler\n"
+        "scaler_d.scale(loss_d).backward()\n"
+        "scaler_d.step(opt_d); scaler_d.update()\n"
+        "if scaler_d.get_scale() < 1.0:   # collapsing: find the op that makes inf\n"
+        "    print(\"scale collapsed:\", scaler_d.get_scale())",
+        None, _scale_collapse),
     Fix("grad-scaler", "Use dynamic loss scaling (torch.amp.GradScaler)",
         "Without loss scaling, gradients below {tiny} flush to 0 in {low} and those weights stop learning; "
         "the scaler multiplies the loss so the gradients stay in range, then unscales them.",
@@ -311,7 +342,7 @@ CATALOGUE: tuple[Fix, ...] = (
     Fix("lower-lr", "Lower the learning rate",
         "The first steps are fine and a later one fails: the updates grow the weights until activations "
         "leave the dtype's range.",
-        "opt = torch.optim.Adam(critic.parameters(), lr={lr_low}, betas=(0.0, 0.9))   # WGAN-GP: 1e-4, betas (0, 0.9)",
+        "opt = torch.optim.{opt_class}(critic.parameters(), lr={lr_low})   # WGAN-GP: Adam, lr 1e-4, betas (0, 0.9)",
         Apply((("train.lr", "{lr_low}"),)), _lower_lr),
     Fix("grad-clip", "Clip the gradient norm (after unscaling)",
         "A single large gradient makes a huge update; clipping bounds the step while the cause is fixed.",
@@ -329,6 +360,9 @@ def _vars(c: FixContext) -> dict:
     low = c.precision if c.precision.is_low else Precision.FP16
     info = torch.finfo(low.torch_dtype)
     module = c.issue.module if c.issue is not None and c.issue.module not in ("", "data") else "critic"
+    k = c.collapse
+    collapse_at = (f"{k.op.removeprefix('aten.').rsplit('.', 1)[0]}{f' ({k.node})' if k.node else ''} in "
+                   f"{k.module or 'no module'}") if k is not None else ""
     parts = module.split(".")
     attr = parts[0] + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in parts[1:])
     init_module, init_ratio = c.worst_init()
@@ -350,6 +384,7 @@ def _vars(c: FixContext) -> dict:
         "init_std": f"{worst.std:.3g}" if worst else "?", "init_he": f"{worst.he:.3g}" if worst else "?",
         "init_call": worst.call if worst else "nn.init.kaiming_normal_(layer.weight, a=0.2)",
         "init_flagged": ", ".join(flagged[:6]) + (f" and {len(flagged) - 6} more" if len(flagged) > 6 else "") or "none",
+        "collapse_at": collapse_at,
     }
 
 
@@ -399,7 +434,7 @@ def adapt(fix_id: str, **values: str) -> FixSuggestion:
 
 def rank(c: FixContext, limit: int = 5) -> tuple[FixSuggestion, ...]:
     """The fixes the finding points at, best first, adapted to it."""
-    if c.issue is None and c.nonfinite is None:
+    if c.issue is None and c.nonfinite is None and c.collapse is None:
         return ()
     scored = []
     for i, fix in enumerate(CATALOGUE):

@@ -172,11 +172,12 @@ def load_step(config: Config) -> tuple[Callable | None, str]:
     except (TypeError, ValueError):
         return fn, file
     positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    required = [p for p in positional if p.default is p.empty]
+    required = [p for p in positional if p.default is p.empty and p.name != "scaler"]  # nanprobe passes scaler=
     has_var = any(p.kind is p.VAR_POSITIONAL for p in params.values())
     if not has_var and (len(positional) < 4 or len(required) > 4):
         got = ", ".join(params)
-        raise ConfigError(f"loss.step: {fn.__name__}({got}) must take (critic, generator, real, z)")
+        raise ConfigError(f"loss.step: {fn.__name__}({got}) must take (critic, generator, real, z) "
+                          "and optionally scaler")
     return fn, file
 
 

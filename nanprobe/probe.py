@@ -14,6 +14,7 @@ import sys
 import sysconfig
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -190,8 +191,11 @@ class OpProbe:
     `torch.autograd.grad` during the forward phase are tagged `input-grad` automatically.
     """
 
-    def __init__(self, modules: dict[str, torch.nn.Module], base_dir: str | None = None, on_device: bool | None = None):
+    def __init__(self, modules: dict[str, torch.nn.Module], base_dir: str | None = None, on_device: bool | None = None,
+                 on_record: Callable[[OpEvent, list[torch.Tensor]], None] | None = None):
         self.modules = modules
+        self.on_record = on_record
+        """Called with each recorded event and its floating outputs once their statistics are taken."""
         self.events: list[OpEvent] = []
         self.phase = Phase.FORWARD
         self.step = 0
@@ -206,6 +210,7 @@ class OpProbe:
         self._node_tags: dict[int, tuple] = {}
         self._param_of: dict[int, str] = {}
         self._params = WeakTensorKeyDictionary()
+        self._writes: dict[str, int] = {}
         self.sources = _SourceFinder(base_dir)
         self._buf = _StepBuffer()
         self._train_modes: dict[torch.nn.Module, bool] = {}
@@ -264,6 +269,7 @@ class OpProbe:
     def name_params(self, named: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
         """Lets optimizer ops name the parameter they update (params, grads and optimizer state)."""
         self._param_of.clear()
+        self._writes = {}
         self._params = WeakTensorKeyDictionary((p, n) for n, p in named.items())
         for name, p in named.items():
             self._param_of[id(p)] = name
@@ -281,8 +287,10 @@ class OpProbe:
         idx = len(self.events)
         self.events.append(OpEvent(idx, self.step, self.attempt, self.phase, module, op, source, None,
                                    str(tensor.dtype).replace("torch.", ""), tuple(tensor.shape), (), info=info))
-        with self.paused():  # called from outside the mode: the statistics' own ops must not be recorded
+        with self.paused():  # called from outside the mode: nanprobe's own ops must not be recorded
             self._stat(idx, [tensor])
+            if self.on_record is not None:
+                self.on_record(self.events[idx], [tensor])
         self._producer[tensor] = idx
 
     def _tag_of_node(self, node) -> tuple:
@@ -344,10 +352,18 @@ class OpProbe:
                                    str(outs[0].dtype).replace("torch.", ""), tuple(outs[0].shape), tuple(prods), param))
         if not self._known_row(idx, name, args, inputs, outs):
             self._stat(idx, outs)
+        if self.on_record is not None:
+            self.on_record(self.events[idx], outs)
         for t in outs:
             producer[t] = idx
             if param is not None and phase is Phase.OPTIMIZER:
                 self._param_of[id(t)] = param
+                if t in self._params:
+                    self._writes[param] = idx  # an in-place op on the parameter itself
+
+    def param_writes(self) -> dict[str, int]:
+        """Parameter name -> index of the last optimizer op that wrote it, since `name_params`."""
+        return dict(self._writes)
 
     def _known_row(self, idx: int, name: str, args, inputs: list, outs: list) -> bool:
         """Fill the row without reading the output when the op's values are known: a fill or a copy."""

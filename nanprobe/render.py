@@ -50,7 +50,52 @@ def progress(enabled: bool = True):
 def _where(f: Finding) -> str:
     op = f.op.removeprefix("aten.").rsplit(".", 1)[0]
     node = f" ({f.node})" if f.node else ""
-    return f"{f.module or '(outside modules)'} · {op}{node}"
+    param = f" on {f.param}" if f.param else ""
+    return f"{f.module or '(outside modules)'} · {op}{node}{param}"
+
+
+_BARS = "▁▂▃▄▅▆▇█"
+_MIN_SPAN = 0.3  # log10(2)
+
+
+def _spark(values: list) -> str:
+    """A sparkline of a per-step series (log scale, so a blow-up by orders of magnitude shows)."""
+    import math
+
+    logs = [math.log10(abs(v)) if v is not None and math.isfinite(v) and v != 0 else None for v in values]
+    known = [x for x in logs if x is not None]
+    if not known:
+        return ""
+    lo, hi = min(known), max(known)
+    span = max(hi - lo, _MIN_SPAN)  # changes under 2x stay low bars: the eye should catch blow-ups only
+    return "".join("·" if x is None else _BARS[round((x - lo) / span * (len(_BARS) - 1))] for x in logs)
+
+
+def _trend(values: list) -> str:
+    if not values:
+        return "-"
+    return f"{_spark(values)} {_num(values[0])} → {_num(values[-1])}" if len(values) > 1 else _num(values[0])
+
+
+def _scales(run: RunReport) -> str:
+    scales = [m.scale for m in run.metrics if m.scale is not None]
+    if not scales:
+        return "-"
+    skipped = len(run.skipped) + sum(1 for m in run.metrics if m.skipped)
+    return f"{scales[0]:.6g} → {scales[-1]:.6g}" + (f" ({skipped} skipped)" if skipped else "")
+
+
+def _trend_table(report: Report) -> Table:
+    t = Table(title="per step (weights the step ran with; sparklines on a log scale)", header_style="bold",
+              title_justify="left")
+    for col in ("precision", "fails at", "weight norm", "grad norm", "loss", "loss scale"):
+        t.add_column(col)
+    for run in report.runs:
+        m = run.metrics
+        t.add_row(run.precision.value, "-" if run.failed_step is None else f"step {run.failed_step}",
+                  _trend([x.weight_norm for x in m]), _trend([x.grad_norm for x in m]), _trend([x.loss for x in m]),
+                  _scales(run))
+    return t
 
 
 def _summary_table(report: Report) -> Table:
@@ -102,7 +147,7 @@ def _run_panel(run: RunReport) -> Panel:
     if f is not None:
         grid.add_row("first issue", Text.assemble((f"{f.kind.value}", _STYLE[Status(f.kind.value)]),
                                                   f" · {f.phase.value} · step {f.step} · {_where(f)}"))
-        grid.add_row("source", f.source or "-")
+        grid.add_row("source", f.source or (f"optimizer step on {f.param}" if f.param else "-"))
         grid.add_row("numbers", f.detail)
         nums = _numbers(f)
         if nums:
@@ -117,8 +162,26 @@ def _run_panel(run: RunReport) -> Panel:
         grid.add_row("chain", hops)
     for note in run.notes:
         grid.add_row("note", note)
-    if run.skipped:
+    if run.lost_updates:
+        grid.add_row("lost updates", ", ".join(f"{u.module} {u.share:.0%} of {u.elements}" for u in run.lost_updates[:6])
+                     + (f" (+{len(run.lost_updates) - 6} modules)" if len(run.lost_updates) > 6 else ""))
+    if run.scale_collapse is not None and run.scale_collapse is not f:
+        grid.add_row("scale collapse", f"{run.scale_collapse.phase.value} · step {run.scale_collapse.step} · "
+                                       f"{_where(run.scale_collapse)} · {run.scale_collapse.source or '-'}")
+        grid.add_row("", run.scale_collapse.detail)
+    elif run.skipped and run.scale_collapse is None:
         grid.add_row("loss scaling", f"{len(run.skipped)} step(s) skipped and retried at a lower scale (normal)")
+    if any(m.scale is not None for m in run.metrics):
+        grid.add_row("scale per step", "  ".join(f"{m.step}: {m.scale:.6g}{' skipped' if m.skipped else ''}"
+                                                 for m in run.metrics))
+    for s in run.skipped[:3]:
+        cause = s.cause
+        grid.add_row("", f"step {s.step} skipped at scale {s.scale:.6g}"
+                         + (f": {_where(cause)} made inf ({cause.source or '-'})" if cause is not None else ""))
+    if len(run.skipped) > 3:
+        grid.add_row("", f"... {len(run.skipped) - 3} more skipped attempt(s) (all in the JSON)")
+    if run.unscaled_penalty is not None:
+        grid.add_row("penalty recipe", run.unscaled_penalty.detail)
     parts.append(grid)
     if run.fixes:
         top = run.fixes[0]
@@ -145,6 +208,11 @@ def report(rep: Report, console: Console | None = None) -> None:
     console.print(_summary_table(rep))
     if rep.interrupted:
         console.print(Text(rep.interrupted, style="bold yellow"))
+    if any(len(r.metrics) > 1 or r.skipped for r in rep.runs):
+        console.print(_trend_table(rep))
+    for run in rep.runs:
+        if run.status is Status.OK and run.unscaled_penalty is not None:
+            console.print(Text.assemble((f"{run.precision.value}: ", "bold yellow"), run.unscaled_penalty.detail))
     bad = [r for r in rep.runs if r.status is not Status.OK]
     for run in bad:
         console.print(_run_panel(run))

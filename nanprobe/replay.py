@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from nanprobe import fp32_modules
+from nanprobe import stats as st
+from nanprobe import updates
 from nanprobe.config import Config, resolve
 from nanprobe.enums import Mode, Phase, Precision
 from nanprobe.errors import ConfigError, DeviceError, UserCodeError
@@ -24,8 +26,10 @@ from nanprobe.loading import Loaded, user_error
 from nanprobe.losses import StepContext, builtin
 from nanprobe.probe import OpEvent, OpProbe
 from nanprobe.report import StepMetrics
+from nanprobe.scaling import RecipeWatch, takes_scaler
 
 MAX_SCALER_RETRIES = 24  # GradScaler halves per skip: 65536 * 2**-24 ~ 4e-3, far below any useful scale
+PERSISTENT_REPEATS = 4  # the same op making the same number of infs after this many halvings: no scale helps
 
 
 @dataclass
@@ -38,6 +42,8 @@ class Trace:
     metrics: list[StepMetrics] = field(default_factory=list)
     skipped: list[tuple[int, int, float]] = field(default_factory=list)  # (step, attempt, scale)
     stopped: str | None = None
+    lost: dict[int, dict[str, tuple[int, int]]] = field(default_factory=dict)  # step -> param -> (moving, unchanged)
+    unscaled_grads: list[tuple[int, str | None]] = field(default_factory=list)  # (step, source) per call
 
 
 def resolve_device(name: str) -> torch.device:
@@ -134,8 +140,10 @@ def _float(v) -> float | None:
 
 class _Replay:
     def __init__(self, config: Config, loaded: Loaded, precision: Precision, device: torch.device,
-                 probe_on: bool, progress: Callable | None):
+                 probe_on: bool, progress: Callable | None, on_record: Callable | None = None,
+                 on_grads: Callable | None = None):
         self.config, self.loaded, self.precision, self.device = config, loaded, precision, device
+        self.on_grads = on_grads
         self.mode = config.precision.mode
         self.low = precision.is_low
         self.half = self.low and self.mode is Mode.HALF
@@ -163,8 +171,11 @@ class _Replay:
         self.step_fn = loaded.step_fn or builtin(StepContext(
             config.loss.kind, config.loss.gp_weight, config.loss.gp_precision == "fp32", config.loss.gp_norm,
             device.type, self.scaler))
+        if loaded.step_fn is not None and takes_scaler(loaded.step_fn):  # None when no scaler is on
+            user_step = loaded.step_fn
+            self.step_fn = lambda critic, generator, real, z: user_step(critic, generator, real, z, scaler=self.scaler)
         self.probe = OpProbe({"critic": self.critic, **({"generator": self.generator} if self.generator else {})},
-                             base_dir=str(config.base_dir)) if probe_on else None
+                             base_dir=str(config.base_dir), on_record=on_record) if probe_on else None
         self.trace = Trace(precision, self.mode, self.probe.events if self.probe else [])
 
     def _phase(self, phase: Phase):
@@ -174,7 +185,10 @@ class _Replay:
     def run(self) -> Trace:
         torch.manual_seed(self.config.seed)
         ctx = self.probe if self.probe is not None else nullcontext()
-        with ctx, fp32_modules.outside_autocast(self.fp32, self.device.type, self.model_dtype if self.half else None):
+        watch = RecipeWatch(self.scaler, self._unscaled) if self.scaler is not None and self.probe is not None \
+            else nullcontext()
+        with ctx, watch, fp32_modules.outside_autocast(self.fp32, self.device.type,
+                                                       self.model_dtype if self.half else None):
             if self.probe is not None:
                 self.probe.name_params(self.params)
             step = 0
@@ -192,6 +206,9 @@ class _Replay:
                 exc.trace = self.trace
                 raise
         return self.trace
+
+    def _unscaled(self) -> None:
+        self.trace.unscaled_grads.append((self.probe.step, self.probe.sources.find()))
 
     def _inputs(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._phase(Phase.DATA)
@@ -211,17 +228,24 @@ class _Replay:
         real, z = self._inputs(step)
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
+        last, repeats = None, 0
         for attempt in range(MAX_SCALER_RETRIES + 1):
             if probe is not None:
                 probe.attempt = attempt
             torch.set_rng_state(rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
+            start = len(probe.events) if probe is not None else 0
             metrics, skipped = self._attempt(step, real, z)
             if probe is not None:
                 probe.fetch()
-            finite_loss = metrics.loss is not None and math.isfinite(metrics.loss)
-            if skipped and finite_loss and attempt < MAX_SCALER_RETRIES:
+            first = self._first_nonfinite(start)
+            key = None if first is None else (first.phase, first.module, first.source, first.op, first.node,
+                                              tuple(first.row[st.POSINF:]))
+            repeats = repeats + 1 if key is not None and key == last else 0
+            last = key
+            if skipped and attempt < MAX_SCALER_RETRIES and repeats < PERSISTENT_REPEATS and \
+                    self._scale_bound(first, metrics):
                 # Dynamic loss scaling skipped this step on purpose; training would go on at the lower scale.
                 self.trace.skipped.append((step, attempt, metrics.scale))
                 if probe is not None:
@@ -238,6 +262,7 @@ class _Replay:
     def _attempt(self, step: int, real: torch.Tensor, z) -> tuple[StepMetrics, bool]:
         probe, scaler = self.probe, self.scaler
         self.optimizer.zero_grad(set_to_none=True)
+        weight_norm = self._weight_norm()
         self._phase(Phase.FORWARD)
         try:
             with self.autocast():
@@ -255,10 +280,18 @@ class _Replay:
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         grad_norm = self._grad_norm()
+        if self.on_grads is not None:  # a retried attempt calls it again: the last call is the step's
+            with probe.paused() if probe is not None else nullcontext():
+                self.on_grads(step, {n: p.grad for n, p in self.params.items() if p.grad is not None})
         if self.config.train.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.config.train.grad_clip)
         if probe is not None:
             probe.name_params(self.params, self.optimizer)
+        # Low-precision weights can round an update away: compare each weight before and after the step.
+        before = None
+        if probe is not None and self.half:
+            with probe.paused():
+                before = updates.snapshot(self.params)
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
@@ -266,12 +299,48 @@ class _Replay:
         else:
             self.optimizer.step()
             skipped = False
+        if before is not None:
+            self._record_lost(step, before)
         with probe.paused() if probe is not None else nullcontext():
             values = {k: _float(v) for k, v in extra.items()}
             penalty = values.pop("penalty", None)
             metrics = StepMetrics(step=step, loss=_float(loss), penalty=penalty, grad_norm=grad_norm,
-                                  scale=scale, skipped=skipped, extra=values)
+                                  scale=scale, skipped=skipped, extra=values, weight_norm=weight_norm)
         return metrics, skipped
+
+    def _record_lost(self, step: int, before: dict) -> None:
+        """Count unchanged weights per parameter and attach the numbers to the op that wrote it."""
+        with self.probe.paused():
+            counts = updates.lost(self.optimizer, self.params, before)
+        self.trace.lost[step] = counts
+        writes = self.probe.param_writes()
+        for name, (moving, unchanged) in counts.items():
+            idx = writes.get(name)
+            if idx is None:
+                continue
+            e = self.probe.events[idx]
+            e.info = {**(e.info or {}), "lost_updates": {
+                "param": name, "elements": moving, "lost": unchanged, "share": round(unchanged / moving, 4)}}
+
+    def _weight_norm(self) -> float | None:
+        with self.probe.paused() if self.probe is not None else nullcontext():
+            norms = [torch.linalg.vector_norm(p.detach().float()) for p in self.critic.parameters()]
+            return float(torch.linalg.vector_norm(torch.stack(norms)).item()) if norms else None
+
+    def _first_nonfinite(self, start: int) -> OpEvent | None:
+        if self.probe is None:
+            return None
+        return next((e for e in self.probe.events[start:] if e.row is not None and (e.has_inf or e.has_nan)), None)
+
+    def _scale_bound(self, first: OpEvent | None, metrics: StepMetrics) -> bool:
+        """Whether a lower scale could avoid this attempt's inf: it did not start in the data or the forward.
+
+        The penalty's scaled autograd.grad can overflow and make the loss itself non-finite, and a lower
+        scale helps there; an activation that overflows in the forward overflows at every scale.
+        """
+        if self.probe is None:
+            return metrics.loss is not None and math.isfinite(metrics.loss)
+        return first is None or first.phase not in (Phase.DATA, Phase.FORWARD)
 
     def _where(self) -> str:
         return self.probe.phase.value if self.probe is not None else "step"
@@ -285,6 +354,12 @@ class _Replay:
 
 
 def replay(config: Config, loaded: Loaded, precision: Precision, device: torch.device,
-           probe: bool = True, progress: Callable | None = None) -> Trace:
-    """Replay `config.train.steps` critic steps in one precision; with probe=False, the plain step (benchmarks)."""
-    return _Replay(config, loaded, precision, device, probe, progress).run()
+           probe: bool = True, progress: Callable | None = None,
+           on_record: Callable[[OpEvent, list[torch.Tensor]], None] | None = None,
+           on_grads: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> Trace:
+    """Replay `config.train.steps` critic steps in one precision; with probe=False, the plain step (benchmarks).
+
+    on_record is passed to the OpProbe; on_grads(step, {name: grad}) sees the unscaled parameter
+    gradients of each step before clipping and the optimizer step.
+    """
+    return _Replay(config, loaded, precision, device, probe, progress, on_record, on_grads).run()

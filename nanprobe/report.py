@@ -42,6 +42,24 @@ class Finding:
     """Statistics behind the detail: this run's output, the fp32 reference, shares."""
     index: int = 0
     """Position of the op in execution order."""
+    param: str | None = None
+    """Parameter the op updates (optimizer ops), e.g. critic.net.0.bias."""
+
+
+@dataclass(frozen=True)
+class LostUpdates:
+    """Weights of one module that an optimizer step left unchanged although their update was non-zero."""
+
+    module: str
+    """Module path."""
+    elements: int
+    """Weight elements whose update was non-zero (non-zero gradient or momentum), summed over the steps."""
+    lost: int
+    """Of those, the elements the step left unchanged: the update was below half an ulp of the weight."""
+    share: float
+    """lost / elements."""
+    dtype: str = ""
+    """dtype of the weights."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +120,8 @@ class StepMetrics:
     """GradScaler skipped this step even after retries."""
     extra: dict = field(default_factory=dict)
     """Other named scalars (d_real, d_fake, or a custom step's)."""
+    weight_norm: float | None = None
+    """Total norm of the critic's weights the step ran with (before its update)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +166,14 @@ class RunReport:
     """Ops with a finding."""
     notes: tuple[str, ...] = ()
     """Anything else the user should know about this run."""
+    failed_step: int | None = None
+    """First step with a finding (the trend in `metrics` shows what led there); None when ok."""
+    lost_updates: tuple[LostUpdates, ...] = ()
+    """Per module, weights whose updates were rounded away (low-precision weights), worst first."""
+    scale_collapse: Finding | None = None
+    """The op that kept making inf while GradScaler's scale fell (every step skipped, or a skip that never recovers)."""
+    unscaled_penalty: Finding | None = None
+    """A torch.autograd.grad call on outputs the GradScaler did not scale (the penalty skips the AMP recipe)."""
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,24 @@ def base_doc() -> dict:
     }
 
 
+MODELS = Path(__file__).resolve().parents[1] / "configs" / "models.py"
+
+
+def small_gan_doc(**loss) -> dict:
+    """A 16 px DCGAN critic at a tiny init: its input gradients (~1e-9) flush to 0 in fp16, not in bf16."""
+    return {
+        "model": {"critic": f"{MODELS}:DCGANCritic", "critic_args": {"img": 16, "ch": 4, "extra": 1, "init_std": 0.002},
+                  "generator": f"{MODELS}:DCGANGenerator", "generator_args": {"latent_dim": 16, "img": 16, "ch": 4},
+                  "latent_dim": 16},
+        "data": {"source": "synthetic", "shape": [3, 16, 16], "batch_size": 2},
+        "loss": {"kind": "wgan-gp", "gp_norm": "sqrt", **loss},
+        "train": {"steps": 1},
+        "precision": {"dtypes": ["fp16", "bf16"]},
+        "device": "cpu",
+        "seed": 0,
+    }
+
+
 def merge(doc: dict, patch: dict) -> dict:
     """A deep copy of doc with patch merged in; a value of DELETE removes the key."""
     out = copy.deepcopy(doc)
