@@ -1,16 +1,17 @@
 """The Python API: the same core the CLI calls."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from nanprobe import config as cfg
-from nanprobe import datacheck, diagnosis, initialisation, loading, replay
-from nanprobe.enums import Precision
+from nanprobe import datacheck, diagnosis, initialisation, loading, replay, verification
+from nanprobe.enums import FailOn, Precision
 from nanprobe.errors import ConfigError, Interrupted
-from nanprobe.initialisation import he_ratios
+from nanprobe.initialisation import he_ratios, reinitialise
 from nanprobe.report import Report
 
 if TYPE_CHECKING:
@@ -28,22 +29,32 @@ def _config(config_or_path, overrides: dict) -> cfg.Config:
     return cfg.with_overrides(config, **overrides) if overrides else config
 
 
-def diagnose(config_or_path: "cfg.Config | str | Path", progress: Callable | None = None, **overrides) -> Report:
+def diagnose(config_or_path: "cfg.Config | str | Path", progress: Callable | None = None, verify_fix: bool = False,
+             verify_top: int | None = None, fail_on: "FailOn | str" = "overflow", **overrides) -> Report:
     """Replay the config in each precision under the probe and diagnose it.
 
     Overrides take dotted or short keys: dtypes=["fp16"], steps=3, device="cpu", mode="half".
+    verify_fix=True replays the first `verify_top` (default verification.MAX_VERIFIED) fixes of each failing
+    run that a config change applies and marks each FixSuggestion verified (True / False / None, with why);
+    fail_on (nan | overflow | underflow, as --fail-on) is the status a fixed run must get below.
     Raises nanprobe.ConfigError (or UserCodeError, DeviceError) on bad input.
     """
     config = _config(config_or_path, overrides)
+    try:
+        fail_on = FailOn(fail_on)
+    except ValueError:
+        raise cfg.ConfigError(f"fail_on: must be one of nan, overflow, underflow, got {fail_on!r}") from None
     device = replay.resolve_device(config.device)
     requested = tuple(config.precision.dtypes)
     order = (Precision.FP32,) + tuple(p for p in requested if p is not Precision.FP32)
     for p in order:
         replay.check_dtype(device, p, config.precision.mode)
     loaded = loading.load(config)
-    init = initialisation.check(loaded.critic, replay.first_batch(config, loaded))
+    critic = loaded.critic if config.model.init == "default" else \
+        reinitialise(copy.deepcopy(loaded.critic), config.model.init, config.seed)  # as the replays see it
+    init = initialisation.check(critic, replay.first_batch(config, loaded))
     data = datacheck.check_replayed(config, loaded.data)
-    ratios = he_ratios(loaded.critic, checks=init)
+    ratios = he_ratios(critic, checks=init)
     traces: dict[Precision, replay.Trace] = {}
     try:
         for p in order:
@@ -62,6 +73,13 @@ def diagnose(config_or_path: "cfg.Config | str | Path", progress: Callable | Non
             report = _report(config, device, runs, data=data, init=init, interrupted=note)
         raise Interrupted(report) from None
     runs = diagnosis.analyse(config, traces, requested, ratios, device.type, init)
+    if verify_fix:
+        try:
+            runs = verification.verify(config, loaded, traces, runs, device, progress,
+                                       verify_top or verification.MAX_VERIFIED, fail_on)
+        except KeyboardInterrupt:
+            note = "interrupted (Ctrl-C) while verifying fixes; the fixes are not verified"
+            raise Interrupted(_report(config, device, runs, data=data, init=init, interrupted=note)) from None
     return _report(config, device, runs, data=data, init=init)
 
 

@@ -72,6 +72,10 @@ def diagnose(
         None, "--policy", help="cuda (default: a CPU replay casts each op as CUDA autocast would) or native."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Critic steps replayed per precision."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no terminal report (exit code only)."),
+    verify_fix: bool = typer.Option(False, "--verify-fix",
+                                    help="Replay each failing run with each suggested fix applied; mark it verified."),
+    verify_top: Optional[int] = typer.Option(None, "--verify-top", min=1,
+                                             help="With --verify-fix: fixes replayed per failing run (default 3)."),
     output_format: FormatChoice = typer.Option(FormatChoice.table, "--format",
                                                help="stdout: table (terminal report), json, or github "
                                                     "(GitHub Actions ::error/::warning annotations)."),
@@ -94,7 +98,8 @@ def diagnose(
         with render.progress(enabled=not quiet) as on_progress:
             from nanprobe.api import diagnose as run_diagnose
 
-            report = run_diagnose(config, progress=on_progress, **overrides)
+            report = run_diagnose(config, progress=on_progress, verify_fix=verify_fix, verify_top=verify_top,
+                                  fail_on=fail_on.value, **overrides)
     except NanprobeError as exc:
         if output_format is FormatChoice.github:
             from nanprobe.github import error

@@ -31,6 +31,9 @@ class ModelConfig:
     """Shape of z after the batch dimension (an int or a list, e.g. [128, 1, 1])."""
     checkpoint: Any = None
     """{"critic": sd, "generator": sd} or a bare critic state_dict, loaded with weights_only=True (Python API: the dict itself)."""
+    init: str = "default"
+    """default (the weights as built and loaded) | he: the critic's conv/linear weights redrawn at the He
+    scale for LeakyReLU(0.2), biases zeroed (on nanprobe's copy; your model and files are untouched)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,8 @@ class PrecisionConfig:
     """Precisions replayed; fp32 is always replayed first as the reference."""
     policy: Policy = Policy.CUDA
     """cuda: a CPU replay casts each op as CUDA autocast would; native: the device's own autocast."""
+    fp32_modules: tuple = ()
+    """Module paths (critic.net.6) run outside autocast on fp32 inputs, with fp32 weights in half mode."""
 
 
 @dataclass(frozen=True)
@@ -304,10 +309,23 @@ def _dtypes(v, key):
     return tuple(dict.fromkeys(out))
 
 
+def _module_paths(v, key):
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, (list, tuple)):
+        raise _fail(key, "a list of module paths such as critic.net.6", v)
+    for name in v:
+        if not isinstance(name, str) or name.split(".")[0] not in ("critic", "generator"):
+            raise ConfigError(f"{key}: {name!r} must be a module path starting with critic or generator, "
+                              "e.g. critic.net.6 (as the report names modules)")
+    return tuple(dict.fromkeys(v))
+
+
 _SECTIONS: dict[str, tuple[type, dict[str, Callable]]] = {
     "model": (ModelConfig, {
         "critic": _model_ref, "critic_args": _mapping, "generator": _model_ref,
         "generator_args": _mapping, "latent_dim": _shape(1), "checkpoint": _tensor_or_path("dict"),
+        "init": _choice("default", "he"),
     }),
     "data": (DataConfig, {
         "source": _choice("synthetic", "file"), "path": _tensor_or_path("tensor"), "shape": lambda v, k: None if v is None else _shape(1)(v, k),
@@ -323,7 +341,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable]]] = {
         "eps": _number(0.0), "weight_decay": _number(0.0), "steps": _int(1, 10000),
         "grad_scaler": _bool, "grad_clip": _clip,
     }),
-    "precision": (PrecisionConfig, {"mode": _mode, "dtypes": _dtypes, "policy": _policy}),
+    "precision": (PrecisionConfig, {"mode": _mode, "dtypes": _dtypes, "policy": _policy,
+                                    "fp32_modules": _module_paths}),
     "state": (StateConfig, {"z": _tensor_or_path("tensor"), "rng": _tensor_or_path("dict"),
                             "optimizer": _tensor_or_path("dict"), "scaler": _tensor_or_path("dict")}),
 }

@@ -401,7 +401,8 @@ def fix_settings(config: Config, init_ratios: dict, device: str, init_checks: tu
     t, loss = config.train, config.loss
     return {"loss_kind": "custom" if loss.step else loss.kind, "gp_fp32": loss.gp_precision == "fp32",
             "grad_scaler": t.grad_scaler, "grad_clip": t.grad_clip, "optimizer": t.optimizer, "eps": t.eps,
-            "lr": t.lr, "init_ratios": init_ratios, "device": device, "init_checks": init_checks}
+            "lr": t.lr, "init_ratios": init_ratios, "device": device, "init_checks": init_checks,
+            "fp32_modules": tuple(config.precision.fp32_modules)}
 
 
 def analyse(config: Config, traces: dict[Precision, Trace], requested: tuple[Precision, ...],

@@ -19,8 +19,6 @@ INIT_SMALL_FACTOR = 16.0
 # Weight norm at the failing step over step 0's: the updates blew the weights up (a sane lr moves it well under 1%).
 DIVERGENCE_GROWTH = 1.25
 _NORM_NODES = ("SqrtBackward0", "LinalgVectorNormBackward0", "NormBackward1", "PowBackward0", "RsqrtBackward0")
-# Config changes that only reach the built-in losses; a custom step needs the code change.
-_LOSS_SETTINGS = ("loss.", "train.grad_scaler")
 _PRECISION_FIXES = frozenset({"gp-fp32", "gp-scaled", "grad-scaler", "bf16", "fp32-module", "master-weights"})
 
 
@@ -64,6 +62,8 @@ class FixContext:
     """initialisation.InitCheck per weight layer (for the init fix's module, numbers and call)."""
     device: str = "cuda"
     """Device type for snippets."""
+    fp32_modules: tuple = ()
+    """Modules already run in fp32 (precision.fp32_modules)."""
     collapse: Finding | None = None
     """The op that kept making inf while GradScaler's scale fell."""
     unscaled_penalty: bool = False
@@ -84,6 +84,16 @@ class FixContext:
 
 
 @dataclass(frozen=True)
+class Apply:
+    """How nanprobe applies a fix itself: config overrides that a replay (--verify-fix) can run."""
+
+    overrides: tuple[tuple[str, object], ...]
+    """(dotted config key, value) pairs; a value "{name}" takes the finding's typed value (module path, lr)."""
+    builtin_only: bool = False
+    """Reaches only the built-in losses: a custom loss.step needs the code change instead."""
+
+
+@dataclass(frozen=True)
 class Fix:
     """A catalogue entry."""
 
@@ -95,8 +105,8 @@ class Fix:
     """The mechanism."""
     snippet: str
     """Code, with {placeholders} filled from the finding."""
-    apply: str | None
-    """Config change that applies it, or None."""
+    apply: Apply | None
+    """The config change that applies it, or None when it needs a code change."""
     score: Callable[[FixContext], float]
     """How strongly a finding points at this fix (0: not at all)."""
 
@@ -131,6 +141,8 @@ def _grad_scaler(c: FixContext) -> float:
 def _fp32_module(c: FixContext) -> float:
     i = c.issue
     if not c.precision.is_low or i is None or i.phase is not Phase.FORWARD or not i.module or i.module == "data":
+        return 0.0
+    if i.module in c.fp32_modules:
         return 0.0
     return 85.0 if i.kind in (FindingKind.OVERFLOW, FindingKind.NAN) else 0.0
 
@@ -244,11 +256,11 @@ CATALOGUE: tuple[Fix, ...] = (
         "        if m.bias is not None:\n"
         "            nn.init.zeros_(m.bias)\n\n"
         "critic.apply(init_weights)",
-        None, _init),
+        Apply((("model.init", "he"),)), _init),
     Fix("adam-eps", "Use an eps that survives the dtype (1e-4 in fp16)",
         "eps={eps} rounds to 0 in {low}, so m / (sqrt(v) + eps) divides by zero wherever v is 0 or tiny.",
         "opt = torch.optim.{opt_class}(critic.parameters(), lr={lr}, eps=1e-4)",
-        "train.eps: 1.0e-4", _adam_eps),
+        Apply((("train.eps", 1.0e-4),)), _adam_eps),
     Fix("master-weights", "Keep fp32 master weights; use autocast instead of .half()",
         "Updates below half an ulp of a {low} weight are rounded away and the optimizer state loses its "
         "small values; fp32 weights with autocast keep both.",
@@ -256,14 +268,14 @@ CATALOGUE: tuple[Fix, ...] = (
         "opt = torch.optim.Adam(critic.parameters(), lr={lr}, betas=(0.0, 0.9))\n"
         "with torch.autocast(\"{device}\", dtype=torch.{dtype}):\n"
         "    loss = critic_loss(critic, real, fake)",
-        "precision.mode: amp", _master_weights),
+        Apply((("precision.mode", "amp"),)), _master_weights),
     Fix("safe-norm", "Compute the gradient norm so its derivative is finite at 0",
         "d sqrt(s)/ds = 1 / (2 sqrt(s)) is inf at s = 0, and 0 * inf = NaN in the backward when a "
         "sample's gradient is all zero (as it is once it underflows).",
         "grad_norm = torch.linalg.vector_norm(grads.flatten(1), dim=1)   # zero subgradient at 0\n"
         "# or keep sqrt with an eps that survives {low}:\n"
         "grad_norm = torch.sqrt(grads.flatten(1).float().pow(2).sum(1) + 1e-12)",
-        "loss.gp_norm: vector_norm", _safe_norm),
+        Apply((("loss.gp_norm", "vector_norm"),), builtin_only=True), _safe_norm),
     Fix("gp-fp32", "Compute the gradient penalty outside autocast, in fp32",
         "Under {low} autocast the critic's input gradient is computed in {low} without loss scaling; values "
         "below {tiny} flush to 0, so the penalty sees a zero norm.",
@@ -272,7 +284,7 @@ CATALOGUE: tuple[Fix, ...] = (
         "    out = critic(x_hat)\n"
         "    grads = torch.autograd.grad(out, x_hat, torch.ones_like(out), create_graph=True)[0]\n"
         "    gp = lambda_gp * ((grads.flatten(1).norm(2, dim=1) - 1) ** 2).mean()",
-        "loss.gp_precision: fp32", _penalty_hit),
+        Apply((("loss.gp_precision", "fp32"),), builtin_only=True), _penalty_hit),
     Fix("gp-scaled", "Follow the AMP gradient-penalty recipe: scale before autograd.grad, unscale after",
         "Scaling the critic's output by the GradScaler's scale lifts the input gradient out of {low}'s "
         "underflow range; multiplying by 1/scale afterwards gives the true gradient for the penalty.",
@@ -284,7 +296,7 @@ CATALOGUE: tuple[Fix, ...] = (
         "scaler.scale(loss + gp).backward(); scaler.step(opt); scaler.update()\n"
         "# nanprobe passes its scaler to a custom step that takes one:\n"
         "# def critic_step(critic, generator, real, z, scaler=None)",
-        "train.grad_scaler: true", _gp_scaled),
+        Apply((("train.grad_scaler", True),), builtin_only=True), _gp_scaled),
     Fix("scale-collapse", "Fix the op that overflows at every scale; loss scaling cannot",
         "GradScaler halves its scale and skips the step whenever a gradient is inf. An op that makes inf whatever "
         "the scale (here {collapse_at}; typically the penalty's sqrt backward at a zero norm, or an activation above "
@@ -306,7 +318,7 @@ CATALOGUE: tuple[Fix, ...] = (
         "scaler.unscale_(opt)      # before clipping or reading gradients\n"
         "scaler.step(opt)\n"
         "scaler.update()",
-        "train.grad_scaler: true", _grad_scaler),
+        Apply((("train.grad_scaler", True),)), _grad_scaler),
     Fix("fp32-module", "Run {module} in fp32 (or clamp its activations)",
         "{module} produces values beyond {low}'s max ({max}); running it outside autocast keeps them finite, "
         "and clamping (StyleGAN2-ADA's conv_clamp=256) keeps the rest of the network in range.",
@@ -319,24 +331,24 @@ CATALOGUE: tuple[Fix, ...] = (
         "            return self.m(x.float())\n\n"
         "{attr} = FP32({attr})\n"
         "# or clamp its output: x = x.clamp(-256, 256)",
-        None, _fp32_module),
+        Apply((("precision.fp32_modules", "{module_fp32}"),)), _fp32_module),
     Fix("bf16", "Train in bf16 instead of fp16",
         "bf16 has fp32's exponent range (max 3.4e38, normals down to 1.2e-38), so neither the overflow at "
         "65504 nor the underflow below 6.1e-5 happens, and no loss scaling is needed.",
         "with torch.autocast(\"{device}\", dtype=torch.bfloat16):\n"
         "    loss = critic_loss(critic, real, fake)\n"
         "loss.backward()   # no GradScaler needed",
-        "precision.dtypes: [bf16]", _bf16),
+        Apply((("precision.dtypes", ["bf16"]),)), _bf16),
     Fix("lower-lr", "Lower the learning rate",
         "The first steps are fine and a later one fails: the updates grow the weights until activations "
         "leave the dtype's range.",
         "opt = torch.optim.{opt_class}(critic.parameters(), lr={lr_low})   # WGAN-GP: Adam, lr 1e-4, betas (0, 0.9)",
-        "train.lr: {lr_low}", _lower_lr),
+        Apply((("train.lr", "{lr_low}"),)), _lower_lr),
     Fix("grad-clip", "Clip the gradient norm (after unscaling)",
         "A single large gradient makes a huge update; clipping bounds the step while the cause is fixed.",
         "scaler.unscale_(opt)   # if you use a GradScaler\n"
         "torch.nn.utils.clip_grad_norm_(critic.parameters(), max_norm=10.0)",
-        "train.grad_clip: 10.0", _grad_clip),
+        Apply((("train.grad_clip", 10.0),)), _grad_clip),
 )
 
 REGISTRY: dict[str, Fix] = {f.id: f for f in CATALOGUE}
@@ -376,6 +388,39 @@ def _vars(c: FixContext) -> dict:
     }
 
 
+def _typed(c: FixContext) -> dict:
+    """Values an Apply's "{name}" placeholders take, typed as the config expects them."""
+    module = c.issue.module if c.issue is not None and c.issue.module not in ("", "data") else "critic"
+    return {"module": module, "lr_low": c.lr / 10, "module_fp32": [*c.fp32_modules, module]}
+
+
+def overrides(apply: Apply, c: FixContext) -> dict:
+    """The dotted config overrides an Apply makes for this finding."""
+    typed = _typed(c)
+
+    def fill(v):
+        if isinstance(v, str) and v.startswith("{") and v.endswith("}"):
+            return typed[v[1:-1]]
+        return [fill(x) for x in v] if isinstance(v, list) else v
+
+    return {key: fill(value) for key, value in apply.overrides}
+
+
+def _yaml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_yaml(x) for x in v) + "]"
+    return str(v)
+
+
+def describe(changes: dict) -> str | None:
+    """The overrides as the config lines a user would write ("loss.gp_precision: fp32")."""
+    return "; ".join(f"{k}: {_yaml(v)}" for k, v in changes.items()) or None
+
+
 _NORMALISE = "# then bring x to data.range (x / 127.5 - 1 maps uint8 to [-1, 1])"
 
 
@@ -384,7 +429,7 @@ def adapt(fix_id: str, **values: str) -> FixSuggestion:
     fix = REGISTRY[fix_id]
     v = {"normalise": _NORMALISE, **values}
     return FixSuggestion(fix.id, fix.title.format(**v), fix.why.format(**v), fix.snippet.format(**v),
-                         fix.apply.format(**v) if fix.apply else None)
+                         None)
 
 
 def rank(c: FixContext, limit: int = 5) -> tuple[FixSuggestion, ...]:
@@ -402,8 +447,8 @@ def rank(c: FixContext, limit: int = 5) -> tuple[FixSuggestion, ...]:
     v = _vars(c)
     out = []
     for _, _, fix in sorted(scored)[:limit]:
-        apply = fix.apply.format(**v) if fix.apply else None
-        if apply and c.loss_kind == "custom" and fix.id != "grad-scaler" and apply.startswith(_LOSS_SETTINGS):
-            apply = None
-        out.append(FixSuggestion(fix.id, fix.title.format(**v), fix.why.format(**v), fix.snippet.format(**v), apply))
+        reaches = fix.apply is not None and not (fix.apply.builtin_only and c.loss_kind == "custom")
+        changes = overrides(fix.apply, c) if reaches else {}
+        out.append(FixSuggestion(fix.id, fix.title.format(**v), fix.why.format(**v), fix.snippet.format(**v),
+                                 describe(changes), overrides=changes))
     return tuple(out)

@@ -182,3 +182,20 @@ def check(model: nn.Module, batch: torch.Tensor | None = None, root: str = "crit
 def he_ratios(model: torch.nn.Module, root: str = "critic", checks: tuple[InitCheck, ...] | None = None) -> dict[str, float]:
     """Module path -> std of its weight / its He value, for layers with a weight matrix or kernel."""
     return {c.module: c.ratio for c in (checks if checks is not None else check(model, None, root))}
+
+
+def reinitialise(model: torch.nn.Module, scheme: str, seed: int) -> torch.nn.Module:
+    """model.init: "he" redraws conv/linear weights of `model` in place (pass a copy) with
+    kaiming_normal_(a=0.2) for LeakyReLU(0.2) and zeroes their biases; "default" leaves it as it is."""
+    if scheme == "default":
+        return model
+    gen = torch.Generator().manual_seed(seed)  # its own generator: the replay's random stream is unchanged
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _WEIGHTED):
+                w = torch.empty(m.weight.shape, dtype=torch.float32)
+                torch.nn.init.kaiming_normal_(w, a=0.2, nonlinearity="leaky_relu", generator=gen)
+                m.weight.copy_(w)
+                if m.bias is not None:
+                    m.bias.zero_()
+    return model

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nanprobe.enums import Status
-from nanprobe.report import Finding, Report, RunReport
+from nanprobe.report import Finding, FixSuggestion, Report, RunReport
 
 _STYLE = {Status.OK: "bold green", Status.UNDERFLOW: "bold yellow", Status.OVERFLOW: "bold red", Status.NAN: "bold red"}
 
@@ -38,7 +38,7 @@ def progress(enabled: bool = True):
     tasks: dict = {}
 
     def on_step(precision, step: int, steps: int) -> None:
-        key = precision.value
+        key = getattr(precision, "value", precision)  # a verification replay passes "fp16 + gp-fp32"
         if key not in tasks:
             tasks[key] = bar.add_task(key, total=steps)
         bar.update(tasks[key], completed=step + 1)
@@ -130,6 +130,14 @@ def _numbers(f: Finding) -> str | None:
     return "\n".join(lines)
 
 
+_MARKS = {True: ("✓ ", "bold green"), False: ("✗ ", "bold red"), None: ("? ", "dim")}
+
+
+def _mark(fix: FixSuggestion) -> tuple:
+    """--verify-fix's marker before a fix id (nothing when verification was not asked for)."""
+    return (_MARKS[fix.verified],) if fix.verification else ()
+
+
 def _run_panel(run: RunReport) -> Panel:
     parts = []
     grid = Table.grid(padding=(0, 2))
@@ -177,13 +185,18 @@ def _run_panel(run: RunReport) -> Panel:
     parts.append(grid)
     if run.fixes:
         top = run.fixes[0]
-        parts.append(Text.assemble(("\nfix: ", "bold"), (top.id, "bold cyan"), f"  {top.title}"))
+        parts.append(Text.assemble(("\nfix: ", "bold"), *_mark(top), (top.id, "bold cyan"), f"  {top.title}"))
         parts.append(Text(top.why, style="italic"))
         parts.append(Syntax(top.snippet, "python", theme="ansi_dark", background_color="default"))
         if top.apply:
             parts.append(Text.assemble(("in the config: ", "dim"), top.apply))
-        for other in run.fixes[1:3]:
-            parts.append(Text.assemble(("also: ", "dim"), (other.id, "cyan"), f"  {other.title}"))
+        if top.verification:
+            parts.append(Text.assemble(("replay: ", "dim"), top.verification))
+        checked = any(f.verification for f in run.fixes)
+        for other in run.fixes[1:] if checked else run.fixes[1:3]:
+            parts.append(Text.assemble(("also: ", "dim"), *_mark(other), (other.id, "cyan"), f"  {other.title}"))
+            if other.verification:
+                parts.append(Text.assemble("      ", (other.verification, "dim")))
     title = f"{run.precision.value} ({run.mode.value}): {run.status.value}"
     return Panel(Group(*parts), title=title, title_align="left", border_style=_STYLE[run.status].split()[-1])
 

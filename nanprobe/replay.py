@@ -16,11 +16,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from nanprobe import fp32_modules
 from nanprobe import stats as st
 from nanprobe import updates
 from nanprobe.config import Config, resolve
 from nanprobe.enums import Mode, Phase, Policy, Precision
 from nanprobe.errors import ConfigError, DeviceError, UserCodeError
+from nanprobe.initialisation import reinitialise
 from nanprobe.loading import Loaded, user_error
 from nanprobe.losses import StepContext, builtin
 from nanprobe.probe import OpEvent, OpProbe
@@ -150,10 +152,15 @@ class _Replay:
         self.progress = progress
         dtype = precision.torch_dtype
         self.model_dtype = dtype if self.half else torch.float32
-        self.critic = copy.deepcopy(loaded.critic).to(device=device, dtype=self.model_dtype).train()
+        critic = reinitialise(copy.deepcopy(loaded.critic), config.model.init, config.seed)
+        self.critic = critic.to(device=device, dtype=self.model_dtype).train()
         self.generator = None
         if loaded.generator is not None:
             self.generator = copy.deepcopy(loaded.generator).to(device=device, dtype=self.model_dtype).train()
+        named = fp32_modules.find({"critic": self.critic, "generator": self.generator}, config.precision.fp32_modules)
+        self.fp32 = named if self.low else {}  # checked in every precision, applied in the low ones
+        for m in self.fp32.values() if self.half else ():
+            m.float()  # fp32 weights (and optimizer state) for the modules kept in fp32
         self.params = dict(("critic." + n, p) for n, p in self.critic.named_parameters())
         self.optimizer = make_optimizer(config, list(self.critic.parameters()))
         self.scaler = None
@@ -207,7 +214,8 @@ class _Replay:
         ctx = self.probe if self.probe is not None else nullcontext()
         watch = RecipeWatch(self.scaler, self._unscaled) if self.scaler is not None and self.probe is not None \
             else nullcontext()
-        with self.op_lists(), ctx, watch:
+        with self.op_lists(), ctx, watch, fp32_modules.outside_autocast(self.fp32, self.device.type,
+                                                       self.model_dtype if self.half else None):
             if self.probe is not None:
                 self.probe.name_params(self.params)
             step = 0

@@ -94,6 +94,12 @@ class FixSuggestion:
     """Code to apply, adapted to the module and dtype."""
     apply: str | None = None
     """Config change that applies it automatically, or None when it needs a code change."""
+    overrides: dict = field(default_factory=dict)
+    """The same change as dotted config keys -> values (what --verify-fix replays); {} when none."""
+    verified: bool | None = None
+    """--verify-fix: True when the replay with the fix is ok, False when it still fails, None when not replayed."""
+    verification: str | None = None
+    """--verify-fix: what the replay with the fix found, or why it was not replayed, in one line."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ FULL_DOC = {
         "generator_args": {"latent_dim": 16},
         "latent_dim": [16, 1, 1],
         "checkpoint": "ckpt/critic.pt",
+        "init": "he",
     },
     "data": {
         "source": "file",
@@ -48,7 +49,7 @@ FULL_DOC = {
         "grad_scaler": True,
         "grad_clip": 1.5,
     },
-    "precision": {"mode": "half", "dtypes": ["fp16", "bf16"], "policy": "native"},
+    "precision": {"mode": "half", "dtypes": ["fp16", "bf16"], "policy": "native", "fp32_modules": ["critic.net.2"]},
     "state": {"z": "dump/z.pt", "rng": "dump/rng.pt", "optimizer": "dump/optimizer.pt", "scaler": "dump/scaler.pt"},
     "device": "cpu",
     "seed": 7,
@@ -80,7 +81,8 @@ def test_load_full_config(tmp_path):
     assert c.data == cfg.DataConfig("file", Path("data/real.npy"), (3, 8, 8), (0.0, 1.0), 2)
     assert c.loss == cfg.LossConfig("r1", 5.0, "fp32", "vector_norm", "steps.py:critic_step")
     assert c.train == cfg.TrainConfig("adamw", 2e-4, (0.5, 0.99), 1e-6, 0.01, 3, True, 1.5)
-    assert c.precision == cfg.PrecisionConfig(Mode.HALF, (Precision.FP16, Precision.BF16), Policy.NATIVE)
+    assert c.model.init == "he"
+    assert c.precision == cfg.PrecisionConfig(Mode.HALF, (Precision.FP16, Precision.BF16), Policy.NATIVE, ("critic.net.2",))
     assert c.state == cfg.StateConfig(*(Path(f"dump/{n}.pt") for n in ("z", "rng", "optimizer", "scaler")))
     assert c.device == "cpu"
     assert c.seed == 7
