@@ -41,17 +41,22 @@ def _setup(dtypes=("fp32",)):
     return config, loading.load(config)
 
 
-def _time(fn, reps: int) -> float:
-    fn()  # warm-up: allocator, kernels, autocast caches
-    times = []
+def _interleaved(fns: dict, reps: int) -> dict:
+    """Median seconds of each function, run in turn every repetition so a change of load hits them alike."""
+    for fn in fns.values():
+        fn()  # warm-up: allocator, kernels, autocast caches
+    times = {k: [] for k in fns}
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def overhead(reps: int, precision_name: str) -> dict:
+    import warnings
+
     import torch
 
     from nanprobe.enums import Precision
@@ -60,19 +65,17 @@ def overhead(reps: int, precision_name: str) -> dict:
     config, loaded = _setup()
     p = Precision(precision_name)
     dev = torch.device("cpu")
-    plain = _time(lambda: replay(config, loaded, p, dev, probe=False), reps)
-    probed = _time(lambda: replay(config, loaded, p, dev, probe=True), reps)
+    warnings.filterwarnings("ignore")
 
     def anomaly():
         with torch.autograd.detect_anomaly(check_nan=True):
             replay(config, loaded, p, dev, probe=False)
 
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    anom = _time(anomaly, reps)
-    return {"precision": precision_name, "plain_s": plain, "probe_s": probed, "probe_ratio": probed / plain,
-            "detect_anomaly_s": anom, "detect_anomaly_ratio": anom / plain}
+    t = _interleaved({"plain": lambda: replay(config, loaded, p, dev, probe=False),
+                      "probe": lambda: replay(config, loaded, p, dev, probe=True), "anomaly": anomaly}, reps)
+    return {"precision": precision_name, "plain_s": t["plain"], "probe_s": t["probe"],
+            "probe_ratio": t["probe"] / t["plain"], "detect_anomaly_s": t["anomaly"],
+            "detect_anomaly_ratio": t["anomaly"] / t["plain"]}
 
 
 def whole(reps: int) -> dict:
@@ -85,9 +88,9 @@ def whole(reps: int) -> dict:
     config, loaded = _setup(("fp32", "fp16", "bf16"))
     dev = torch.device("cpu")
     order = [Precision.FP32, Precision.FP16, Precision.BF16]
-    plain = _time(lambda: [replay(config, loaded, p, dev, probe=False) for p in order], reps)
-    diag = _time(lambda: api.diagnose(config), reps)
-    return {"plain_three_s": plain, "diagnose_s": diag, "diagnose_ratio": diag / plain}
+    t = _interleaved({"plain": lambda: [replay(config, loaded, p, dev, probe=False) for p in order],
+                      "diagnose": lambda: api.diagnose(config)}, reps)
+    return {"plain_three_s": t["plain"], "diagnose_s": t["diagnose"], "diagnose_ratio": t["diagnose"] / t["plain"]}
 
 
 _MEM = """

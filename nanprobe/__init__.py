@@ -29,8 +29,8 @@ _LAZY = {
     "Comparison": ("nanprobe.comparison", "Comparison"),
     "compare_precisions": ("nanprobe.api", "compare_precisions"),
     "cuda_autocast": ("nanprobe.autocast_policy", "cuda_autocast"),
-    "watch": ("nanprobe", "watch"),  # the module nanprobe.watch, itself callable as the function
-    "Watch": ("nanprobe.watch", "Watch"),
+    "watch": ("nanprobe.watching", "watch"),
+    "Watch": ("nanprobe.watching", "Watch"),
 }
 
 
@@ -39,7 +39,5 @@ def __getattr__(name: str):
         import importlib
 
         module, attr = _LAZY[name]
-        if (module, attr) == ("nanprobe", "watch"):
-            return importlib.import_module("nanprobe.watch")
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'nanprobe' has no attribute {name!r}")

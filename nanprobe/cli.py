@@ -1,7 +1,6 @@
 """The command line: parse, call the core, render. No torch import until a command runs."""
 from __future__ import annotations
 
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -42,6 +41,19 @@ class DeviceChoice(str, Enum):
 def _fail(message: str) -> None:
     typer.echo(f"nanprobe: error: {message}", err=True)
     raise typer.Exit(2)
+
+
+def _write_json(text: str, json_out: Optional[str]) -> None:
+    """--json PATH writes the file, --json - prints to stdout, no --json does nothing."""
+    if json_out is None:
+        return
+    if json_out == "-":
+        typer.echo(text)
+        return
+    try:
+        Path(json_out).write_text(text + "\n", encoding="utf-8")
+    except OSError as exc:
+        _fail(f"--json: cannot write {json_out}: {exc.strerror or exc}")
 
 
 def _dtypes(value: Optional[str]) -> Optional[list[str]]:
@@ -115,15 +127,7 @@ def diagnose(
     except KeyboardInterrupt:
         typer.echo("nanprobe: interrupted", err=True)
         raise typer.Exit(130)
-    if json_out is not None:
-        text = report.to_json()
-        if to_stdout:
-            typer.echo(text)
-        else:
-            try:
-                Path(json_out).write_text(text + "\n", encoding="utf-8")
-            except OSError as exc:
-                _fail(f"--json: cannot write {json_out}: {exc.strerror or exc}")
+    _write_json(report.to_json(), json_out)
     if junit is not None:
         from nanprobe.junit import junit_xml
 
@@ -145,76 +149,6 @@ def diagnose(
     if report.interrupted:
         raise typer.Exit(130)
     raise typer.Exit(1 if any(FailOn(fail_on.value).fails(r.status) for r in report.runs) else 0)
-
-
-@app.command("check-data")
-def check_data(
-    config: Path = typer.Argument(..., metavar="CONFIG", help="YAML config whose data.path (data.source: file) is scanned."),
-    json_out: Optional[str] = typer.Option(None, "--json", help="Write the JSON result to PATH ('-' for stdout)."),
-    chunk_mb: float = typer.Option(64.0, "--chunk-mb", min=0.001, help="Megabytes read per chunk (bounds memory)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no terminal report (exit code only)."),
-) -> None:
-    """Scan the whole data file for NaN/Inf samples, constant images and values outside data.range."""
-    from nanprobe import render_checks
-    from nanprobe.datacheck import check_data as run_check
-
-    to_stdout = json_out == "-"
-    try:
-        with render_checks.scan_progress(enabled=not quiet) as on_chunk:
-            rep = run_check(config, progress=on_chunk, chunk_mb=chunk_mb)
-    except NanprobeError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        typer.echo("nanprobe: interrupted", err=True)
-        raise typer.Exit(130)
-    if json_out is not None:
-        if to_stdout:
-            typer.echo(rep.to_json())
-        else:
-            try:
-                Path(json_out).write_text(rep.to_json() + "\n", encoding="utf-8")
-            except OSError as exc:
-                _fail(f"--json: cannot write {json_out}: {exc.strerror or exc}")
-    if not quiet and not to_stdout:
-        render_checks.data_report(rep)
-    raise typer.Exit(0 if rep.ok else 1)
-
-
-@app.command()
-def init(
-    models: Path = typer.Argument(..., metavar="MODELS", help="The Python file that defines your critic and generator."),
-    critic: Optional[str] = typer.Option(None, "--critic", help="Name of the critic class or factory (default: guessed)."),
-    generator: Optional[str] = typer.Option(None, "--generator", help="Name of the generator (default: guessed)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the config to PATH (default: stdout)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite PATH if it exists."),
-) -> None:
-    """Find the critic and generator in MODELS (a dry forward on synthetic input) and write a commented config."""
-    if output is not None and output.exists() and not force:
-        _fail(f"{output} exists; pass --force to overwrite it")
-    if output is not None and not output.parent.is_dir():
-        _fail(f"-o: folder {output.parent} does not exist")
-    if output is not None and output.resolve() == models.resolve():
-        _fail(f"-o: {output} is the models file itself; write the config to a .yaml file")
-    try:
-        from nanprobe.scaffold import scaffold
-
-        result = scaffold(models, critic=critic, generator=generator, config_path=output)
-    except NanprobeError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        typer.echo("nanprobe: interrupted", err=True)
-        raise typer.Exit(130)
-    if output is None:
-        typer.echo(result.text, nl=False)
-        return
-    try:
-        output.write_text(result.text, encoding="utf-8")
-    except OSError as exc:
-        _fail(f"-o: cannot write {output}: {exc.strerror or exc}")
-    g = result.generator
-    found = f"critic {result.critic.name}" + (f", generator {g.name}" if g else ", no generator")
-    shape = "x".join(map(str, (g or result.critic).shape))
-    typer.echo(f"nanprobe: wrote {output} ({found}, samples {shape}); run: nanprobe diagnose {output}", err=True)
 
 
 @app.command("compare-precisions")
@@ -260,15 +194,7 @@ def compare_precisions(
     except KeyboardInterrupt:
         typer.echo("nanprobe: interrupted", err=True)
         raise typer.Exit(130)
-    if json_out is not None:
-        text = result.to_json()
-        if to_stdout:
-            typer.echo(text)
-        else:
-            try:
-                Path(json_out).write_text(text + "\n", encoding="utf-8")
-            except OSError as exc:
-                _fail(f"--json: cannot write {json_out}: {exc.strerror or exc}")
+    _write_json(result.to_json(), json_out)
     if plot is not None:
         from nanprobe.plot import plot_ranges
 
@@ -281,6 +207,69 @@ def compare_precisions(
     from nanprobe.enums import FailOn
 
     raise typer.Exit(1 if any(FailOn(fail_on.value).fails(s.status) for s in result.summaries) else 0)
+
+
+@app.command("check-data")
+def check_data(
+    config: Path = typer.Argument(..., metavar="CONFIG", help="YAML config whose data.path (data.source: file) is scanned."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the JSON result to PATH ('-' for stdout)."),
+    chunk_mb: float = typer.Option(64.0, "--chunk-mb", min=0.001, help="Megabytes read per chunk (bounds memory)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no terminal report (exit code only)."),
+) -> None:
+    """Scan the whole data file for NaN/Inf samples, constant images and values outside data.range."""
+    from nanprobe import render_checks
+    from nanprobe.datacheck import check_data as run_check
+
+    to_stdout = json_out == "-"
+    try:
+        with render_checks.scan_progress(enabled=not quiet) as on_chunk:
+            rep = run_check(config, progress=on_chunk, chunk_mb=chunk_mb)
+    except NanprobeError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("nanprobe: interrupted", err=True)
+        raise typer.Exit(130)
+    _write_json(rep.to_json(), json_out)
+    if not quiet and not to_stdout:
+        render_checks.data_report(rep)
+    raise typer.Exit(0 if rep.ok else 1)
+
+
+@app.command()
+def init(
+    models: Path = typer.Argument(..., metavar="MODELS", help="The Python file that defines your critic and generator."),
+    critic: Optional[str] = typer.Option(None, "--critic", help="Name of the critic class or factory (default: guessed)."),
+    generator: Optional[str] = typer.Option(None, "--generator", help="Name of the generator (default: guessed)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the config to PATH (default: stdout)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite PATH if it exists."),
+) -> None:
+    """Find the critic and generator in MODELS (a dry forward on synthetic input) and write a commented config."""
+    if output is not None and output.exists() and not force:
+        _fail(f"{output} exists; pass --force to overwrite it")
+    if output is not None and not output.parent.is_dir():
+        _fail(f"-o: folder {output.parent} does not exist")
+    if output is not None and output.resolve() == models.resolve():
+        _fail(f"-o: {output} is the models file itself; write the config to a .yaml file")
+    try:
+        from nanprobe.scaffold import scaffold
+
+        result = scaffold(models, critic=critic, generator=generator, config_path=output)
+    except NanprobeError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("nanprobe: interrupted", err=True)
+        raise typer.Exit(130)
+    if output is None:
+        typer.echo(result.text, nl=False)
+        return
+    try:
+        output.write_text(result.text, encoding="utf-8")
+    except OSError as exc:
+        _fail(f"-o: cannot write {output}: {exc.strerror or exc}")
+    g = result.generator
+    found = f"critic {result.critic.name}" + (f", generator {g.name}" if g else ", no generator")
+    shape = "x".join(map(str, (g or result.critic).shape))
+    typer.echo(f"nanprobe: wrote {output} ({found}, samples {shape}); run: nanprobe diagnose {output}", err=True)
 
 
 def main() -> None:

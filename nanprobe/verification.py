@@ -54,10 +54,9 @@ class _Replays:
     def get(self, config: cfg.Config, precision: Precision, label: str) -> Trace:
         k = _key(config, precision)
         if k not in self.cache:
-            on_step = None
-            if self.progress is not None:
-                def on_step(p, step, steps):
-                    self.progress(f"{p.value} + {label}", step, steps)
+            progress = self.progress
+            on_step = None if progress is None else (
+                lambda p, step, steps: progress(f"{p.value} + {label}", step, steps))
             self.cache[k] = rp.replay(config, self.loaded, precision, self.device, probe=True, progress=on_step)
         return self.cache[k]
 

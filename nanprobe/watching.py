@@ -9,7 +9,6 @@ build a Config of that step and run `diagnose` on it (fp32 and the step's precis
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -423,13 +422,3 @@ def watch(critic: torch.nn.Module, generator: torch.nn.Module | None = None,
     generator_ref/generator_args, loss_ref (how a dump's config names your code).
     """
     return Watch(critic, generator, optimizer, scaler, **options)
-
-
-class _CallableModule(type(sys.modules[__name__])):
-    # Importing this submodule sets the package attribute `nanprobe.watch` to the module, whatever
-    # nanprobe/__init__.py put there; making the module callable keeps `nanprobe.watch(critic, ...)` working.
-    def __call__(self, *args, **kwargs) -> Watch:
-        return watch(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
