@@ -277,7 +277,11 @@ def check_replayed(config: cfg.Config, data, steps: int | None = None) -> DataRe
     chunk = data[idx] if isinstance(data, np.ndarray) else data[idx.tolist()]
     x = datafile.as_2d(chunk)
     tally.add(idx, x)
-    return tally.report(path=str(cfg.resolve(config, config.data.path)), format=Path(str(config.data.path)).suffix.lstrip("."),
+    path = config.data.path
+    # A tensor or array passed from Python (nanprobe.watch, the API) has no file to name.
+    where, fmt = (str(cfg.resolve(config, path)), path.suffix.lstrip(".")) if isinstance(path, Path) else \
+        ("the batch passed in", type(path).__name__)
+    return tally.report(path=where, format=fmt,
                        dtype=str(data.dtype), shape=tuple(data.shape), samples=len(idx), nbytes=int(x.nbytes),
                        memory_mapped=isinstance(data, np.memmap), scope="replayed",
                        notes=(f"only the {len(idx)} samples the replay uses were checked; run "

@@ -2,7 +2,7 @@
 GitHub annotations and JUnit reports (no rich, no torch)."""
 from __future__ import annotations
 
-from nanprobe.enums import FailOn, Precision
+from nanprobe.enums import FailOn, Precision, Status
 from nanprobe.report import Finding, Report, RunReport
 
 
@@ -42,6 +42,8 @@ def message(run: RunReport) -> str:
         lines.append(f"first non-finite: {where(n)}")
         lines.append(f"  {n.detail}")
     lines.extend(f"note: {note}" for note in run.notes)
+    if run.status is not Status.OK and not run.precision.is_low:
+        lines.append("note: it fails in fp32: this is not a precision problem")
     if run.fixes:
         top = run.fixes[0]
         lines.append(f"fix: {top.id}  {top.title}" + (f" (in the config: {top.apply})" if top.apply else ""))
