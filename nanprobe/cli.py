@@ -82,6 +82,9 @@ def diagnose(
     # A plain string, checked by the config, so a bad value is one line naming precision.policy.
     policy: Optional[str] = typer.Option(
         None, "--policy", help="cuda (default: a CPU replay casts each op as CUDA autocast would) or native."),
+    kernels: Optional[str] = typer.Option(
+        None, "--kernels", help="emulated (default on the CPU: fp16/bf16 ops in fp32, each output rounded, as a GPU "
+                                "does) or native (the CPU's own, ~20x slower); a CUDA replay runs its own."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Critic steps replayed per precision."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no terminal report (exit code only)."),
     verify_fix: bool = typer.Option(False, "--verify-fix",
@@ -104,7 +107,7 @@ def diagnose(
 
     overrides = {"dtypes": _dtypes(dtype), "mode": mode.value if mode else None,
                  "device": device.value if device else None, "steps": steps,
-                 "policy": policy}
+                 "policy": policy, "kernels": kernels}
     to_stdout = json_out == "-"
     try:
         with render.progress(enabled=not quiet) as on_progress:
@@ -165,6 +168,9 @@ def compare_precisions(
     device: Optional[DeviceChoice] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     policy: Optional[str] = typer.Option(
         None, "--policy", help="cuda (default: a CPU replay casts each op as CUDA autocast would) or native."),
+    kernels: Optional[str] = typer.Option(
+        None, "--kernels", help="emulated (default on the CPU: fp16/bf16 ops in fp32, each output rounded, as a GPU "
+                                "does) or native (the CPU's own, ~20x slower); a CUDA replay runs its own."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no terminal report (exit code only)."),
 ) -> None:
     """Replay the same steps in fp32, fp16 and bf16 and show, per module, where each departs from fp32."""
@@ -182,7 +188,8 @@ def compare_precisions(
     if low == []:  # fp32 is the reference, not a precision to compare
         _fail("--dtypes: give fp16, bf16 or both (fp32 is always replayed as the reference)")
     overrides = {"dtypes": low, "mode": mode.value if mode else None,
-                 "device": device.value if device else None, "steps": steps, "policy": policy}
+                 "device": device.value if device else None, "steps": steps, "policy": policy,
+                 "kernels": kernels}
     to_stdout = json_out == "-"
     try:
         with render.progress(enabled=not quiet) as on_progress:

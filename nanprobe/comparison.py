@@ -24,7 +24,7 @@ import torch
 from nanprobe import diagnosis, replay
 from nanprobe import stats as st
 from nanprobe.config import Config, to_dict
-from nanprobe.enums import FindingKind, Mode, Phase, Precision, Status
+from nanprobe.enums import FindingKind, Kernels, Mode, Phase, Precision, Status
 from nanprobe.loading import Loaded
 from nanprobe.probe import OpEvent
 from nanprobe.report import Finding, FixSuggestion, StepMetrics, _plain
@@ -164,6 +164,8 @@ class PrecisionSummary:
     """Ops aligned with an fp32 op (all of them for fp32)."""
     fixes: tuple[FixSuggestion, ...] = ()
     """Fixes from the catalogue for its issue, best first."""
+    kernels: Kernels = Kernels.NATIVE
+    """emulated (fp16/bf16 ops computed in fp32 on the CPU, each output rounded, as GPU kernels do) | native."""
 
 
 @dataclass(frozen=True)
@@ -494,7 +496,8 @@ def compare(config: Config, loaded: Loaded, device: torch.device, precisions: tu
             overflow_ops=kinds.get(FindingKind.OVERFLOW, 0), underflow_ops=kinds.get(FindingKind.UNDERFLOW, 0),
             nan_ops=kinds.get(FindingKind.NAN, 0),
             headroom_max=_min(h[0] for h in heads), headroom_normal=_min(h[1] for h in heads),
-            departs_at=m.get("departs_at"), ops=len(live), aligned=m.get("aligned", len(live)), fixes=run.fixes))
+            departs_at=m.get("departs_at"), ops=len(live), aligned=m.get("aligned", len(live)), fixes=run.fixes,
+            kernels=trace.kernels))
     summaries = tuple(summaries)
     return Comparison(
         config=str(config.source) if config.source else None, device=device_name, torch=torch.__version__,

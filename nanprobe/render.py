@@ -201,10 +201,20 @@ def _run_panel(run: RunReport) -> Panel:
     return Panel(Group(*parts), title=title, title_align="left", border_style=_STYLE[run.status].split()[-1])
 
 
+def kernels_note(runs) -> str:
+    """", fp16/bf16 kernels emulated" when a low precision ran on emulated kernels (the CPU's default)."""
+    low = [r for r in runs if r.precision.is_low]
+    if not low:
+        return ""
+    kinds = sorted({r.kernels.value for r in low})
+    return f", {'/'.join(r.precision.value for r in low)} kernels {'+'.join(kinds)}"
+
+
 def report(rep: Report, console: Console | None = None) -> None:
     """Print the verdicts first, then a panel per precision with a finding."""
     console = console or Console()
-    console.print(Text.assemble(("nanprobe diagnose ", "bold"), rep.config or "", (f"  ({rep.device}, torch {rep.torch})", "dim")))
+    console.print(Text.assemble(("nanprobe diagnose ", "bold"), rep.config or "",
+                                (f"  ({rep.device}, torch {rep.torch}{kernels_note(rep.runs)})", "dim")))
     console.print(_summary_table(rep))
     if rep.interrupted:
         console.print(Text(rep.interrupted, style="bold yellow"))

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from nanprobe.enums import FindingKind, Mode, Phase, Precision, Status
+from nanprobe.enums import FindingKind, Kernels, Mode, Phase, Precision, Status
 
 if TYPE_CHECKING:
     from nanprobe.datacheck import DataReport
@@ -174,6 +174,8 @@ class RunReport:
     """The op that kept making inf while GradScaler's scale fell (every step skipped, or a skip that never recovers)."""
     unscaled_penalty: Finding | None = None
     """A torch.autograd.grad call on outputs the GradScaler did not scale (the penalty skips the AMP recipe)."""
+    kernels: Kernels = Kernels.NATIVE
+    """emulated (fp16/bf16 ops computed in fp32 on the CPU, each output rounded, as GPU kernels do) | native."""
 
 
 @dataclass(frozen=True)
