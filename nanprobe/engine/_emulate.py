@@ -38,7 +38,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from nanprobe.engine.compat import DispatchKey, DispatchKeySet, TorchDispatchMode, exclude_dispatch_keys, op_schema
 
 LOW = frozenset({torch.float16, torch.bfloat16})
 _FLOATING = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
@@ -63,7 +64,7 @@ class _Plan:
     __slots__ = ("native", "written")
 
     def __init__(self, func):
-        schema = func._schema
+        schema = op_schema(func)
         returns_alias = any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
         self.native = (func.is_view or returns_alias or func.overloadpacket.__name__ in _NATIVE
                        or _is_random(func) or not any("Tensor" in str(r.type) for r in schema.returns)
@@ -194,8 +195,7 @@ class _Rounder:
         return out
 
 
-_NO_AUTOCAST = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU) | \
-    torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA)
+_NO_AUTOCAST = DispatchKeySet(DispatchKey.AutocastCPU) | DispatchKeySet(DispatchKey.AutocastCUDA)
 
 
 def _dropout(func, args, kwargs):
@@ -218,7 +218,7 @@ class _EmulateMode(TorchDispatchMode):
                 return _dropout(func, args, kwargs)
             return func(*args, **kwargs)
         # Casts made here must not be autocast again (an op autocast falls through keeps it enabled).
-        with torch._C._ExcludeDispatchKeyGuard(_NO_AUTOCAST):
+        with exclude_dispatch_keys(_NO_AUTOCAST):
             copies: dict = {}
             up_args = [_up(a, copies) for a in args]
             up_kwargs = {k: _up(v, copies) for k, v in kwargs.items()}

@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 import nanprobe
-from nanprobe import autocast_policy as ap
-from nanprobe import config as cfg
 from nanprobe.cli import app
+from nanprobe.engine import autocast_policy as ap
 from nanprobe.engine._emulate import emulated_kernels, fallbacks
+from nanprobe.engine.probe import OpProbe
+from nanprobe.engine.replay import kernels_for
 from nanprobe.enums import Kernels, Precision
-from nanprobe.probe import OpProbe
-from nanprobe.replay import kernels_for
+from nanprobe.io import config as cfg
 
 H, B = torch.float16, torch.bfloat16
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -90,7 +90,7 @@ def test_output_dtypes_follow_the_ops_own_rules():
 @pytest.mark.parametrize("dtype", [H, B], ids=["fp16", "bf16"])
 def test_every_autocast_sample_keeps_its_dtype_and_values(dtype):
     """CUDA autocast's whole op table, each op's output as native kernels give it, to within its rounding."""
-    from test_autocast_policy import SAMPLES
+    from tests.engine.test_autocast_policy import SAMPLES
 
     for name, sample in SAMPLES.items():
         with ap.cuda_autocast(dtype):
