@@ -16,6 +16,7 @@ from collections import defaultdict
 import torch
 
 from nanprobe import fixes as fx
+from nanprobe import raised
 from nanprobe import stats as st
 from nanprobe.config import Config
 from nanprobe.enums import FindingKind, Phase, Precision, Status
@@ -409,8 +410,9 @@ def analyse(config: Config, traces: dict[Precision, Trace], requested: tuple[Pre
             init_ratios: dict, device: str, init_checks: tuple = ()) -> tuple[RunReport, ...]:
     """RunReports for the requested precisions (fp32 is the reference whether requested or not)."""
     ref = traces[Precision.FP32]
-    found = {p: analyse_trace(t, ref) for p, t in traces.items()}
-    context = {"fp32_status": found[Precision.FP32]["status"],
-               "statuses": {p: f["status"] for p, f in found.items()},
+    found = {p: analyse_trace(t, ref) for p, t in traces.items() if t.error is None}
+    status_of = raised.statuses(traces, {p: f["status"] for p, f in found.items()})
+    context = {"fp32_status": status_of[Precision.FP32], "statuses": status_of,
                "fix_settings": fix_settings(config, init_ratios, device, init_checks)}
-    return tuple(build_run(traces[p], found[p], context) for p in requested)
+    return tuple(raised.errored_run(traces[p], status_of, context["fix_settings"]) if traces[p].error is not None
+                 else build_run(traces[p], found[p], context) for p in requested)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from nanprobe.enums import FindingKind, Mode, Phase, Precision, Status
-from nanprobe.report import Finding, FixSuggestion
+from nanprobe.report import Finding, FixSuggestion, ReplayError
 
 INIT_FACTOR = 8.0  # weight std this many times the He value (or 1/this) counts as bad initialisation
 # Below the He value, flagging starts lower: DCGAN's N(0, 0.02) puts an RGB input conv ~10x below He
@@ -70,6 +70,8 @@ class FixContext:
     """The step calls torch.autograd.grad on outputs the GradScaler did not scale."""
     weight_growth: float = 1.0
     """Weight norm at the failing step over step 0's."""
+    error: ReplayError | None = None
+    """What the replay raised (status error), or None."""
 
     def phases(self) -> set:
         return {f.phase for f in (self.issue, self.nonfinite, self.collapse) if f is not None}
@@ -218,7 +220,17 @@ def _data(c: FixContext) -> float:
     return 100.0 if c.issue is not None and c.issue.phase is Phase.DATA else 0.0
 
 
+def _op_name(op: str | None) -> str:
+    """binary_cross_entropy for aten.binary_cross_entropy.default and torch.nn.functional.binary_cross_entropy."""
+    if not op:
+        return ""
+    return op.split(".")[1] if op.startswith("aten.") else op.rsplit(".", 1)[-1]
+
+
 def _logits(c: FixContext) -> float:
+    e = c.error
+    if e is not None and _op_name(e.op) == "binary_cross_entropy" and "autocast" in e.message:
+        return 99.0  # autocast refuses BCE on probabilities (CUDA's lists): the logits form is its own fix
     for f in (c.issue, c.nonfinite):
         if f is not None and f.op.startswith("aten.log") and "aten.sigmoid" in f.numbers.get("producer_ops", ()):
             return 98.0
@@ -237,12 +249,15 @@ CATALOGUE: tuple[Fix, ...] = (
         "x = x[~(bad | constant)]\n"
         "{normalise}",
         None, _data),
-    Fix("logits-loss", "Use a logits loss (softplus) instead of log(sigmoid(x))",
+    Fix("logits-loss", "Use a logits loss (softplus, BCE-with-logits) instead of log(sigmoid(x)) or BCELoss",
         "sigmoid(x) rounds to exactly 0 or 1 in low precision for |x| above ~17 (fp16), so log gives -inf "
-        "and the gradient NaN; softplus computes the same loss from the logits without the rounding.",
+        "and the gradient NaN, and CUDA autocast refuses nn.BCELoss on probabilities for that reason; softplus "
+        "and BCE-with-logits compute the same loss from the logits without the rounding.",
         "loss_real = F.softplus(-d_real).mean()   # = -log(sigmoid(d_real))\n"
         "loss_fake = F.softplus(d_fake).mean()    # = -log(1 - sigmoid(d_fake))\n"
-        "# or F.binary_cross_entropy_with_logits(d, target)",
+        "# or, in place of nn.BCELoss() on torch.sigmoid(critic(x)):\n"
+        "criterion = nn.BCEWithLogitsLoss()\n"
+        "loss = criterion(critic(x), target)      # the logits, no sigmoid",
         None, _logits),
     Fix("init", "Re-initialise the weights at the Glorot/He scale",
         "Weights far above the He scale multiply activations at every layer, so they leave the range of "
@@ -434,7 +449,7 @@ def adapt(fix_id: str, **values: str) -> FixSuggestion:
 
 def rank(c: FixContext, limit: int = 5) -> tuple[FixSuggestion, ...]:
     """The fixes the finding points at, best first, adapted to it."""
-    if c.issue is None and c.nonfinite is None and c.collapse is None:
+    if c.issue is None and c.nonfinite is None and c.collapse is None and c.error is None:
         return ()
     scored = []
     for i, fix in enumerate(CATALOGUE):

@@ -12,7 +12,8 @@ from rich.text import Text
 from nanprobe.enums import Status
 from nanprobe.report import Finding, FixSuggestion, Report, RunReport
 
-_STYLE = {Status.OK: "bold green", Status.UNDERFLOW: "bold yellow", Status.OVERFLOW: "bold red", Status.NAN: "bold red"}
+_STYLE = {Status.OK: "bold green", Status.UNDERFLOW: "bold yellow", Status.OVERFLOW: "bold red", Status.NAN: "bold red",
+          Status.ERROR: "bold magenta"}
 
 
 def _num(x) -> str:
@@ -98,6 +99,11 @@ def _trend_table(report: Report) -> Table:
     return t
 
 
+def _short(source: str | None) -> str:
+    """models.py:41 for /long/path/models.py:41 (the panel below shows the whole path)."""
+    return "-" if not source else source.replace("\\", "/").rsplit("/", 1)[-1]
+
+
 def _summary_table(report: Report) -> Table:
     t = Table(title=None, show_lines=False, header_style="bold")
     for col in ("precision", "mode", "status", "first issue", "loss", "penalty", "grad norm"):
@@ -108,6 +114,9 @@ def _summary_table(report: Report) -> Table:
         if run.first_issue is not None:
             f = run.first_issue
             issue = f"{f.kind.value} in {f.phase.value} at {f.module or f.op.removeprefix('aten.').split('.')[0]} (step {f.step})"
+        elif run.error is not None:
+            e = run.error
+            issue = f"{e.exception} in {e.phase.value} at {_short(e.source)} (step {e.step})"
         t.add_row(run.precision.value, run.mode.value, Text(run.status.value, style=_STYLE[run.status]), issue,
                   _num(last.loss if last else None), _num(last.penalty if last else None),
                   _num(last.grad_norm if last else None))
@@ -144,6 +153,11 @@ def _run_panel(run: RunReport) -> Panel:
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
     f = run.first_issue
+    e = run.error
+    if e is not None:
+        grid.add_row("error", Text.assemble((e.exception, _STYLE[Status.ERROR]), f": {e.message}"))
+        grid.add_row("source", e.source or "-")
+        grid.add_row("op", f"{e.op or '-'} · {e.phase.value} · step {e.step}")
     if f is not None:
         grid.add_row("first issue", Text.assemble((f"{f.kind.value}", _STYLE[Status(f.kind.value)]),
                                                   f" · {f.phase.value} · step {f.step} · {_where(f)}"))
