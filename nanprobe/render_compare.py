@@ -80,7 +80,8 @@ def summary_table(c: Comparison) -> Table:
     row("ops over/underflow/nan", lambda s: f"{s.overflow_ops}/{s.underflow_ops}/{s.nan_ops}")
     row("headroom to max (2^k)", lambda s: _room(s.headroom_max))
     row("headroom to min normal", lambda s: _room(s.headroom_normal))
-    row("departs from fp32 at", lambda s: "-" if not s.precision.is_low else _departs(s.departs_at))
+    row("departs from fp32 at", lambda s: "-" if not s.precision.is_low else
+        f"raised {s.error.exception} at {s.error.source or '-'}" if s.error is not None else _departs(s.departs_at))
     return t
 
 

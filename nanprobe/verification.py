@@ -110,6 +110,10 @@ def _replayed(config: cfg.Config, run: RunReport, fix: FixSuggestion, replays: _
         return replace(fix, verified=None, verification=f"not replayed: it cannot be applied to this config ({exc})")
     except UserCodeError as exc:
         return replace(fix, verified=False, verification=f"{line}: the replay failed: {exc}")
+    for t in (ref, trace):
+        if t.error is not None:  # the step raises under the fix: it is no fix
+            return replace(fix, verified=False, verification=(
+                f"{line}: the {t.precision.value} replay raised {t.error.line}"))
     ref_found, found = analyse_trace(ref, None), analyse_trace(trace, ref)
     status, p = found["status"], target.value
     if ref_found["status"] is not Status.OK:
