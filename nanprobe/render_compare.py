@@ -60,6 +60,11 @@ def _departs(d: Departure | None) -> str:
     return f"{d.module} · {d.phase.value} (step {d.step})"
 
 
+def _file_line(source: str | None) -> str:
+    """train.py:41 for /long/path/train.py:41 (the line under the table gives the whole path)."""
+    return "-" if not source else source.replace("\\", "/").rsplit("/", 1)[-1]
+
+
 def summary_table(c: Comparison) -> Table:
     t = Table(header_style="bold", box=box.SIMPLE_HEAD, title="per precision (fp32 is the reference)",
               title_justify="left")
@@ -81,7 +86,7 @@ def summary_table(c: Comparison) -> Table:
     row("headroom to max (2^k)", lambda s: _room(s.headroom_max))
     row("headroom to min normal", lambda s: _room(s.headroom_normal))
     row("departs from fp32 at", lambda s: "-" if not s.precision.is_low else
-        f"raised {s.error.exception} at {s.error.source or '-'}" if s.error is not None else _departs(s.departs_at))
+        f"raised {s.error.exception} at {_file_line(s.error.source)}" if s.error is not None else _departs(s.departs_at))
     return t
 
 
@@ -201,7 +206,12 @@ def _departure_lines(c: Comparison) -> list[Text]:
     for s in c.summaries:
         if not s.precision.is_low:
             continue
-        d = s.departs_at
+        d, e = s.departs_at, s.error
+        if e is not None:
+            out.append(Text.assemble((f"{s.precision.value}", "bold"), " raised ", (e.exception, _STYLE[s.status]),
+                                     f" at {e.op or '-'} ({e.source or 'no source'}, {e.phase.value}, step {e.step}): "
+                                     f"{e.message} Only the ops before it are compared."))
+            continue
         if d is None:
             out.append(Text.assemble((f"{s.precision.value}", "bold"), f" stays close to fp32: no op adds more than "
                                      f"{DEPARTURE:g} eps of {s.precision.value} ({_err(DEPARTURE * _eps(s.precision))}) "
