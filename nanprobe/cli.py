@@ -75,7 +75,8 @@ def diagnose(
     config: Path = typer.Argument(..., metavar="CONFIG", help="YAML config (see the README's config reference)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the JSON report to PATH ('-' for stdout)."),
     fail_on: FailOnChoice = typer.Option(FailOnChoice.overflow, "--fail-on",
-                                         help="Exit 1 at this status or worse (overflow also counts nan)."),
+                                         help="Exit 1 at this status or worse (overflow also counts nan); "
+                                              "error (a precision whose step raised) always counts."),
     dtype: Optional[str] = typer.Option(None, "--dtype", "--precision", help="Precisions to replay, e.g. fp16,bf16."),
     mode: Optional[ModeChoice] = typer.Option(None, "--mode", help="amp (autocast) or half (model cast)."),
     device: Optional[DeviceChoice] = typer.Option(None, "--device", help="auto, cpu or cuda."),
@@ -160,7 +161,8 @@ def compare_precisions(
     top: int = typer.Option(10, "--top", min=1, help="Rows of the per-module table."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the range view to PATH.png (needs matplotlib)."),
     fail_on: FailOnChoice = typer.Option(FailOnChoice.overflow, "--fail-on",
-                                         help="Exit 1 at this status or worse (overflow also counts nan)."),
+                                         help="Exit 1 at this status or worse (overflow also counts nan); "
+                                              "error (a precision whose step raised) always counts."),
     mode: Optional[ModeChoice] = typer.Option(None, "--mode", help="amp (autocast) or half (model cast)."),
     device: Optional[DeviceChoice] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     policy: Optional[str] = typer.Option(

@@ -89,6 +89,22 @@ def caller_random_state() -> Iterator[None]:
         saved.restore()
 
 
+@contextmanager
+def _deterministic_kernels(device: torch.device) -> Iterator[None]:
+    """cuDNN's deterministic algorithms for the replay (its autotuned ones may differ run to run); the
+    caller's settings afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
+
+
 @dataclass
 class Trace:
     """What one precision's replay produced (internal; the diagnosis turns it into a report)."""
@@ -505,8 +521,10 @@ def replay(config: Config, loaded: Loaded, precision: Precision, device: torch.d
     on_record is passed to the OpProbe; on_grads(step, {name: grad}) sees the unscaled parameter
     gradients of each step before clipping and the optimizer step. Every replay of a config starts
     from the same state of every global generator (torch, numpy, random), so each precision draws the
-    same numbers; the caller's states are restored afterwards.
+    same numbers; the caller's states are restored afterwards. When the user's step raises, the replay
+    stops there and the trace's `error` says what, where and at which op (trace.raise_error() turns it
+    into a UserCodeError for callers with no use for a failed precision).
     """
-    with caller_random_state():
+    with caller_random_state(), _deterministic_kernels(device):
         start = RandomState.seeded(config.seed)
         return _Replay(config, loaded, precision, device, probe, progress, on_record, on_grads).run(start)
