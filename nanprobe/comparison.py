@@ -135,7 +135,7 @@ class PrecisionSummary:
     mode: Mode
     """amp | half."""
     status: Status
-    """ok | underflow | overflow | nan, as `diagnose` judges it."""
+    """ok | underflow | overflow | nan | error (the step raised), as `diagnose` judges it."""
     first_issue: Finding | None
     """The earliest op with a problem, as `diagnose` reports it."""
     metrics: tuple[StepMetrics, ...]
