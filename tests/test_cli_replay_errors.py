@@ -13,7 +13,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import FIXTURES, TINY, base_doc, line_of, merge, ref
+from tests.conftest import FIXTURES, TINY, base_doc, line_of, merge, ref
 from nanprobe.cli import app
 
 runner = CliRunner()

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from nanprobe import fixes
+from nanprobe.analysis import fixes
 from nanprobe.enums import FailOn, Mode, Phase, Precision, Status
-from nanprobe.report import ReplayError
+from nanprobe.model.report import ReplayError
 
 REFUSED = ("torch.nn.functional.binary_cross_entropy and torch.nn.BCELoss are unsafe to autocast.")
 

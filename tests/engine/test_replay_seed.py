@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import nanprobe
-from conftest import FIXTURES, line_of
+from tests.conftest import FIXTURES, line_of
 
 GAN = FIXTURES / "numpy_random_gan.py"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from nanprobe.enums import Mode, Phase, Precision, Status
-from nanprobe.github import annotations
-from nanprobe.junit import junit_xml
-from nanprobe.report import FixSuggestion, ReplayError, Report, RunReport
-from nanprobe.verdict import failing, headline, message, verdict
+from nanprobe.formats.github import annotations
+from nanprobe.formats.junit import junit_xml
+from nanprobe.model.report import FixSuggestion, ReplayError, Report, RunReport
+from nanprobe.model.verdict import failing, headline, message, verdict
 
 FIX = FixSuggestion("logits-loss", "Use a logits loss", "why", "criterion = nn.BCEWithLogitsLoss()")
 

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 import nanprobe.api
-from nanprobe import pytest_plugin
-from conftest import FIXTURES, base_doc, line_of, merge
+from nanprobe.integrations import pytest_plugin
+from tests.conftest import FIXTURES, base_doc, line_of, merge
 
 pytest_plugins = ["pytester"]
 
