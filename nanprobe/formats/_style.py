@@ -15,3 +15,8 @@ def num(x: float | None) -> str:
     if x != x:
         return "nan"
     return f"{x:.4g}"
+
+
+def file_line(source: str | None) -> str:
+    """train.py:41 for /long/path/train.py:41, where a table has no room for the path; "-" for None."""
+    return "-" if not source else source.replace("\\", "/").rsplit("/", 1)[-1]

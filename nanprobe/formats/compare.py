@@ -11,7 +11,7 @@ from rich.text import Text
 from nanprobe.model.comparison import Comparison, Departure, DtypeRange, ModuleDivergence
 from nanprobe.thresholds import DEPARTURE
 from nanprobe.enums import Phase, Precision
-from nanprobe.formats._style import STYLE, num
+from nanprobe.formats._style import STYLE, file_line, num
 
 RANGE_ROWS = 32
 """Rows of the range view; when there are more, those whose largest values are nearest fp16's edges."""
@@ -61,11 +61,6 @@ def _departs(d: Departure | None) -> str:
     return f"{d.module} · {d.phase.value} (step {d.step})"
 
 
-def _file_line(source: str | None) -> str:
-    """train.py:41 for /long/path/train.py:41 (the line under the table gives the whole path)."""
-    return "-" if not source else source.replace("\\", "/").rsplit("/", 1)[-1]
-
-
 def summary_table(c: Comparison) -> Table:
     t = Table(header_style="bold", box=box.SIMPLE_HEAD, title="per precision (fp32 is the reference)",
               title_justify="left")
@@ -87,7 +82,7 @@ def summary_table(c: Comparison) -> Table:
     row("headroom to max (2^k)", lambda s: _room(s.headroom_max))
     row("headroom to min normal", lambda s: _room(s.headroom_normal))
     row("departs from fp32 at", lambda s: "-" if not s.precision.is_low else
-        f"raised {s.error.exception} at {_file_line(s.error.source)}" if s.error is not None else _departs(s.departs_at))
+        f"raised {s.error.exception} at {file_line(s.error.source)}" if s.error is not None else _departs(s.departs_at))
     return t
 
 

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nanprobe.enums import Status
-from nanprobe.formats._style import STYLE, num
+from nanprobe.formats._style import STYLE, file_line, num
 from nanprobe.model.report import Finding, FixSuggestion, Report, RunReport
 
 
@@ -89,11 +89,6 @@ def _trend_table(report: Report) -> Table:
     return t
 
 
-def _short(source: str | None) -> str:
-    """models.py:41 for /long/path/models.py:41 (the panel below shows the whole path)."""
-    return "-" if not source else source.replace("\\", "/").rsplit("/", 1)[-1]
-
-
 def _summary_table(report: Report) -> Table:
     t = Table(title=None, show_lines=False, header_style="bold")
     for col in ("precision", "mode", "status", "first issue", "loss", "penalty", "grad norm"):
@@ -106,7 +101,7 @@ def _summary_table(report: Report) -> Table:
             issue = f"{f.kind.value} in {f.phase.value} at {f.module or f.op.removeprefix('aten.').split('.')[0]} (step {f.step})"
         elif run.error is not None:
             e = run.error
-            issue = f"{e.exception} in {e.phase.value} at {_short(e.source)} (step {e.step})"
+            issue = f"{e.exception} in {e.phase.value} at {file_line(e.source)} (step {e.step})"
         t.add_row(run.precision.value, run.mode.value, Text(run.status.value, style=STYLE[run.status]), issue,
                   num(last.loss if last else None), num(last.penalty if last else None),
                   num(last.grad_norm if last else None))
