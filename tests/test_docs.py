@@ -170,3 +170,12 @@ def test_docs_name_only_real_commands_and_options():
                     wrong.append(f"{_rel(page)}: nanprobe {command} has no option {option}")
     assert not wrong, "\n".join(wrong)
 
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_repository_paths_named_in_prose_exist(page):
+    # A file moved by a restructure leaves `tests/test_x.py` behind in the docs unless something checks it.
+    named = re.findall(r"`((?:tests|configs|benchmarks|examples|nanprobe|docs)/[\w/.-]+\.(?:py|yaml|yml|md|npy|pt))",
+                       _prose(page.read_text(encoding="utf-8")))
+    missing = sorted({p for p in named if "X" not in p and not (ROOT / p).exists()})
+    assert not missing, f"{_rel(page)} names files that do not exist: {', '.join(missing)}"
