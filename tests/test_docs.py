@@ -69,7 +69,7 @@ def test_generated_references_match_the_code():
 
 def test_generated_references_cover_every_key_option_and_fix():
     gen = _generator()
-    config_page, cli_page, fixes_page = gen.config_md(), gen.cli_md(), gen.fixes_md()
+    config_page, cli_page, fixes_page, thresholds_page = gen.config_md(), gen.cli_md(), gen.fixes_md(), gen.thresholds_md()
     config = gen._module("nanprobe.io.config", "nanprobe.config")
     for spec in config.schema():
         assert f"`{spec.key}`" in config_page
@@ -78,6 +78,9 @@ def test_generated_references_cover_every_key_option_and_fix():
         assert f"## {fid}\n" in fixes_page
     for command in ("diagnose", "compare-precisions", "check-data", "init"):
         assert f"## nanprobe {command}\n" in cli_page
+    thresholds = gen._module("nanprobe.thresholds")
+    for name in [n for n in vars(thresholds) if n.isupper()]:
+        assert f"`{name}`" in thresholds_page, f"{name} in nanprobe/thresholds.py has no docstring under it"
 
 
 def test_every_config_key_and_fix_is_described():
