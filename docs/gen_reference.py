@@ -7,7 +7,7 @@ The config reference comes from the config schema (`schema()` in nanprobe's conf
 key's check, default and one-line docstring), the CLI reference from the typer app (through click's
 introspection), the fix catalogue from the fix REGISTRY, the thresholds from the docstrings in
 nanprobe/thresholds.py. Nothing is restated by hand, so a new key,
-option or fix shows up on the next run. It imports no torch and takes well under a second.
+option or fix shows up on the next run. It imports no torch and takes a second or two.
 """
 from __future__ import annotations
 

@@ -90,11 +90,13 @@ def test_every_config_key_and_fix_is_described():
     missing = []
     for spec in config.schema():
         if not gen.field_docs(spec.owner).get(spec.name):
-            missing.append(f"{spec.key}: no docstring under the field")
+            missing.append(f"{spec.key}: no docstring under the field of {spec.owner.__name__}")
         if not spec.expects:
-            missing.append(f"{spec.key}: its check says nothing about what it accepts")
+            missing.append(f"{spec.key}: its check does not say what it accepts (mark it with _expects(...) "
+                           "in the config module)")
     fixes = gen._module("nanprobe.analysis.fixes", "nanprobe.fixes")
-    missing += [f"fix {fid}: no `when`" for fid, fix in fixes.REGISTRY.items() if not getattr(fix, "when", "")]
+    missing += [f"fix {fid}: no when=... (the findings it applies to, in words)"
+                for fid, fix in fixes.REGISTRY.items() if not getattr(fix, "when", "")]
     assert not missing, "; ".join(missing)
 
 
