@@ -17,10 +17,12 @@ import inspect
 import string
 import sys
 import textwrap
-from dataclasses import MISSING, fields, is_dataclass
+from collections.abc import Callable
+from dataclasses import MISSING, fields
 from enum import Enum
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = Path(__file__).resolve().parent / "reference"
@@ -64,7 +66,7 @@ def field_docs(cls: type) -> dict[str, str]:
         return {}
     body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
     docs = {}
-    for node, after in zip(body, body[1:]):
+    for node, after in pairwise(body):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                 and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
                 and isinstance(after.value.value, str)):
@@ -120,11 +122,11 @@ def config_md() -> str:
     config = _module("nanprobe.io.config", "nanprobe.config")
     specs = config.schema()
     out = [HEADER.format(source=_source_name(config)), "# Config reference\n\n",
-           "A config is a YAML file (or, from Python, the same dataclasses: see the "
+           ("A config is a YAML file (or, from Python, the same dataclasses: see the "
            "[Python API](../python-api.md#a-config-built-in-python)). Paths in it are relative to the config "
            "file. Unknown keys are rejected, with the closest valid key as a hint; types and ranges are "
            "checked once, on load, and a bad value is one line and exit code 2 "
-           "([Troubleshooting](../troubleshooting.md)). Only `model.critic` is required.\n\n"]
+           "([Troubleshooting](../troubleshooting.md)). Only `model.critic` is required.\n\n")]
     sections: dict[str, list] = {}
     for spec in specs:
         sections.setdefault(spec.section, []).append(spec)
@@ -207,9 +209,9 @@ def cli_md() -> str:
     ctx = root.context_class(root, info_name="nanprobe")
     out = [HEADER.format(source=_source_name(cli)), "# CLI reference\n\n",
            f"{' '.join((root.help or '').split())}\n\n",
-           "Every command exits 0 when nothing reaches its threshold, 1 when something does, 2 on a usage or "
+           ("Every command exits 0 when nothing reaches its threshold, 1 when something does, 2 on a usage or "
            "config error (one line on stderr), 130 when interrupted. `nanprobe --help` and "
-           "`nanprobe COMMAND --help` print the same texts.\n\n"]
+           "`nanprobe COMMAND --help` print the same texts.\n\n")]
     commands = [(name, root.get_command(ctx, name)) for name in root.list_commands(ctx)]
     commands = [(name, cmd) for name, cmd in commands if cmd is not None and not cmd.hidden]
     out.append("| command | what it does |\n|---|---|\n")
@@ -267,12 +269,12 @@ def fixes_md() -> str:
     fixes = _module("nanprobe.analysis.fixes", "nanprobe.fixes")
     registry = fixes.REGISTRY
     out = [HEADER.format(source=_source_name(fixes)), "# Fix catalogue\n\n",
-           "Every fix nanprobe can suggest, in the catalogue's order. For each finding, each entry's scoring "
+           ("Every fix nanprobe can suggest, in the catalogue's order. For each finding, each entry's scoring "
            "rule says how strongly the finding points at it; the best ones are shown, adapted to the finding "
            "(`{placeholders}` in the texts below are filled from it: the dtype, the module, the device, "
            "the learning rate...). When fp32 fails too, the precision fixes are ranked down. A fix with a "
            "config change can be proven with `--verify-fix` "
-           "([diagnose](../commands/diagnose.md#fixes-proven-by-replay-verify-fix)).\n\n",
+           "([diagnose](../commands/diagnose.md#fixes-proven-by-replay-verify-fix)).\n\n"),
            "| id | title | applies when | config change |\n|---|---|---|---|\n"]
     for fid, fix in registry.items():
         apply = fix.apply
@@ -308,10 +310,10 @@ def thresholds_md() -> str:
             group = line[2:].strip()
         groups[number] = group
     out = [HEADER.format(source=_source_name(thresholds)), "# Thresholds\n\n",
-           "The thresholds nanprobe judges by, each defined once in `nanprobe/thresholds.py`, with why it has "
-           "its value.\n"]
+           ("The thresholds nanprobe judges by, each defined once in `nanprobe/thresholds.py`, with why it has "
+           "its value.\n")]
     current = None
-    for node, after in zip(tree.body, tree.body[1:]):
+    for node, after in pairwise(tree.body):
         target = (node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1
                   else getattr(node, "target", None))
         if not (isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(target, ast.Name)

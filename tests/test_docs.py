@@ -31,11 +31,11 @@ def _rel(path: Path) -> str:
 
 def _prose(text: str) -> str:
     """The text with fenced code blocks blanked out (links and headings in code are not links)."""
-    return re.sub(r"^(```|~~~).*?^\1[^\n]*$", "", text, flags=re.S | re.M)
+    return re.sub(r"^(```|~~~).*?^\1[^\n]*$", "", text, flags=re.DOTALL | re.MULTILINE)
 
 
 def _code_blocks(text: str) -> list[str]:
-    return re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M)
+    return re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
 
 
 def _slug(heading: str) -> str:
@@ -50,7 +50,7 @@ def _slug(heading: str) -> str:
 def _anchors(path: Path) -> set[str]:
     seen: dict[str, int] = {}
     out = set()
-    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", _prose(path.read_text(encoding="utf-8")), flags=re.M):
+    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", _prose(path.read_text(encoding="utf-8")), flags=re.MULTILINE):
         slug = _slug(heading)
         n = seen.get(slug, 0)
         seen[slug] = n + 1
@@ -184,3 +184,18 @@ def test_repository_paths_named_in_prose_exist(page):
                        _prose(page.read_text(encoding="utf-8")))
     missing = sorted({p for p in named if "X" not in p and not (ROOT / p).exists()})
     assert not missing, f"{_rel(page)} names files that do not exist: {', '.join(missing)}"
+
+
+def test_every_page_is_in_the_site_nav():
+    import yaml
+
+    def pages(nav):
+        for item in nav:
+            for value in (item.values() if isinstance(item, dict) else [item]):
+                yield from (pages(value) if isinstance(value, list) else [value])
+
+    site = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+    listed = set(pages(site["nav"]))
+    on_disk = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")}
+    assert not on_disk - listed, f"pages missing from mkdocs.yml's nav: {', '.join(sorted(on_disk - listed))}"
+    assert not listed - on_disk, f"nav entries with no page: {', '.join(sorted(listed - on_disk))}"

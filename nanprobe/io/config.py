@@ -153,8 +153,9 @@ _Check = TypeVar("_Check", bound=Callable)
 
 def _expects(text: str, choices: tuple = ()) -> Callable[[_Check], _Check]:
     def mark(check: _Check) -> _Check:
-        setattr(check, "expects", text)
-        setattr(check, "choices", tuple(choices))
+        # setattr: a function type declares no attributes, so plain assignment fails the type check
+        setattr(check, "expects", text)  # noqa: B010
+        setattr(check, "choices", tuple(choices))  # noqa: B010
         return check
 
     return mark
@@ -572,7 +573,7 @@ class KeySpec:
 
 def schema() -> tuple[KeySpec, ...]:
     """Every key a config accepts, section by section, with the check that loads it (docs/reference/config.md)."""
-    out = []
+    out: list[KeySpec] = []
     for section, (cls, checks) in SECTIONS.items():
         defaults = cls()
         for name, check in checks.items():
