@@ -28,6 +28,7 @@ import pytest
 
 import nanprobe
 from nanprobe.model.verdict import failing
+from tests.conftest import line_of
 
 CASES = Path(__file__).resolve().parent / "cases"
 LOW = ("fp16", "bf16")
@@ -59,6 +60,8 @@ class Row:
     """No finding at all at --fail-on underflow."""
     data: str | None = None
     """Data fixture written into tmp_path and passed as data.path."""
+    line: str | None = None
+    """Text of the line in cases/<case>.py that the first issue's source must point at; None: not checked."""
     min_step: int = 0
     """The first issue's step is at least this (failures that need steps to build up)."""
     scaler: str | None = None
@@ -71,9 +74,11 @@ OK3 = {"fp32": "ok", "fp16": "ok", "bf16": "ok"}
 
 ZOO: list[Row] = [
     Row("1", "zero_centred_gp", {"fp32": "nan", "fp16": "nan", "bf16": "nan"}, at="fp32",
-        kind="nan", phase="backward", module="", ops=("div",), fixes=("safe-norm",), data="frames"),
+        kind="nan", phase="backward", module="", ops=("div",), fixes=("safe-norm",), data="frames",
+        line="torch.sqrt(torch.sum(g ** 2"),
     Row("2", "pixelnorm_half", {"fp32": "ok", "fp16": "nan"},
         kind="underflow", phase="forward", module="critic.norm", ops=("add",), fixes=("fp32-module",),
+        line="x * torch.rsqrt(",
         xfail="names the harmless x*x flush (mul) instead of the eps add that rounds to 0; proposes no fix"),
     Row("3", "gp_fp16_no_scaling", {"fp32": "ok", "fp16": "nan", "bf16": "ok"},
         kind="underflow", phase="input-grad", module="critic.", ops=("convolution_backward", "leaky_relu_backward"),
@@ -94,22 +99,28 @@ ZOO: list[Row] = [
         kind="underflow", phase="optimizer", module="critic.0", ops=("addcdiv_",), fixes=("master-weights",)),
     Row("9", "bce_sigmoid", {"fp32": "ok", "fp16": "error", "bf16": "error"},
         phase="forward", module="", ops=("binary_cross_entropy",), fixes=("logits-loss",),
+        line="errD_real = criterion(output, label)",
         xfail="a replay that raises aborts the whole diagnosis (UserCodeError): no error status, no fp32 result"),
     Row("10", "log_sigmoid", {"fp32": "ok", "fp16": "nan", "bf16": "ok"},
         kind="underflow", phase="forward", module="", ops=("sigmoid",), fixes=("logits-loss",),
+        line="d_real = torch.sigmoid(D(x))",
         xfail="the cast between sigmoid and log hides the pattern: proposes bf16, never logits-loss"),
     Row("11", "attention_logits", {"fp32": "ok", "fp16": "nan", "bf16": "ok"},
-        kind="overflow", phase="forward", module="critic.attn", ops=("div",), fixes=("fp32-module",)),
+        kind="overflow", phase="forward", module="critic.attn", ops=("div",), fixes=("fp32-module",),
+        line="attn = torch.softmax("),
     Row("12", "activation_growth", {"fp32": "ok", "fp16": "nan", "bf16": "ok"},
-        kind="overflow", phase="forward", module="critic.blocks.7", ops=("mul",), fixes=("fp32-module",)),
+        kind="overflow", phase="forward", module="critic.blocks.7", ops=("mul",), fixes=("fp32-module",),
+        line="F.leaky_relu(self.conv(x), 0.2) * self.gain"),
     Row("13", "critic_drift", {"fp32": "ok", "fp16": "nan", "bf16": "ok"},
         kind="overflow", phase="forward", module="critic.score", ops=("addmm", "_to_copy"),
         fixes=("fp32-module",)),
     Row("14", "mbstd_half", {"fp32": "ok", "fp16": "nan"},
         kind="underflow", phase="forward", module="critic.mbstd", ops=("add",), fixes=("fp32-module",),
+        line="y = (y + 1e-8).sqrt()",
         xfail="proposes safe-norm (the penalty's norm) for the minibatch-stddev eps that rounds to 0"),
     Row("15", "normalize_zero_half", {"fp32": "ok", "fp16": "nan"},
         kind="underflow", phase="forward", module="critic", ops=("clamp_min",), fixes=("fp32-module",),
+        line="h = F.normalize(self.enc(x), dim=1)",
         data="frames",
         xfail="fp32 called nan for a 0/0 inside LinalgVectorNormBackward0 that the next op masks (the "
               "gradients are finite); no fix proposed for the eps that rounds to 0"),
@@ -121,6 +132,7 @@ ZOO: list[Row] = [
         kind="nan", phase="data", module="data", fixes=("data",), data="corrupt"),
     Row("17b", "minmax_constant", {"fp32": "nan", "fp16": "nan", "bf16": "nan"}, at="fp32",
         kind="nan", phase="forward", module="", ops=("div",), fixes=("data",), data="constant",
+        line="return 2 * (x - lo) / (hi - lo) - 1",
         xfail="no fix for the constant sample's 0/0 (the data check of the file is not linked to it)"),
     Row("18", "tf_init", {"fp32": "ok", "fp16": "nan", "bf16": "ok"},
         kind="overflow", phase="forward", module="critic.net.", ops=("convolution",), fixes=("init",)),
@@ -188,6 +200,8 @@ def test_zoo(row: Row, tmp_path_factory):
     report = diagnose(row, tmp_path_factory)
     runs = {r.precision.value: r for r in report.runs}
     assert {p: runs[p].status.value for p in runs} == row.status
+    errors = {p for p, st in row.status.items() if st == "error"}
+    assert errors <= {r.precision.value for r in failing(report, "nan")}  # an error counts at every level
     if row.scaler == "recovers":
         assert runs["fp16"].skipped and runs["fp16"].scale_collapse is None
     if row.scaler == "collapses":
@@ -208,6 +222,8 @@ def test_zoo(row: Row, tmp_path_factory):
         assert f.module.startswith(row.module) if row.module.endswith(".") else f.module == row.module
     if row.ops:
         assert _short(f.op) in row.ops
+    if row.line is not None:
+        assert f.source is not None and f.source.endswith(f"{row.case}.py:{line_of(CASES / f'{row.case}.py', row.line)}")
     if row.min_step:
         assert f.step >= row.min_step
     top = [x.id for x in run.fixes[:2]]
