@@ -146,7 +146,8 @@ ZOO: list[Row] = [
     Row("H5", "healthy_bf16", {"fp32": "ok", "bf16": "ok"}, healthy=True),
     Row("H6", "healthy_small_init_scaled", OK3, healthy=True, scaler="recovers",
         xfail="fp16 called underflow: 45% of critic.0's input gradients are subnormal at scale 32768, but the "
-              "parameter gradients are within 0.1% of fp32 there (judged by share, not by effect)"),
+              "parameter gradients are as close to fp32 as bf16's (0.06% at critic.0; up to 10% at the last "
+              "layers in both, from the cancelling D(fake) - D(real) at init): judged by share, not by effect"),
 ]
 
 
@@ -251,3 +252,11 @@ def test_zoo_json(case, tmp_path_factory):
     first = runs[row.at]["first_issue"]
     assert (first["kind"], first["phase"], first["module"]) == (row.kind, row.phase, row.module)
     assert set(x["id"] for x in runs[row.at]["fixes"][:2]) & set(row.fixes)
+
+
+@pytest.mark.xfail(strict=True, reason="verdicts: only torch's RNG is seeded; the step's numpy/random draws differ per run")
+@pytest.mark.parametrize("case", ["gp_fp16_no_scaling", "gp_scaler_unscaled"])
+def test_zoo_reproducible(case):
+    """A penalty that draws its interpolation weights from numpy (PyTorch-GAN) or `random` replays the same."""
+    runs = [nanprobe.diagnose(CASES / f"{case}.yaml", dtypes=["fp32"], steps=1).to_json() for _ in range(2)]
+    assert runs[0] == runs[1]
