@@ -260,3 +260,12 @@ def test_zoo_reproducible(case):
     """A penalty that draws its interpolation weights from numpy (PyTorch-GAN) or `random` replays the same."""
     runs = [nanprobe.diagnose(CASES / f"{case}.yaml", dtypes=["fp32"], steps=1).to_json() for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def test_zoo_table_names_known_fixes():
+    """Every fix id the table expects is in the catalogue, and every case file has its row: a typo or a renamed
+    fix would otherwise pass for an engine bug."""
+    from nanprobe.analysis.fixes import REGISTRY
+
+    assert {fix for row in ZOO for fix in row.fixes} <= set(REGISTRY)
+    assert {row.case for row in ZOO} == {p.stem for p in CASES.glob("*.yaml")}
