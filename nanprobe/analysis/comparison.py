@@ -318,7 +318,7 @@ def compare(config: Config, loaded: Loaded, device: torch.device, precisions: tu
             nan_ops=kinds.get(FindingKind.NAN, 0),
             headroom_max=_min(h[0] for h in heads), headroom_normal=_min(h[1] for h in heads),
             departs_at=m.get("departs_at"), ops=len(live), aligned=m.get("aligned", len(live)), fixes=run.fixes,
-            error=run.error))
+            kernels=trace.kernels, error=run.error))
     summaries = tuple(summaries)
     return Comparison(
         config=str(config.source) if config.source else None, device=device_name, torch=torch.__version__,
