@@ -58,11 +58,11 @@ def diagnose(config_or_path: "cfg.Config | str | Path", progress: Callable | Non
     traces: dict[Precision, replay.Trace] = {}
     try:
         for p in order:
-            traces[p] = replay.replay(config, loaded, p, device, probe=True, progress=progress)
+            traces[p] = diagnosis.replay_measured(config, loaded, p, device, progress, traces.get(Precision.FP32))
     except KeyboardInterrupt as exc:
         partial = getattr(exc, "trace", None)
         if partial is not None and partial.precision not in traces:
-            traces[partial.precision] = partial
+            traces[partial.precision] = diagnosis.unmeasured(partial)
         left = [p.value for p in order if p not in traces]
         where = f"during the {partial.precision.value} replay" if partial is not None else "before the replays"
         note = f"interrupted (Ctrl-C) {where}" + (f"; not replayed: {', '.join(left)}" if left else "")
