@@ -359,6 +359,25 @@ def _after(cause: RootCause | None, m: Measured, limit: int = 4) -> tuple[fx.Cha
     return tuple(out)
 
 
+def _feeds(cause: RootCause | None, m: Measured) -> tuple[fx.ChainOp, ...]:
+    """The origin's inputs' producers, looking through casts (a sigmoid behind autocast's cast)."""
+    if cause is None:
+        return ()
+    events = m.trace.events
+    out, todo, seen = [], list(events[cause.origin].producers), set()
+    while todo and len(out) < 8:
+        i = todo.pop(0)
+        if i in seen:
+            continue
+        seen.add(i)
+        e = events[i]
+        if al.is_cast(e):
+            todo.extend(e.producers)
+            continue
+        out.append(fx.ChainOp(al.base(e.op), e.node, e.dtype, e.phase, e.module, e.scalars, index=i))
+    return tuple(out)
+
+
 def penalty_in_fp32(trace: Trace) -> bool:
     """The penalty's input gradient was computed in fp32 (outside autocast): scaling it would change nothing."""
     grads = [e for e in al.live(trace.events) if e.phase is Phase.INPUT_GRAD and e.dtype in ("float16", "bfloat16",
@@ -477,7 +496,7 @@ def build_run(a: Analysis, context: dict) -> RunReport:
     chain_nodes = tuple(x.node for x in (by_index[c.index] for c in a.chain if c.index >= 0) if x.node)
     ctx = fx.FixContext(
         precision=trace.precision, mode=trace.mode, status=status, issue=issue, nonfinite=nonfinite,
-        chain_nodes=chain_nodes, chain=chain_ops, culprit=culprit, after=_after(a.cause, m), fp32_ok=fp32_ok or not trace.precision.is_low,
+        chain_nodes=chain_nodes, chain=chain_ops, culprit=culprit, after=_after(a.cause, m), feeds=_feeds(a.cause, m), fp32_ok=fp32_ok or not trace.precision.is_low,
         collapse=collapse, unscaled_penalty=unscaled is not None, penalty_fp32=penalty_in_fp32(trace),
         weight_growth=_growth(tuple(trace.metrics), first.step) if first is not None else 1.0,
         other={p: s for p, s in context["statuses"].items() if p is not trace.precision},

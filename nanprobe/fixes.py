@@ -74,6 +74,8 @@ class FixContext:
     """The op the headline names (one of `chain`)."""
     after: tuple[ChainOp, ...] = ()
     """The ops that consume the culprit's output, nearest first (what it was feeding)."""
+    feeds: tuple[ChainOp, ...] = ()
+    """The ops whose outputs the chain's origin takes (casts looked through): what it was fed."""
     penalty_fp32: bool = False
     """The penalty's input gradient is computed in fp32 outside autocast (scaling it would change nothing)."""
     fp32_ok: bool = True
@@ -156,22 +158,25 @@ class Fix:
     """How strongly a finding points at this fix (0: not at all)."""
 
 
-_SINGULAR = frozenset({"sqrt", "rsqrt", "div", "div_", "reciprocal", "pow", "log", "log1p", "norm", "linalg_vector_norm"})
+_SINGULAR = frozenset({"sqrt", "rsqrt", "div", "div_", "reciprocal", "pow", "norm", "linalg_vector_norm"})
 _LOGS = frozenset({"log", "log1p", "binary_cross_entropy", "binary_cross_entropy_backward"})
 _SIGN_FLIPS = frozenset({"rsub", "neg", "sub", "mul"})  # 1 - sigmoid(x), -sigmoid(x): still the sigmoid's values
 _EXPS = frozenset({"exp", "exp_", "softmax", "_softmax", "log_softmax", "_log_softmax", "exp2", "expm1"})
 
 
-def _fed_by_sigmoid(path: tuple[ChainOp, ...], i: int) -> bool:
+def _fed_by_sigmoid(c: "FixContext", path: tuple[ChainOp, ...], i: int) -> bool:
+    """The op at path[i] takes sigmoid's values (through casts, 1 - s, -s), on the path or feeding its origin."""
     j = i - 1
     while j >= 0 and path[j].op in _SIGN_FLIPS:
         j -= 1
-    return j >= 0 and path[j].op == "sigmoid"
+    if j >= 0:
+        return path[j].op == "sigmoid"
+    return any(x.op == "sigmoid" for x in c.feeds)
 
 
 def _singular_at_zero(x: ChainOp) -> bool:
     """An op (or its backward) that is infinite at 0: sqrt, rsqrt, a fractional power, a division, log."""
-    if x.node in _NORM_NODES or x.node in ("DivBackward0", "ReciprocalBackward0", "LogBackward0"):
+    if x.node in _NORM_NODES or x.node in ("DivBackward0", "ReciprocalBackward0"):
         return True
     if x.op == "pow":
         return any(0 < s < 1 for s in x.scalars) or not x.scalars
@@ -282,6 +287,8 @@ def _lower_lr(c: FixContext) -> float:
 
 
 def _gp_scaled(c: FixContext) -> float:
+    if c.penalty_fp32:
+        return 0.0  # the penalty is computed in fp32 outside autocast: nothing to scale
     if c.unscaled_penalty and c.precision is Precision.FP16 and (
             c.collapse is not None or Phase.INPUT_GRAD in c.phases() or c.status is not Status.OK):
         return 96.0  # a scaler is on but the penalty bypasses it: the recipe is the fix
@@ -326,7 +333,7 @@ def _logits(c: FixContext) -> float:
     for i, x in enumerate(path):
         if x.op.startswith("binary_cross_entropy") and "with_logits" not in x.op:
             return 98.0
-        if x.op in _LOGS and _fed_by_sigmoid(path, i):
+        if x.op in _LOGS and _fed_by_sigmoid(c, path, i):
             return 98.0
     cul = c.culprit
     if cul is not None and cul.op in ("exp", "exp_") and cul.nonfinite:
