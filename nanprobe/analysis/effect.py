@@ -92,7 +92,7 @@ class Effect:
         zeroed = [p for p in self.params if p.zeroed > 0]
         if zeroed:
             z = max(zeroed, key=lambda p: p.zeroed)
-            parts.append(f"{z.zeroed:.0%} of {z.param}'s gradient zeroed")
+            parts.append(f"{z.zeroed:.1%} of {z.param}'s gradient zeroed")
         for name, share in self.lost_updates:
             parts.append(f"{share:.0%} of {name}'s updates lost")
         return (f"relative error against fp32: " + ", ".join(parts) if parts else "no effect measured") + \

@@ -6,10 +6,12 @@ share of values zeroed, then the relative error; see alignment.OpDelta.departs),
 and views (they carry their input's values). It stops at the earliest op whose inputs agree with fp32
 but whose output does not: the origin. The path from the origin to the non-finite op is the chain.
 
-The culprit is the origin, except when the path crosses an add of an eps that rounds to 0 in its dtype
+The culprit is the origin when it lost values to the dtype's range (zeros where fp32 has values), except when the
+path crosses an add of an eps that rounds to 0 in its dtype
 (Adam's `sqrt(v) + eps`, a norm's `mean(x*x) + 1e-8` in a .half() model): the eps was there to keep the
 op at the end of the chain finite whatever its input, so that op (the division, the rsqrt) is the
-culprit, with the flush that fed it shown in the chain.
+culprit, with the flush that fed it shown in the chain. An origin that only carries rounding error (weights
+that drifted from fp32's over several steps) leaves the culprit at the op that made the value non-finite.
 
 When the run stays finite, the walk starts at the gradient of the parameter whose gradient is most off
 (the effect, see effect.py) and the culprit is the first underflow candidate on the path. Underflow
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from nanprobe import stats as st
+from nanprobe import thresholds as th
 from nanprobe.analysis.alignment import Alignment, base, live
 from nanprobe.analysis.effect import Effect
 from nanprobe.enums import FindingKind, Phase
@@ -188,12 +191,14 @@ def nonfinite_cause(events: list[OpEvent], alignment: Alignment | None) -> RootC
     path = walk(f.index, events, alignment)
     origin = path[0]
     guard, eps = _guard(path, events, alignment)
-    if guard is not None or origin == f.index:
+    d = alignment.delta(origin) if alignment is not None else None
+    lost_range = d is not None and (d.zeroed > 0 or d.flushed > 0)
+    if guard is not None or origin == f.index or not lost_range:
+        # An origin that only carries rounding error (weights that drifted from fp32's over the steps, a long
+        # chain of roundings) did not make the value non-finite by itself: the op that did is the culprit.
         culprit, kind = f.index, kind_f
     else:
-        culprit = origin
-        d = alignment.delta(origin)
-        kind = FindingKind.UNDERFLOW if d is not None and (d.zeroed > 0 or d.lost > 0 or d.flushed > 0) else kind_f
+        culprit, kind = origin, FindingKind.UNDERFLOW
     return RootCause(culprit, kind, origin, path, f.index, guard, eps, _secondary(path, alignment))
 
 
@@ -202,10 +207,10 @@ def underflow_cause(events: list[OpEvent], alignment: Alignment | None, effect: 
     if alignment is None or effect is None or not effect.any_off:
         return None
     candidates = [i for i, d in sorted(alignment.deltas.items()) if d.candidate]
-    for lost_param, _ in effect.lost_updates:
-        hit = _lost_write(lost_param, events)
-        if hit is not None:
-            return RootCause(hit, FindingKind.UNDERFLOW, hit, (hit,), secondary=tuple(candidates))
+    lost_params = {name for name, _ in effect.lost_updates}
+    hit = _lost_write(lost_params, events) if lost_params else None
+    if hit is not None:
+        return RootCause(hit, FindingKind.UNDERFLOW, hit, (hit,), secondary=tuple(candidates))
     for p in effect.off_params:
         start = _grad_start(p.param, p.step, events)
         if start is None:
@@ -224,9 +229,10 @@ def underflow_cause(events: list[OpEvent], alignment: Alignment | None, effect: 
     return None
 
 
-def _lost_write(param: str, events: list[OpEvent]) -> int | None:
+def _lost_write(params: set, events: list[OpEvent]) -> int | None:
+    """The first optimizer write (execution order) that left too many of its parameter's weights unchanged."""
     for e in live(events):
         lost = (e.info or {}).get("lost_updates")
-        if lost is not None and lost["param"] == param:
+        if lost is not None and lost["param"] in params and lost["share"] >= th.LOST_UPDATE_SHARE:
             return e.index
     return None

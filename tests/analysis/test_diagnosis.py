@@ -128,5 +128,5 @@ def test_gradients_zeroed_by_an_unscaled_backward_are_underflow_with_the_effect_
     assert run.status.value == "underflow"
     issue = run.first_issue
     assert (issue.phase, issue.module, issue.op) == (BW, "critic.net.1", "aten.leaky_relu_backward.default")
-    assert "100% of critic.net.0.weight's gradient zeroed" in issue.detail
+    assert "100.0% of critic.net.0.weight's gradient zeroed" in issue.detail
     assert run.fixes[0].id == "grad-scaler"
