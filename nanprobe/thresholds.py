@@ -1,15 +1,19 @@
-"""Every threshold the verdicts use, defined once, with the reason for its value.
+"""Every threshold nanprobe judges by, defined once, each with why it has its value.
 
-Tolerances are in units of the low dtype's machine eps (fp16: 2^-10 = 9.8e-4, bf16: 2^-7 = 7.8e-3).
-One rounding of a value costs at most eps/2; an op chain of depth L that only rounds stays within
-about sqrt(L) to L eps of fp32. The fp32 reference itself is deterministic on the CPU (a second fp32
-replay is bit-identical: noise 0), and on a GPU its run-to-run noise (atomics in the backward
-convolutions) is a few fp32 eps (1.2e-7 each), four orders below fp16's eps, so the low dtype's eps
-sets every tolerance and the fp32 noise is added to it (`tolerance`) rather than ignored.
+Modules import these names; none restates a number. The docs' reference pages are generated from
+this file's docstrings.
+
+Verdict tolerances are in units of the low dtype's machine eps (fp16: 2^-10 = 9.8e-4, bf16: 2^-7 =
+7.8e-3). One rounding of a value costs at most eps/2; an op chain of depth L that only rounds stays
+within about sqrt(L) to L eps of fp32. The fp32 reference itself is deterministic on the CPU (a second
+fp32 replay is bit-identical: noise 0), and on a GPU its run-to-run noise (atomics in the backward
+convolutions) is a few fp32 eps (1.2e-7 each), four orders below fp16's eps, so the low dtype's eps sets
+every tolerance and the fp32 noise is added to it (`tolerance`) rather than ignored.
 """
 from __future__ import annotations
 
-OP_TOLERANCE_EPS = 32.0
+# Verdicts: departure, effect, underflow
+DEPARTURE = 32.0
 """An op's output departs from fp32 when its relative error (norm-wise over the sampled values) is above this
 many eps of its dtype: 0.031 for fp16, 0.25 for bf16. Rounding alone, even through a deep critic, stays well below."""
 
@@ -47,6 +51,41 @@ CHAIN_MAX = 8
 SAMPLE = 4096
 """Values of each op's output (and of each parameter's gradient) kept for the element-wise comparison: 16 KiB per
 op, at a fixed stride so the same positions are compared in every precision."""
+
+
+# Initialisation
+INIT_FACTOR = 8.0
+"""A weight std this many times its He value or more counts as bad initialisation: 8x above He already
+overflows fp16 within a few layers."""
+INIT_SMALL_FACTOR = 16.0
+"""A weight std this many times below its He value or more counts as bad initialisation. Below He, flagging
+starts lower: DCGAN's N(0, 0.02) puts an RGB input conv ~10x below He and trains fine."""
+ASSUMED_SLOPE = 0.2
+"""Negative slope assumed when the nonlinearity after a layer cannot be seen (LeakyReLU(0.2))."""
+
+# Divergence over steps
+DIVERGENCE_GROWTH = 1.25
+"""Weight norm at the failing step over step 0's above which the updates blew the weights up (a sane lr
+moves it well under 1%)."""
+
+# Data check
+MAX_INDICES = 20
+"""Sample indices listed per problem (the count covers all)."""
+DEFAULT_CHUNK_MB = 64
+"""Megabytes of the file read per chunk in a whole-file data scan."""
+RANGE_SLACK = 1e-3
+"""Share of data.range's width tolerated beyond each end (rounding in normalised data)."""
+FILL = 0.1
+"""Data whose min and max lie within this share of a known range's ends is taken to be in that range."""
+
+# Verification
+MAX_VERIFIED = 3
+"""Fixes replayed by --verify-fix, best ranked first."""
+
+
+def init_off_scale(ratio: float) -> bool:
+    """Whether a weight std at `ratio` times its He value counts as bad initialisation."""
+    return ratio >= INIT_FACTOR or ratio <= 1 / INIT_SMALL_FACTOR
 
 
 def tolerance(eps: float, factor: float = EFFECT_TOLERANCE_EPS) -> float:

@@ -7,7 +7,7 @@ its input's fp32 op (casts and views carry their input's values), so a flush mad
 seen at the cast.
 
 An op departs from fp32 when its output holds inf or NaN where fp32's is finite, holds zeros where
-fp32's values are non-zero, or has a relative error above OP_TOLERANCE_EPS of its dtype. Sums and
+fp32's values are non-zero, or has a relative error above DEPARTURE of its dtype. Sums and
 differences that cancel in fp32 (result below one low-precision eps of their inputs) depart only by
 their zeros or non-finite values: their large relative error is the inputs' rounding.
 """
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanprobe import stats as st
+from nanprobe.engine import stats as st
 from nanprobe import thresholds as th
-from nanprobe.probe import OpEvent
+from nanprobe.engine.probe import OpEvent
 
 _LOW = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _CASTS = frozenset({"_to_copy", "clone", "copy_", "to", "contiguous", "_unsafe_view", "view", "reshape", "expand",
@@ -129,7 +129,7 @@ class Alignment:
     dtype_eps: float
     """eps of the low dtype."""
     tolerance: float
-    """Relative error above which an op departs (OP_TOLERANCE_EPS eps, plus fp32 noise)."""
+    """Relative error above which an op departs (DEPARTURE eps, plus fp32 noise)."""
     pairs: dict = field(default_factory=dict)
     """Low op index -> fp32 op index (ops fp32 also ran)."""
     deltas: dict = field(default_factory=dict)
@@ -181,7 +181,7 @@ def align(events: list[OpEvent], ref_events: list[OpEvent], rec: Recorder | None
     """Pair the ops and measure each one's departure from fp32 (samples when recorded, else the statistics)."""
     low_dtype = next((_LOW[e.dtype] for e in events if e.dtype in _LOW), torch.float16)
     info = torch.finfo(low_dtype)
-    tol = th.tolerance(info.eps, th.OP_TOLERANCE_EPS)
+    tol = th.tolerance(info.eps, th.DEPARTURE)
     pairs = pair(events, ref_events)
     deltas: dict[int, OpDelta] = {}
     refs: dict[int, int] = {}

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from nanprobe import stats as st
+from nanprobe.engine import stats as st
 from nanprobe import thresholds as th
 from nanprobe.analysis.alignment import Alignment, base, live
 from nanprobe.analysis.effect import Effect
 from nanprobe.enums import FindingKind, Phase
-from nanprobe.probe import OpEvent
+from nanprobe.engine.probe import OpEvent
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 _EPS_ADDS = frozenset({"add", "add_", "sub", "sub_", "clamp", "clamp_", "clamp_min", "clamp_min_"})

@@ -11,12 +11,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanprobe import diagnosis
+from nanprobe.analysis import diagnosis
 from nanprobe.analysis.alignment import Recorder
 from nanprobe.enums import Mode, Phase, Precision, Status
-from nanprobe.probe import OpEvent
-from nanprobe.replay import Trace
-from nanprobe.report import StepMetrics
+from nanprobe.engine.probe import OpEvent
+from nanprobe.engine.replay import Trace
+from nanprobe.model.report import StepMetrics
 
 
 def row(n=64, mx=1.0, mn=0.5, zeros=0, sub=0, pinf=0, ninf=0, nan=0) -> list[float]:

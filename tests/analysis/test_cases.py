@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nanprobe
-from nanprobe.config import Config, DataConfig, LossConfig, ModelConfig, PrecisionConfig, TrainConfig
+from nanprobe.io.config import Config, DataConfig, LossConfig, ModelConfig, PrecisionConfig, TrainConfig
 
 
 class DCGANCritic(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from nanprobe.enums import Mode, Phase
-from nanprobe.report import StepMetrics
+from nanprobe.model.report import StepMetrics
 
 IG, BW, FW, OPT = Phase.INPUT_GRAD, Phase.BACKWARD, Phase.FORWARD, Phase.OPTIMIZER
 

@@ -2,9 +2,9 @@
 hand-built traces; a fix already in place is never proposed."""
 from __future__ import annotations
 
-from nanprobe import fixes as fx
+from nanprobe.analysis import fixes as fx
 from nanprobe.enums import Mode, Phase, Precision, Status
-from nanprobe.report import Finding
+from nanprobe.model.report import Finding
 
 IG, BW, FW, OPT = Phase.INPUT_GRAD, Phase.BACKWARD, Phase.FORWARD, Phase.OPTIMIZER
 
