@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nanprobe.model.comparison import Comparison, Departure, DtypeRange, ModuleDivergence
-from nanprobe.thresholds import DEPARTURE
+from nanprobe.thresholds import EFFECT_TOLERANCE_EPS
 from nanprobe.enums import Phase, Precision
 from nanprobe.formats._style import STYLE, num
 
@@ -204,8 +204,8 @@ def _departure_lines(c: Comparison) -> list[Text]:
         d = s.departs_at
         if d is None:
             out.append(Text.assemble((f"{s.precision.value}", "bold"), " stays close to fp32: nothing training sees "
-                                     f"(loss, penalty, parameter gradients) is off by more than {DEPARTURE:g} eps of "
-                                     f"{s.precision.value} ({_err(DEPARTURE * _eps(s.precision))}) through an underflow, "
+                                     f"(loss, penalty, parameter gradients) is off by more than {EFFECT_TOLERANCE_EPS:g} eps of "
+                                     f"{s.precision.value} ({_err(EFFECT_TOLERANCE_EPS * _eps(s.precision))}) through an underflow, "
                                      "and nothing goes non-finite"))
             continue
         out.append(Text.assemble(
