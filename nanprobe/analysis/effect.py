@@ -89,7 +89,7 @@ class Effect:
         if errs:
             worst = max(self.params, key=lambda p: (p.rel_error is not None, p.rel_error or 0.0))
             parts.append(f"parameter gradients up to {_num(max(errs))} ({worst.param})")
-        zeroed = [p for p in self.params if p.zeroed > 0]
+        zeroed = [p for p in self.params if p.zeroed >= th.ZEROED_SHARE / 10]  # below 0.1%: a value or two
         if zeroed:
             z = max(zeroed, key=lambda p: p.zeroed)
             parts.append(f"{z.zeroed:.1%} of {z.param}'s gradient zeroed")

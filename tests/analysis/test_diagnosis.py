@@ -130,3 +130,26 @@ def test_gradients_zeroed_by_an_unscaled_backward_are_underflow_with_the_effect_
     assert (issue.phase, issue.module, issue.op) == (BW, "critic.net.1", "aten.leaky_relu_backward.default")
     assert "100.0% of critic.net.0.weight's gradient zeroed" in issue.detail
     assert run.fixes[0].id == "grad-scaler"
+
+
+def _summary(precision, status="ok", loss=None, penalty=None, grad=None):
+    from nanprobe.enums import Precision, Status
+    from nanprobe.model.comparison import PrecisionSummary
+
+    return PrecisionSummary(Precision(precision), Mode.AMP, Status(status), None, (), loss, penalty, grad, 0, 0, 0,
+                            None, None, None, 0, 0)
+
+
+def test_recommendation_ranks_safe_precisions_by_measured_error_not_by_habit():
+    from nanprobe.analysis.comparison import recommend
+
+    # bf16's gradients are 10x further from fp32 than fp16's, and fp16 is safe: fp16 first.
+    rec = recommend((_summary("fp32"), _summary("fp16", loss=1e-4, penalty=6e-4, grad=0.008),
+                     _summary("bf16", loss=2e-3, penalty=4e-3, grad=0.08)))
+    assert [p.value for p in rec.safe] == ["fp16", "bf16"] and rec.use.value == "fp16"
+    # The penalty counts as much as the gradients.
+    rec = recommend((_summary("fp32"), _summary("fp16", grad=0.001, penalty=0.3), _summary("bf16", grad=0.01)))
+    assert rec.use.value == "bf16"
+    # An unsafe fp16 is never recommended, whatever its error.
+    rec = recommend((_summary("fp32"), _summary("fp16", "nan", grad=0.0), _summary("bf16", grad=0.5)))
+    assert [p.value for p in rec.safe] == ["bf16"]
