@@ -12,6 +12,7 @@ notes and never raise the status.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -238,13 +239,13 @@ def _cause_finding(cause: RootCause, m: Measured, ref: Trace | None) -> Finding:
     if cause.nonfinite is not None and cause.culprit == cause.nonfinite:
         in_nan, in_inf, in_max = _inputs(e, events)
         detail = _describe_nonfinite(e, in_nan, in_inf, in_max)
-        if cause.guard is not None:
-            g = events[cause.guard]
-            o = events[cause.origin]
-            detail += (f"; eps={cause.eps:g} added at {_short(g)} rounds to 0 in {g.dtype}, so nothing keeps the "
-                       f"input away from 0" + (f" once {_short(o)} flushed it" if cause.origin != cause.guard else ""))
-            numbers["eps"] = cause.eps
-            numbers["eps_in_dtype"] = 0.0
+    elif cause.guard is not None and cause.culprit == cause.guard:
+        f = events[cause.nonfinite]
+        in_nan, in_inf, in_max = _inputs(f, events)
+        low = f" (fp32 |x| down to {_fmt(r.row[st.MIN_NONZERO])})" if r is not None else ""
+        detail = (f"the eps {cause.eps:g} it adds rounds to 0 in {e.dtype}, so its output is 0 where fp32's is "
+                  f"not{low}; then {_short(f)}: "
+                  f"{_describe_nonfinite(f, in_nan, in_inf, in_max)}")
     elif cause.kind is FindingKind.UNDERFLOW and _lost_update_detail(e) is not None:
         detail = _lost_update_detail(e)
     else:
@@ -253,6 +254,15 @@ def _cause_finding(cause: RootCause, m: Measured, ref: Trace | None) -> Finding:
         if cause.nonfinite is not None:
             f = events[cause.nonfinite]
             detail += f"; it leads to the non-finite value at {_short(f)}"
+    if cause.guard is not None:
+        g, o = events[cause.guard], events[cause.origin]
+        if cause.culprit != cause.guard:
+            detail += (f"; eps={cause.eps:g} added at {_short(g)} rounds to 0 in {g.dtype}, so nothing keeps the "
+                       f"input away from 0")
+        if cause.origin != cause.guard:
+            detail += f" (the zeros come from {_short(o)}, which flushed)"
+        numbers["eps"] = cause.eps
+        numbers["eps_in_dtype"] = 0.0
     if m.effect is not None and cause.nonfinite is None:
         detail += f"; effect: {m.effect.summary()}"
     if m.effect is not None:
@@ -278,6 +288,17 @@ def _notes(m: Measured, cause: RootCause | None) -> list[str]:
     return [f"subnormals {what}: {named}{more}; {eff.summary()}"]
 
 
+def masked(trace: Trace) -> bool:
+    """Every step's loss, penalty and gradient norm is finite and no optimizer op made inf or NaN: a non-finite
+    value made along the way was masked before training saw it."""
+    if not trace.metrics or trace.stopped:
+        return False
+    for m in trace.metrics:
+        if m.skipped or any(v is not None and not math.isfinite(v) for v in (m.loss, m.penalty, m.grad_norm)):
+            return False
+    return not any(e.phase is Phase.OPTIMIZER and (e.has_nan or e.has_inf) for e in al.live(trace.events))
+
+
 def analyse_trace(m: "Measured | Trace", ref: "Measured | Trace | None" = None) -> Analysis:
     """The verdict of one replay (fp32, or a low precision measured against fp32)."""
     if isinstance(m, Trace):
@@ -292,6 +313,14 @@ def analyse_trace(m: "Measured | Trace", ref: "Measured | Trace | None" = None) 
         if k is not None:
             kinds[k] += 1
     cause = nonfinite_cause(events, m.alignment)
+    masked_note = None
+    if cause is not None and masked(trace):
+        f = events[cause.nonfinite]
+        masked_note = (f"{_short(f)} made a non-finite value that nothing training sees inherits (the loss, "
+                       f"the penalty, the gradients and the updates stay finite): masked by a later op, no effect")
+        cause = None
+        kinds.pop(FindingKind.NAN, None)
+        kinds.pop(FindingKind.OVERFLOW, None)
     if cause is None:
         cause = underflow_cause(events, m.alignment, m.effect)
     if cause is not None and m.alignment is not None:
@@ -308,7 +337,7 @@ def analyse_trace(m: "Measured | Trace", ref: "Measured | Trace | None" = None) 
     if collapse is not None and Status.of(collapse.kind).severity > worst.severity:
         worst = Status.of(collapse.kind)
     issue = _cause_finding(cause, m, ref_trace) if cause is not None else collapse
-    first_nf = next((e for e in live if e.has_nan or e.has_inf), None)
+    first_nf = None if masked_note else next((e for e in live if e.has_nan or e.has_inf), None)
     nonfinite = None
     if first_nf is not None:
         in_nan, in_inf, in_max = _inputs(first_nf, events)
@@ -322,8 +351,9 @@ def analyse_trace(m: "Measured | Trace", ref: "Measured | Trace | None" = None) 
         start = cause.path.index(cause.origin) if cause.origin in cause.path else 0
         chain = _shorten([_link(events[i]) for i in cause.path[start:]])
     aligned = len(m.alignment.pairs) if m.alignment is not None else len(live)
+    notes = ([masked_note] if masked_note else []) + _notes(m, cause)
     return Analysis(trace.precision, worst, cause, issue, nonfinite, chain, dict(kinds), len(live), aligned, collapse,
-                    tuple(_notes(m, cause)), m)
+                    tuple(notes), m)
 
 
 def _chain_ops(cause: RootCause | None, m: Measured) -> tuple[fx.ChainOp, ...]:

@@ -6,12 +6,16 @@ share of values zeroed, then the relative error; see alignment.OpDelta.departs),
 and views (they carry their input's values). It stops at the earliest op whose inputs agree with fp32
 but whose output does not: the origin. The path from the origin to the non-finite op is the chain.
 
-The culprit is the origin when it lost values to the dtype's range (zeros where fp32 has values), except when the
-path crosses an add of an eps that rounds to 0 in its dtype
-(Adam's `sqrt(v) + eps`, a norm's `mean(x*x) + 1e-8` in a .half() model): the eps was there to keep the
-op at the end of the chain finite whatever its input, so that op (the division, the rsqrt) is the
-culprit, with the flush that fed it shown in the chain. An origin that only carries rounding error (weights
-that drifted from fp32's over several steps) leaves the culprit at the op that made the value non-finite.
+The culprit is the origin when it lost values to the dtype's range (zeros where fp32 has values). An
+origin that only carries rounding error (weights that drifted from fp32's over several steps) leaves the
+culprit at the op that made the value non-finite. When the path crosses an add of an eps that rounds to 0
+in its dtype, the eps was there to keep the op at the end of the chain finite whatever its input, so the
+flush before it is not the cause: in the user's code (a norm's `mean(x*x) + 1e-8` or a minibatch stddev
+in a .half() model, F.normalize's clamp_min) the culprit is that add, an underflow; in the optimizer
+(Adam's `sqrt(v) + eps`) it is the update that divides by it (`addcdiv_`), the op a user knows.
+
+A non-finite value that nothing training sees inherits (the loss, the penalty, the gradients and the
+updates all stay finite: a 0/0 inside a norm's backward that the next op masks) is not a finding.
 
 When the run stays finite, the walk starts at the gradient of the parameter whose gradient is most off
 (the effect, see effect.py) and the culprit is the first underflow candidate on the path. Underflow
@@ -193,7 +197,10 @@ def nonfinite_cause(events: list[OpEvent], alignment: Alignment | None) -> RootC
     guard, eps = _guard(path, events, alignment)
     d = alignment.delta(origin) if alignment is not None else None
     lost_range = d is not None and (d.zeroed > 0 or d.flushed > 0)
-    if guard is not None or origin == f.index or not lost_range:
+    if guard is not None and events[guard].phase is not Phase.OPTIMIZER:
+        # The user's own `+ eps` (a norm, a minibatch stddev, F.normalize's clamp): the add that rounds it away.
+        culprit, kind = guard, FindingKind.UNDERFLOW
+    elif guard is not None or origin == f.index or not lost_range:
         # An origin that only carries rounding error (weights that drifted from fp32's over the steps, a long
         # chain of roundings) did not make the value non-finite by itself: the op that did is the culprit.
         culprit, kind = f.index, kind_f

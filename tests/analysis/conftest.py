@@ -67,7 +67,9 @@ def build(ops: list[Op], precision=Precision.FP16, mode=Mode.AMP, metrics=None, 
             ref_events.append(OpEvent(j, 0, 0, o.phase, o.module, o.op, o.source, o.node, o.ref_dtype,
                                       (int(o.ref[0]),), tuple(ref_idx[p] for p in o.producers if p in ref_idx),
                                       o.param, row=list(o.ref), scalars=o.scalars))
-    metrics = metrics or [StepMetrics(0, 1.0, 10.0, 1.0)]
+    nonfinite = any(o.low[5] + o.low[6] + o.low[7] > 0 for o in ops)
+    # A non-finite value that reaches nothing training sees is masked: these traces' losses inherit theirs.
+    metrics = metrics or [StepMetrics(0, float("nan") if nonfinite else 1.0, 10.0, float("nan") if nonfinite else 1.0)]
     ref_metrics = ref_metrics or [StepMetrics(0, 1.0, 10.0, 1.0)]
     b = Built(Trace(Precision.FP32, mode, ref_events, list(ref_metrics)), Trace(precision, mode, low_events, list(metrics)))
     for k, (x, y) in (samples or {}).items():
