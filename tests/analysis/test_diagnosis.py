@@ -153,3 +153,21 @@ def test_recommendation_ranks_safe_precisions_by_measured_error_not_by_habit():
     # An unsafe fp16 is never recommended, whatever its error.
     rec = recommend((_summary("fp32"), _summary("fp16", "nan", grad=0.0), _summary("bf16", grad=0.5)))
     assert [p.value for p in rec.safe] == ["bf16"]
+
+
+def test_a_nan_that_a_later_op_masks_is_a_note_not_a_finding(synth):
+    """F.normalize's backward at a zero vector: 0/0 inside the norm's backward, masked before the gradient."""
+    r, O = synth.row, synth.Op
+    ops = [
+        O("aten.linalg_vector_norm.default", r(8, 2.0, 1.0, zeros=1), r(8, 2.0, 1.0, zeros=1), module="critic"),
+        O("aten.div.Tensor", r(64, 1.0, 0.1), r(64, 1.0, 0.1, nan=8), (0,), phase=BW, module="critic",
+          node="LinalgVectorNormBackward0"),
+        O("aten.masked_fill.Scalar", r(64, 1.0, 0.1, zeros=8), r(64, 1.0, 0.1, zeros=8), (1,), phase=BW,
+          module="critic", node="LinalgVectorNormBackward0"),
+    ]
+    finite = [StepMetrics(0, 1.0, None, 1.0)]
+    b = synth.build(ops, metrics=finite, ref_metrics=finite)
+    b.ref.events[1].row = list(b.low.events[1].row)  # fp32 makes the same masked 0/0
+    run = synth.diagnose(b)
+    assert run.status.value == "ok" and run.first_issue is None and run.first_nonfinite is None and run.fixes == ()
+    assert any("masked" in n for n in run.notes)
