@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import nanprobe
-from nanprobe.verdict import failing
+from nanprobe.model.verdict import failing
 
 CASES = Path(__file__).resolve().parent / "cases"
 LOW = ("fp16", "bf16")
