@@ -113,7 +113,10 @@ ZOO: list[Row] = [
         data="frames",
         xfail="fp32 called nan for a 0/0 inside LinalgVectorNormBackward0 that the next op masks (the "
               "gradients are finite); no fix proposed for the eps that rounds to 0"),
-    Row("16", "instancenorm_flat", {"fp32": "ok", "fp16": "ok", "bf16": "ok"}, xfail="TBD"),
+    Row("16", "instancenorm_flat", {"fp32": "ok", "fp16": "nan", "bf16": "ok"},
+        kind="overflow", phase="backward", module="critic.model.3", ops=("pow",), fixes=("fp32-module", "data"),
+        xfail="names a harmless underflow in the generator's 1e-3 * tanh instead of (var + eps)^-3/2 overflowing "
+              "in the InstanceNorm's double backward; proposes only bf16"),
     Row("17a", "corrupt_data", {"fp32": "nan", "fp16": "nan", "bf16": "nan"}, at="fp32",
         kind="nan", phase="data", module="data", fixes=("data",), data="corrupt"),
     Row("17b", "minmax_constant", {"fp32": "nan", "fp16": "nan", "bf16": "nan"}, at="fp32",

@@ -1,19 +1,17 @@
-"""A CycleGAN-style PatchGAN critic (InstanceNorm after each strided conv) trained as a WGAN-GP
-critic on sky crops: nearly flat images."""
+"""A CycleGAN-style PatchGAN critic (InstanceNorm after every conv but the first and last, as in
+CycleGAN's NLayerDiscriminator) trained as a WGAN-GP critic on sky crops: nearly flat images, as the generator's are at first."""
 import torch
 from torch import nn
 
 
 class PatchCritic(nn.Module):
-    def __init__(self, ndf=8):
+    def __init__(self, ndf=8, n_layers=2):
         super().__init__()
-        self.model = nn.Sequential(
-            nn.Conv2d(3, ndf, 4, 2, 1), nn.InstanceNorm2d(ndf, affine=True), nn.LeakyReLU(0.2, True),
-            nn.Conv2d(ndf, ndf * 2, 4, 2, 1), nn.InstanceNorm2d(ndf * 2, affine=True), nn.LeakyReLU(0.2, True),
-            nn.Conv2d(ndf * 2, ndf * 2, 3, 1, 1), nn.InstanceNorm2d(ndf * 2, affine=True), nn.LeakyReLU(0.2, True),
-            nn.Conv2d(ndf * 2, ndf * 2, 3, 1, 1), nn.InstanceNorm2d(ndf * 2, affine=True), nn.LeakyReLU(0.2, True),
-            nn.Conv2d(ndf * 2, 1, 4, 1, 0),
-        )
+        seq = [nn.Conv2d(3, ndf, 3, 1, 1), nn.LeakyReLU(0.2, True)]
+        for _ in range(n_layers):
+            seq += [nn.Conv2d(ndf, ndf, 3, 1, 1), nn.InstanceNorm2d(ndf, affine=True), nn.LeakyReLU(0.2, True)]
+        seq += [nn.Conv2d(ndf, 1, 4, 4, 0)]
+        self.model = nn.Sequential(*seq)
 
     def forward(self, input):
         return self.model(input).flatten(1)
@@ -25,4 +23,5 @@ class Generator(nn.Module):
         self.fc = nn.Linear(nz, 3 * 16 * 16)
 
     def forward(self, z):
-        return 0.5 + 0.001 * torch.tanh(self.fc(z)).view(-1, 3, 16, 16)
+        # at init its images are nearly flat grey, as a generator's early samples are
+        return (0.5 + 1e-3 * torch.tanh(self.fc(z))).view(-1, 3, 16, 16)
