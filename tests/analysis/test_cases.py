@@ -13,13 +13,17 @@ from nanprobe.io.config import Config, DataConfig, LossConfig, ModelConfig, Prec
 
 
 class DCGANCritic(nn.Module):
-    """Strided 4x4 convs with LeakyReLU(0.2), no normalisation, DCGAN's N(0, std) init."""
+    """Strided 4x4 convs with LeakyReLU(0.2), `extra` 3x3 convs per stage, no normalisation, N(0, std) init."""
 
-    def __init__(self, ch: int = 16, std: float | None = 0.02):
+    def __init__(self, ch: int = 16, std: float | None = 0.02, extra: int = 0):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(ch, ch, 4, 2, 1), nn.LeakyReLU(0.2),
-            nn.Conv2d(ch, ch, 4, 2, 1), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(ch * 4, 1))
+        layers, c = [], 3
+        for _ in range(3):
+            layers += [nn.Conv2d(c, ch, 4, 2, 1), nn.LeakyReLU(0.2)]
+            for _ in range(extra):
+                layers += [nn.Conv2d(ch, ch, 3, 1, 1), nn.LeakyReLU(0.2)]
+            c = ch
+        self.net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(ch * 4, 1))
         if std is not None:
             for m in self.modules():
                 if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -128,7 +132,7 @@ def _fp16(report):
 
 def test_sqrt_penalty_at_small_init_blames_the_input_grad_flush_then_sqrt_backward():
     torch.manual_seed(0)
-    run = _fp16(nanprobe.diagnose(_config(DCGANCritic(std=0.005), wgan_gp_step, _real())))
+    run = _fp16(nanprobe.diagnose(_config(DCGANCritic(ch=4, std=0.01, extra=1), wgan_gp_step, _real())))
     assert run.status.value == "nan"
     issue = run.first_issue
     assert (issue.kind.value, issue.phase.value) == ("underflow", "input-grad") and issue.module.startswith("critic.net.")
