@@ -22,6 +22,7 @@ import torch
 from nanprobe.engine import stats as st
 from nanprobe import thresholds as th
 from nanprobe.engine.probe import OpEvent
+from nanprobe.enums import Phase
 
 _LOW = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _CASTS = frozenset({"_to_copy", "clone", "copy_", "to", "contiguous", "_unsafe_view", "view", "reshape", "expand",
@@ -81,17 +82,26 @@ def zeroed_share(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 class Recorder:
-    """Keeps a sample of each recorded op's output and of each step's parameter gradients."""
+    """Keeps a sample of each recorded op's output and of each step's parameter gradients, and which op
+    produced each gradient."""
 
     def __init__(self):
+        from torch.utils.weak import WeakTensorKeyDictionary
+
         self.samples: dict[int, torch.Tensor] = {}
         self.grads: dict[int, dict[str, torch.Tensor]] = {}
+        self.grad_ops: dict[int, dict[str, int]] = {}
+        """step -> parameter -> index of the op whose output is that parameter's gradient."""
+        self._made = WeakTensorKeyDictionary()
 
     def on_record(self, event: OpEvent, outs: list[torch.Tensor]) -> None:
         self.samples[event.index] = sample(outs[0])
+        for t in outs:
+            self._made[t] = event.index
 
     def on_grads(self, step: int, grads: dict[str, torch.Tensor]) -> None:
         self.grads[step] = {name: sample(g) for name, g in grads.items()}
+        self.grad_ops[step] = {name: self._made[g] for name, g in grads.items() if g in self._made}
 
 
 @dataclass(frozen=True)
@@ -176,9 +186,30 @@ def _finite(row) -> bool:
     return row[st.NAN] + row[st.POSINF] + row[st.NEGINF] == 0
 
 
+def scale_ratios(metrics, ref_metrics, penalty_scaled: bool) -> dict:
+    """(step, phase) -> this replay's GradScaler scale over fp32's, for the phases whose values carry the scale.
+
+    A low precision that skipped a step retries it at a lower scale than fp32's replay ran at, so its backward
+    values are smaller by that ratio without being wrong. The input gradient carries the scale only when the
+    penalty follows the AMP recipe (its outputs scaled before autograd.grad).
+    """
+    ref = {m.step: m.scale for m in ref_metrics}
+    out = {}
+    for m in metrics:
+        r = ref.get(m.step)
+        if m.scale and r:
+            out[(m.step, Phase.BACKWARD)] = m.scale / r
+            if penalty_scaled:
+                out[(m.step, Phase.INPUT_GRAD)] = m.scale / r
+    return out
+
+
 def align(events: list[OpEvent], ref_events: list[OpEvent], rec: Recorder | None = None,
-          ref_rec: Recorder | None = None) -> Alignment:
-    """Pair the ops and measure each one's departure from fp32 (samples when recorded, else the statistics)."""
+          ref_rec: Recorder | None = None, ratios: dict | None = None) -> Alignment:
+    """Pair the ops and measure each one's departure from fp32 (samples when recorded, else the statistics).
+
+    `ratios` (scale_ratios) brings values that carry a different loss scale than fp32's to fp32's scale.
+    """
     low_dtype = next((_LOW[e.dtype] for e in events if e.dtype in _LOW), torch.float16)
     info = torch.finfo(low_dtype)
     tol = th.tolerance(info.eps, th.DEPARTURE)
@@ -203,13 +234,14 @@ def align(events: list[OpEvent], ref_events: list[OpEvent], rec: Recorder | None
         dt = _LOW.get(e.dtype)
         tiny = torch.finfo(dt).smallest_normal if dt is not None else torch.finfo(torch.float32).smallest_normal
         nonfinite = not _finite(lo) and _finite(hi)
+        f = (ratios or {}).get((e.step, e.phase), 1.0)
         if x is not None and y is not None and x.shape == y.shape:
-            rel = relative_error(x, y)
+            rel = relative_error(x / f if f != 1.0 else x, y)
             zeroed, flushed = zeroed_share(x, y), flushed_share(x, y, tiny)
         else:
             rel = None
             if _finite(lo) and _finite(hi) and hi[st.MAX_ABS] > 0:
-                rel = abs(lo[st.MAX_ABS] - hi[st.MAX_ABS]) / hi[st.MAX_ABS]
+                rel = abs(lo[st.MAX_ABS] / f - hi[st.MAX_ABS]) / hi[st.MAX_ABS]
             zeroed = max(0.0, lo[st.ZEROS] - hi[st.ZEROS]) / n
             flushed = zeroed if hi[st.MIN_NONZERO] < tiny else 0.0
         lost = (max(0.0, lo[st.ZEROS] - hi[st.ZEROS]) + lo[st.SUBNORMAL]) / n if dt is not None else 0.0

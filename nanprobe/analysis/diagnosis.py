@@ -61,6 +61,8 @@ class Measured:
     """What training sees against fp32."""
     recorder: Recorder | None = None
     """fp32's samples, kept to measure the other precisions against (None for a low precision once measured)."""
+    grad_ops: dict = field(default_factory=dict)
+    """step -> parameter -> index of the op that produced its gradient (where the effect walk starts)."""
 
     @property
     def precision(self) -> Precision:
@@ -105,9 +107,10 @@ def measure_against(trace: Trace, rec: Recorder | None, ref: Measured | None) ->
     """A replay lined up with fp32's and its effect measured: the one place both are computed."""
     if ref is None or not trace.precision.is_low:
         return Measured(trace, recorder=rec)
-    alignment = al.align(trace.events, ref.trace.events, rec, ref.recorder)
+    ratios = al.scale_ratios(trace.metrics, ref.trace.metrics, penalty_scaled=not trace.unscaled_grads)
+    alignment = al.align(trace.events, ref.trace.events, rec, ref.recorder, ratios)
     effect = measure(trace.precision, trace.metrics, ref.trace.metrics, rec, ref.recorder, trace.lost)
-    return Measured(trace, alignment, effect)
+    return Measured(trace, alignment, effect, grad_ops=dict(rec.grad_ops) if rec is not None else {})
 
 
 def replay_measured(config: Config, loaded, precision: Precision, device: torch.device,
@@ -322,7 +325,7 @@ def analyse_trace(m: "Measured | Trace", ref: "Measured | Trace | None" = None) 
         kinds.pop(FindingKind.NAN, None)
         kinds.pop(FindingKind.OVERFLOW, None)
     if cause is None:
-        cause = underflow_cause(events, m.alignment, m.effect)
+        cause = underflow_cause(events, m.alignment, m.effect, m.grad_ops)
     if cause is not None and m.alignment is not None:
         under = sum(1 for i in cause.path if m.alignment.delta(i) is not None and m.alignment.delta(i).candidate)
         if cause.kind is FindingKind.UNDERFLOW:
@@ -402,7 +405,8 @@ def _feeds(cause: RootCause | None, m: Measured) -> tuple[fx.ChainOp, ...]:
         if al.is_cast(e):
             todo.extend(e.producers)
             continue
-        out.append(fx.ChainOp(al.base(e.op), e.node, e.dtype, e.phase, e.module, e.scalars, index=i))
+        out.append(fx.ChainOp(al.base(e.op), e.node, e.dtype, e.phase, e.module, e.scalars,
+                              zeroed=e.row is not None and e.row[st.ZEROS] > 0, index=i))
     return tuple(out)
 
 

@@ -207,9 +207,11 @@ def _safe_norm(c: FixContext) -> float:
     if end is not None and end.nonfinite and _singular_at_zero(end):
         if _eps_failed(c):
             return 97.0  # the eps is there but rounds to 0: one that survives the dtype
-        if _eps_kept(c) or not any(x.zeroed for x in c.chain):
-            return 0.0  # guarded already, or no zero reached it
-        return 90.0 if c.fp32_ok else 97.0
+        if _eps_kept(c):
+            return 0.0  # guarded already
+        if any(x.zeroed for x in c.chain + c.feeds) or end.node in _NORM_NODES:
+            return 90.0 if c.fp32_ok else 97.0
+        return 0.0
     hit = any(n in c.chain_nodes for n in _NORM_NODES) or (
         c.nonfinite is not None and (c.nonfinite.node or "") in _NORM_NODES)
     if not hit or c.status is not Status.NAN or _eps_kept(c):

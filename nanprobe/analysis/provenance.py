@@ -209,7 +209,8 @@ def nonfinite_cause(events: list[OpEvent], alignment: Alignment | None) -> RootC
     return RootCause(culprit, kind, origin, path, f.index, guard, eps, _secondary(path, alignment))
 
 
-def underflow_cause(events: list[OpEvent], alignment: Alignment | None, effect: Effect | None) -> RootCause | None:
+def underflow_cause(events: list[OpEvent], alignment: Alignment | None, effect: Effect | None,
+                    grad_ops: dict | None = None) -> RootCause | None:
     """For a finite run: the underflow that changes what training sees (effect.any_off), or None."""
     if alignment is None or effect is None or not effect.any_off:
         return None
@@ -219,11 +220,15 @@ def underflow_cause(events: list[OpEvent], alignment: Alignment | None, effect: 
     if hit is not None:
         return RootCause(hit, FindingKind.UNDERFLOW, hit, (hit,), secondary=tuple(candidates))
     for p in effect.off_params:
-        start = _grad_start(p.param, p.step, events)
+        start = (grad_ops or {}).get(p.step, {}).get(p.param)
+        if start is None:
+            start = _grad_start(p.param, p.step, events)
         if start is None:
             continue
         path = walk(start, events, alignment)
         on = [i for i in path if alignment.delta(i) is not None and alignment.delta(i).candidate]
+        if not on and alignment.delta(path[0]) is not None and alignment.delta(path[0]).zeroed > 0:
+            on = [path[0]]  # the walk ended where the zeros start, below the candidate share
         if on:
             culprit = on[0]
             return RootCause(culprit, FindingKind.UNDERFLOW, path[0], tuple(i for i in path if i >= culprit),

@@ -73,8 +73,7 @@ ZOO: list[Row] = [
     Row("1", "zero_centred_gp", {"fp32": "nan", "fp16": "nan", "bf16": "nan"}, at="fp32",
         kind="nan", phase="backward", module="", ops=("div",), fixes=("safe-norm",), data="frames"),
     Row("2", "pixelnorm_half", {"fp32": "ok", "fp16": "nan"},
-        kind="underflow", phase="forward", module="critic.norm", ops=("add",), fixes=("fp32-module",),
-        xfail="names the harmless x*x flush (mul) instead of the eps add that rounds to 0; proposes no fix"),
+        kind="underflow", phase="forward", module="critic.norm", ops=("add",), fixes=("fp32-module",)),
     Row("3", "gp_fp16_no_scaling", {"fp32": "ok", "fp16": "nan", "bf16": "ok"},
         kind="underflow", phase="input-grad", module="critic.", ops=("convolution_backward", "leaky_relu_backward"),
         fixes=("gp-fp32", "gp-scaled")),
@@ -96,8 +95,7 @@ ZOO: list[Row] = [
         phase="forward", module="", ops=("binary_cross_entropy",), fixes=("logits-loss",),
         xfail="a replay that raises aborts the whole diagnosis (UserCodeError): no error status, no fp32 result"),
     Row("10", "log_sigmoid", {"fp32": "ok", "fp16": "nan", "bf16": "ok"},
-        kind="underflow", phase="forward", module="", ops=("sigmoid",), fixes=("logits-loss",),
-        xfail="the cast between sigmoid and log hides the pattern: proposes bf16, never logits-loss"),
+        kind="underflow", phase="forward", module="", ops=("sigmoid",), fixes=("logits-loss",)),
     Row("11", "attention_logits", {"fp32": "ok", "fp16": "nan", "bf16": "ok"},
         kind="overflow", phase="forward", module="critic.attn", ops=("div",), fixes=("fp32-module",)),
     Row("12", "activation_growth", {"fp32": "ok", "fp16": "nan", "bf16": "ok"},
@@ -106,13 +104,10 @@ ZOO: list[Row] = [
         kind="overflow", phase="forward", module="critic.score", ops=("addmm", "_to_copy"),
         fixes=("fp32-module",)),
     Row("14", "mbstd_half", {"fp32": "ok", "fp16": "nan"},
-        kind="underflow", phase="forward", module="critic.mbstd", ops=("add",), fixes=("fp32-module",),
-        xfail="proposes safe-norm (the penalty's norm) for the minibatch-stddev eps that rounds to 0"),
+        kind="underflow", phase="forward", module="critic.mbstd", ops=("add",), fixes=("fp32-module",)),
     Row("15", "normalize_zero_half", {"fp32": "ok", "fp16": "nan"},
         kind="underflow", phase="forward", module="critic", ops=("clamp_min",), fixes=("fp32-module",),
-        data="frames",
-        xfail="fp32 called nan for a 0/0 inside LinalgVectorNormBackward0 that the next op masks (the "
-              "gradients are finite); no fix proposed for the eps that rounds to 0"),
+        data="frames"),
     Row("16", "instancenorm_flat", {"fp32": "ok", "fp16": "nan", "bf16": "ok"},
         kind="overflow", phase="backward", module="critic.model.3", ops=("pow",), fixes=("fp32-module", "data"),
         xfail="names a harmless underflow in the generator's 1e-3 * tanh instead of (var + eps)^-3/2 overflowing "
@@ -132,9 +127,7 @@ ZOO: list[Row] = [
         xfail="fp16 called underflow for subnormals in the spectral norm's backward with no effect on training"),
     Row("H4", "healthy_stylegan", OK3, healthy=True),
     Row("H5", "healthy_bf16", {"fp32": "ok", "bf16": "ok"}, healthy=True),
-    Row("H6", "healthy_small_init_scaled", OK3, healthy=True, scaler="recovers",
-        xfail="fp16 called underflow: 45% of critic.0's input gradients are subnormal at scale 32768, but the "
-              "parameter gradients are within 0.1% of fp32 there (judged by share, not by effect)"),
+    Row("H6", "healthy_small_init_scaled", OK3, healthy=True, scaler="recovers"),
 ]
 
 
