@@ -27,7 +27,8 @@ FP32_NOISE = 1.0e-6
 
 ZEROED_SHARE = 0.01
 """A parameter's gradient is zeroed when more than this share of its sampled values is exactly 0 in the low
-precision but non-zero in fp32 (rounding never makes an exact zero; only underflow or cancellation does)."""
+precision but non-zero in fp32 (rounding alone never makes an exact zero; underflow or a cancelling sum does, and
+only an underflow candidate on the gradient's provenance path makes it an underflow finding)."""
 
 UNDERFLOW_SHARE = 0.05
 """Share of an op's values lost to zero or subnormals (non-zero in fp32) that makes it an underflow candidate.

@@ -227,8 +227,9 @@ def underflow_cause(events: list[OpEvent], alignment: Alignment | None, effect: 
             continue
         path = walk(start, events, alignment)
         on = [i for i in path if alignment.delta(i) is not None and alignment.delta(i).candidate]
-        if not on and alignment.delta(path[0]) is not None and alignment.delta(path[0]).zeroed > 0:
-            on = [path[0]]  # the walk ended where the zeros start, below the candidate share
+        if not on and alignment.delta(path[0]) is not None and alignment.delta(path[0]).flushed > 0:
+            on = [path[0]]  # the walk ended where values below the smallest normal start to flush
+        # Zeros where fp32's values are well inside the range are a sum cancelling, not an underflow.
         if on:
             culprit = on[0]
             return RootCause(culprit, FindingKind.UNDERFLOW, path[0], tuple(i for i in path if i >= culprit),

@@ -109,9 +109,7 @@ ZOO: list[Row] = [
         kind="underflow", phase="forward", module="critic", ops=("clamp_min",), fixes=("fp32-module",),
         data="frames"),
     Row("16", "instancenorm_flat", {"fp32": "ok", "fp16": "nan", "bf16": "ok"},
-        kind="overflow", phase="backward", module="critic.model.3", ops=("pow",), fixes=("fp32-module", "data"),
-        xfail="names a harmless underflow in the generator's 1e-3 * tanh instead of (var + eps)^-3/2 overflowing "
-              "in the InstanceNorm's double backward; proposes only bf16"),
+        kind="overflow", phase="backward", module="critic.model.3", ops=("pow",), fixes=("fp32-module", "data")),
     Row("17a", "corrupt_data", {"fp32": "nan", "fp16": "nan", "bf16": "nan"}, at="fp32",
         kind="nan", phase="data", module="data", fixes=("data",), data="corrupt"),
     Row("17b", "minmax_constant", {"fp32": "nan", "fp16": "nan", "bf16": "nan"}, at="fp32",
