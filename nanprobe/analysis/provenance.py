@@ -226,7 +226,11 @@ def underflow_cause(events: list[OpEvent], alignment: Alignment | None, effect: 
         if start is None:
             continue
         path = walk(start, events, alignment)
-        on = [i for i in path if alignment.delta(i) is not None and alignment.delta(i).candidate]
+        # A candidate explains the gradient's error only if it loses values itself (zeros where fp32 has values) or
+        # adds error beyond tolerance; one that passes on error carried from weights that drifted over the steps
+        # is on the path by chance.
+        on = [i for i in path if (d := alignment.delta(i)) is not None and d.candidate
+              and (d.zeroed > 0 or d.added > alignment.tolerance)]
         if not on and alignment.delta(path[0]) is not None and alignment.delta(path[0]).flushed > 0:
             on = [path[0]]  # the walk ended where values below the smallest normal start to flush
         # Zeros where fp32's values are well inside the range are a sum cancelling, not an underflow.
