@@ -78,8 +78,7 @@ ZOO: list[Row] = [
         line="torch.sqrt(torch.sum(g ** 2"),
     Row("2", "pixelnorm_half", {"fp32": "ok", "fp16": "nan"},
         kind="underflow", phase="forward", module="critic.norm", ops=("add",), fixes=("fp32-module",),
-        line="x * torch.rsqrt(",
-        xfail="names the harmless x*x flush (mul) instead of the eps add that rounds to 0; proposes no fix"),
+        line="x * torch.rsqrt("),
     Row("3", "gp_fp16_no_scaling", {"fp32": "ok", "fp16": "nan", "bf16": "ok"},
         kind="underflow", phase="input-grad", module="critic.", ops=("convolution_backward", "leaky_relu_backward"),
         fixes=("gp-fp32", "gp-scaled")),
@@ -103,8 +102,7 @@ ZOO: list[Row] = [
         xfail="a replay that raises aborts the whole diagnosis (UserCodeError): no error status, no fp32 result"),
     Row("10", "log_sigmoid", {"fp32": "ok", "fp16": "nan", "bf16": "ok"},
         kind="underflow", phase="forward", module="", ops=("sigmoid",), fixes=("logits-loss",),
-        line="d_real = torch.sigmoid(D(x))",
-        xfail="the cast between sigmoid and log hides the pattern: proposes bf16, never logits-loss"),
+        line="d_real = torch.sigmoid(D(x))"),
     Row("11", "attention_logits", {"fp32": "ok", "fp16": "nan", "bf16": "ok"},
         kind="overflow", phase="forward", module="critic.attn", ops=("div",), fixes=("fp32-module",),
         line="attn = torch.softmax("),
@@ -116,18 +114,13 @@ ZOO: list[Row] = [
         fixes=("fp32-module",)),
     Row("14", "mbstd_half", {"fp32": "ok", "fp16": "nan"},
         kind="underflow", phase="forward", module="critic.mbstd", ops=("add",), fixes=("fp32-module",),
-        line="y = (y + 1e-8).sqrt()",
-        xfail="proposes safe-norm (the penalty's norm) for the minibatch-stddev eps that rounds to 0"),
+        line="y = (y + 1e-8).sqrt()"),
     Row("15", "normalize_zero_half", {"fp32": "ok", "fp16": "nan"},
         kind="underflow", phase="forward", module="critic", ops=("clamp_min",), fixes=("fp32-module",),
         line="h = F.normalize(self.enc(x), dim=1)",
-        data="frames",
-        xfail="fp32 called nan for a 0/0 inside LinalgVectorNormBackward0 that the next op masks (the "
-              "gradients are finite); no fix proposed for the eps that rounds to 0"),
+        data="frames"),
     Row("16", "instancenorm_flat", {"fp32": "ok", "fp16": "nan", "bf16": "ok"},
-        kind="overflow", phase="backward", module="critic.model.3", ops=("pow",), fixes=("fp32-module", "data"),
-        xfail="names a harmless underflow in the generator's 1e-3 * tanh instead of (var + eps)^-3/2 overflowing "
-              "in the InstanceNorm's double backward; proposes only bf16"),
+        kind="overflow", phase="backward", module="critic.model.3", ops=("pow",), fixes=("fp32-module", "data")),
     Row("17a", "corrupt_data", {"fp32": "nan", "fp16": "nan", "bf16": "nan"}, at="fp32",
         kind="nan", phase="data", module="data", fixes=("data",), data="corrupt"),
     Row("17b", "minmax_constant", {"fp32": "nan", "fp16": "nan", "bf16": "nan"}, at="fp32",
@@ -144,10 +137,7 @@ ZOO: list[Row] = [
         xfail="fp16 called underflow for subnormals in the spectral norm's backward with no effect on training"),
     Row("H4", "healthy_stylegan", OK3, healthy=True),
     Row("H5", "healthy_bf16", {"fp32": "ok", "bf16": "ok"}, healthy=True),
-    Row("H6", "healthy_small_init_scaled", OK3, healthy=True, scaler="recovers",
-        xfail="fp16 called underflow: 45% of critic.0's input gradients are subnormal at scale 32768, but the "
-              "parameter gradients are as close to fp32 as bf16's (0.06% at critic.0; up to 10% at the last "
-              "layers in both, from the cancelling D(fake) - D(real) at init): judged by share, not by effect"),
+    Row("H6", "healthy_small_init_scaled", OK3, healthy=True, scaler="recovers"),
 ]
 
 
