@@ -41,12 +41,23 @@ class _Deadline:
         return self.end - time.monotonic()
 
 
-def _cases() -> list[tuple[str, Path]]:
-    cases = [(p.stem, p) for p in sorted((ROOT / "configs").glob("*.yaml"))]
-    zoo = ROOT / "tests" / "zoo"
-    if zoo.is_dir():
-        cases += [(f"zoo/{p.parent.name}/{p.stem}" if p.parent != zoo else f"zoo/{p.stem}", p)
-                  for p in sorted(zoo.rglob("*.yaml"))]
+def _cases() -> list[tuple[str, Path, dict]]:
+    """(name, config, overrides): the shipped examples, then the zoo's cases with their data fixtures."""
+    cases = [(p.stem, p, {}) for p in sorted((ROOT / "configs").glob("*.yaml"))]
+    if (ROOT / "tests" / "zoo" / "test_zoo.py").is_file():
+        import tempfile
+
+        from tests.zoo.test_zoo import CASES, DATA, ZOO
+
+        tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+        for row in ZOO:
+            overrides = {}
+            if row.data is not None:
+                path = tmp / f"{row.data}.npy"
+                if not path.exists():
+                    DATA[row.data](path)
+                overrides["data.path"] = str(path)
+            cases.append((f"zoo/{row.case}", CASES / f"{row.case}.yaml", overrides))
     return cases
 
 
@@ -63,13 +74,13 @@ TARGET = {"device": "cuda"}  # what the emulated CPU replay is compared with: th
 def check_verdicts(rows: list, deadline: _Deadline) -> None:
     import nanprobe
 
-    for name, path in _cases():
+    for name, path, overrides in _cases():
         if deadline.left < 60:
             rows.append(("verdict", name, "-", "-", "not run: out of time"))
             continue
         try:
-            cpu = nanprobe.diagnose(path, device="cpu", kernels="emulated")
-            gpu = nanprobe.diagnose(path, **TARGET)
+            cpu = nanprobe.diagnose(path, device="cpu", kernels="emulated", **overrides)
+            gpu = nanprobe.diagnose(path, **TARGET, **overrides)
         except Exception as exc:  # a case the zoo marks as bad input, or a GPU-only failure: report, go on
             rows.append(("verdict", name, "-", "-", f"error: {str(exc).splitlines()[0][:80]}"))
             continue
