@@ -1,7 +1,7 @@
 """Emulated against native fp16/bf16 kernels, run by hand (not a test):
 python benchmarks/bench_kernels.py [--reps 5] [--threads 1]
 
-Prints the medians of interleaved runs (each repetition runs every variant once, in turn, so a
+Prints the medians (wall time and this process's CPU time) of interleaved runs (each repetition runs every variant once, in turn, so a
 change of load on a shared machine hits them alike):
 - one DCGAN-64 critic step with its gradient penalty at batch 16 (bench_probe's model, no probe,
   no GradScaler), in fp32, fp16 and bf16 autocast (CUDA's op lists) with emulated and with native

@@ -68,13 +68,13 @@ class _Plan:
 
     def __init__(self, func):
         schema = op_schema(func)
-        returns_alias = any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
-        self.native = (func.is_view or returns_alias or func.overloadpacket.__name__ in _NATIVE
-                       or _is_random(func) or not any("Tensor" in str(r.type) for r in schema.returns)
-                       and not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments))
         # (position, keyword name) of each argument the op writes to
         self.written = tuple((i, a.name) for i, a in enumerate(schema.arguments)
                              if a.alias_info is not None and a.alias_info.is_write)
+        returns_alias = any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+        computes = any("Tensor" in str(r.type) for r in schema.returns) or bool(self.written)
+        self.native = (func.is_view or returns_alias or not computes or _is_random(func)
+                       or func.overloadpacket.__name__ in _NATIVE)
 
 
 _plans: dict = {}
