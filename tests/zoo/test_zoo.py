@@ -79,7 +79,7 @@ ZOO: list[Row] = [
     Row("2", "pixelnorm_half", {"fp32": "ok", "fp16": "nan"},
         kind="underflow", phase="forward", module="critic.norm", ops=("add",), fixes=("fp32-module",),
         line="x * torch.rsqrt(",
-        xfail="names the harmless x*x flush (mul) instead of the eps add that rounds to 0; proposes no fix"),
+        xfail="names the x*x flush (mul) instead of the eps add that rounds to 0 (rsqrt's input); proposes only bf16"),
     Row("3", "gp_fp16_no_scaling", {"fp32": "ok", "fp16": "nan", "bf16": "ok"},
         kind="underflow", phase="input-grad", module="critic.", ops=("convolution_backward", "leaky_relu_backward"),
         fixes=("gp-fp32", "gp-scaled")),
@@ -123,7 +123,7 @@ ZOO: list[Row] = [
         line="h = F.normalize(self.enc(x), dim=1)",
         data="frames",
         xfail="fp32 called nan for a 0/0 inside LinalgVectorNormBackward0 that the next op masks (the "
-              "gradients are finite); no fix proposed for the eps that rounds to 0"),
+              "gradients are finite) and offered safe-norm; fp16 gets only bf16 for the eps that rounds to 0"),
     Row("16", "instancenorm_flat", {"fp32": "ok", "fp16": "nan", "bf16": "ok"},
         kind="overflow", phase="backward", module="critic.model.3", ops=("pow",), fixes=("fp32-module", "data"),
         xfail="names a harmless underflow in the generator's 1e-3 * tanh instead of (var + eps)^-3/2 overflowing "
