@@ -19,8 +19,9 @@ import torch
 from nanprobe.engine import fp32_modules
 from nanprobe.engine import stats as st
 from nanprobe.engine import updates
+from nanprobe.engine._emulate import emulated_kernels
 from nanprobe.io.config import Config, resolve
-from nanprobe.enums import Mode, Phase, Policy, Precision
+from nanprobe.enums import Kernels, Mode, Phase, Policy, Precision
 from nanprobe.errors import ConfigError, DeviceError, UserCodeError
 from nanprobe.engine.reinit import reinitialise
 from nanprobe.io.loading import Loaded, user_error
@@ -45,6 +46,7 @@ class Trace:
     stopped: str | None = None
     lost: dict[int, dict[str, tuple[int, int]]] = field(default_factory=dict)  # step -> param -> (moving, unchanged)
     unscaled_grads: list[tuple[int, str | None]] = field(default_factory=list)  # (step, source) per call
+    kernels: Kernels = Kernels.NATIVE  # how the low-precision ops were computed
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,6 +74,13 @@ def check_dtype(device: torch.device, precision: Precision, mode: Mode) -> None:
     except Exception as exc:
         raise DeviceError(f"precision.dtypes: {precision.value} is not supported on {device.type} "
                           f"in {mode.value} mode ({str(exc).splitlines()[0][:120]}); drop it from precision.dtypes") from None
+
+
+def kernels_for(config: Config, precision: Precision, device: torch.device) -> Kernels:
+    """The kernels a replay runs: emulated only for a low precision on the CPU when the config asks for it."""
+    if precision.is_low and device.type == "cpu" and config.precision.kernels is Kernels.EMULATED:
+        return Kernels.EMULATED
+    return Kernels.NATIVE
 
 
 def make_optimizer(config: Config, params) -> torch.optim.Optimizer:
@@ -185,7 +194,9 @@ class _Replay:
             self.step_fn = lambda critic, generator, real, z: user_step(critic, generator, real, z, scaler=self.scaler)
         self.probe = OpProbe({"critic": self.critic, **({"generator": self.generator} if self.generator else {})},
                              base_dir=str(config.base_dir), on_record=on_record) if probe_on else None
-        self.trace = Trace(precision, self.mode, self.probe.events if self.probe else [])
+        self.trace = Trace(precision, self.mode, self.probe.events if self.probe else [],
+                           kernels=kernels_for(config, precision, device))
+        self.kernels = emulated_kernels if self.trace.kernels is Kernels.EMULATED else nullcontext
 
     def _restore_state(self) -> None:
         """Optimizer and scaler state captured before the step (state.optimizer, state.scaler), if any."""
@@ -214,7 +225,8 @@ class _Replay:
         ctx = self.probe if self.probe is not None else nullcontext()
         watch = RecipeWatch(self.scaler, self._unscaled) if self.scaler is not None and self.probe is not None \
             else nullcontext()
-        with self.op_lists(), ctx, watch, fp32_modules.outside_autocast(self.fp32, self.device.type,
+        # The kernels' mode is entered before (under) the probe's, so the probe records rounded outputs.
+        with self.op_lists(), self.kernels(), ctx, watch, fp32_modules.outside_autocast(self.fp32, self.device.type,
                                                        self.model_dtype if self.half else None):
             if self.probe is not None:
                 self.probe.name_params(self.params)
