@@ -255,9 +255,11 @@ def test_zoo_json(case, tmp_path_factory):
 
 
 @pytest.mark.xfail(strict=True, reason="verdicts: only torch's RNG is seeded; the step's numpy/random draws differ per run")
-@pytest.mark.parametrize("case", ["gp_fp16_no_scaling", "gp_scaler_unscaled"])
+@pytest.mark.parametrize("case", ["gp_fp16_no_scaling"])
 def test_zoo_reproducible(case):
-    """A penalty that draws its interpolation weights from numpy (PyTorch-GAN) or `random` replays the same."""
+    """A penalty that draws its interpolation weights from numpy, as PyTorch-GAN's does, replays the same.
+    (gp_scaler_unscaled draws from `random`, but its one alpha per batch barely moves that critic's numbers:
+    two unseeded runs can print the same JSON, so it would not show the bug reliably.)"""
     runs = [nanprobe.diagnose(CASES / f"{case}.yaml", dtypes=["fp32"], steps=1).to_json() for _ in range(2)]
     assert runs[0] == runs[1]
 
