@@ -20,7 +20,7 @@ fixed row fails until its mark is removed. Data files are written into tmp_path,
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -214,7 +214,8 @@ def test_zoo(row: Row, tmp_path_factory):
     if row.ops:
         assert _short(f.op) in row.ops
     if row.line is not None:
-        assert f.source is not None and f.source.endswith(f"{row.case}.py:{line_of(CASES / f'{row.case}.py', row.line)}")
+        expected = f"{row.case}.py:{line_of(CASES / f'{row.case}.py', row.line)}"
+        assert f.source is not None and f.source.endswith(expected)
     if row.min_step:
         assert f.step >= row.min_step
     top = [x.id for x in run.fixes[:2]]
@@ -244,10 +245,12 @@ def test_zoo_json(case, tmp_path_factory):
     assert set(x["id"] for x in runs[row.at]["fixes"][:2]) & set(row.fixes)
 
 
-@pytest.mark.xfail(strict=True, reason="verdicts: only torch's RNG is seeded; the step's numpy/random draws differ per run")
-@pytest.mark.parametrize("case", ["gp_fp16_no_scaling", "gp_scaler_unscaled"])
+@pytest.mark.xfail(strict=True, reason="verdicts: only torch's RNG is seeded; the step's numpy draws differ per run")
+@pytest.mark.parametrize("case", ["gp_fp16_no_scaling"])
 def test_zoo_reproducible(case):
-    """A penalty that draws its interpolation weights from numpy (PyTorch-GAN) or `random` replays the same."""
+    """A penalty that draws its interpolation weights from numpy, as PyTorch-GAN's does, replays the same.
+    (gp_scaler_unscaled draws from `random`, but its one alpha per batch barely moves that critic's numbers:
+    two unseeded runs can print the same JSON, so it would not show the bug reliably.)"""
     runs = [nanprobe.diagnose(CASES / f"{case}.yaml", dtypes=["fp32"], steps=1).to_json() for _ in range(2)]
     assert runs[0] == runs[1]
 
