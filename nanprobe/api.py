@@ -9,6 +9,7 @@ import torch
 
 from nanprobe import config as cfg
 from nanprobe import datacheck, diagnosis, initialisation, loading, replay, verification
+from nanprobe.analysis import patching
 from nanprobe.enums import FailOn, Precision
 from nanprobe.errors import ConfigError, Interrupted
 from nanprobe.initialisation import he_ratios, reinitialise
@@ -73,6 +74,7 @@ def diagnose(config_or_path: "cfg.Config | str | Path", progress: Callable | Non
             report = _report(config, device, runs, data=data, init=init, interrupted=note)
         raise Interrupted(report) from None
     runs = diagnosis.analyse(config, traces, requested, ratios, device.type, init)
+    runs = patching.attach(config, loaded.critic, runs)
     if verify_fix:
         try:
             runs = verification.verify(config, loaded, traces, runs, device, progress,
