@@ -25,7 +25,7 @@ import libcst as cst
 from libcst.metadata import MetadataWrapper, PositionProvider
 
 from nanprobe.enums import Precision
-from nanprobe.fixes import SAFE_EPS
+from nanprobe.thresholds import SAFE_EPS
 
 # ---------------------------------------------------------------------------------------- data
 
@@ -341,7 +341,7 @@ class _SafeRoot(_AtLine):
 
 
 def _safe_norm(module: cst.Module, site: Site) -> cst.Module | None:
-    eps = SAFE_EPS[site.precision]
+    eps = SAFE_EPS[site.precision.value]
     out, t = _with_positions(module, _SafeRoot, site.line, eps)
     if t.changed:
         return out
@@ -919,7 +919,7 @@ class _OptimizerEps(cst.CSTTransformer):
 
 
 def _adam_eps(module: cst.Module, site: Site) -> cst.Module | None:
-    t = _OptimizerEps(SAFE_EPS[Precision.FP16])
+    t = _OptimizerEps(SAFE_EPS[Precision.FP16.value])
     out = module.visit(t)
     return out if t.changed else None
 
@@ -954,7 +954,7 @@ TRANSFORMS: dict[str, Transform] = {t.fix_id: t for t in (
     Transform("gp-fp32", "step", _gp_fp32, culprit=False),
     Transform("gp-scaled", "step", _gp_scaled, (("train.grad_scaler", True),), culprit=False),
     Transform("fp32-module", "models", _fp32_module, culprit=False),
-    Transform("adam-eps", "any", _adam_eps, (("train.eps", SAFE_EPS[Precision.FP16]),), culprit=False),
+    Transform("adam-eps", "any", _adam_eps, (("train.eps", SAFE_EPS[Precision.FP16.value]),), culprit=False),
     Transform("master-weights", "any", _master_weights, (("precision.mode", "amp"),), culprit=False),
 )}
 """Fix id -> its code change. A fix without an entry (or whose transform finds nothing) keeps its config change."""
@@ -1124,7 +1124,7 @@ def _construction_lines(cls: type, files: set) -> Iterator[dict]:
 
 def _built_at(config, critic, module_path: str, code: UserCode) -> tuple:
     """((file, line), class name) where the critic's layer at module_path is constructed, by building it again."""
-    from nanprobe.loading import build_module
+    from nanprobe.io.loading import build_module
 
     sub = module_path.split(".", 1)[1] if "." in module_path else ""
     try:
