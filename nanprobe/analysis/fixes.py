@@ -224,7 +224,8 @@ def _data(c: FixContext) -> float:
 
 def _logits(c: FixContext) -> float:
     for f in (c.issue, c.nonfinite):
-        if f is not None and f.op.startswith("aten.log") and "aten.sigmoid" in f.numbers.get("producer_ops", ()):
+        if f is not None and f.op.startswith("aten.log") and any(
+                p.startswith("aten.sigmoid") for p in f.numbers.get("producer_ops", ())):
             return 98.0
     return 0.0
 

@@ -182,7 +182,7 @@ def _float(node: cst.BaseExpression) -> float | None:
 def _functional(module: cst.Module) -> str:
     """How this file spells torch.nn.functional (its own alias when it imports one)."""
     for stmt in module.body:
-        for small in getattr(stmt, "body", ()):
+        for small in stmt.body if isinstance(stmt, cst.SimpleStatementLine) else ():
             if isinstance(small, cst.Import):
                 for alias in small.names:
                     if _name(alias.name) == "torch.nn.functional" and alias.asname is not None:
@@ -400,11 +400,11 @@ class _Logits(cst.CSTTransformer):
         arg = _strip_eps(arg)
         x = _sigmoid_arg(arg, self.sigmoids)
         if x is not None:
-            return _expr(f"-{self.F}.softplus(-{_atom(x)})")
+            return _expr(f"(-{self.F}.softplus(-{_atom(x)}))")
         inner = _one_minus(arg)
         x = _sigmoid_arg(inner, self.sigmoids) if inner is not None else None
         if x is not None:
-            return _expr(f"-{self.F}.softplus({_code(x)})")
+            return _expr(f"(-{self.F}.softplus({_code(x)}))")
         return None
 
     def leave_Call(self, original, updated):
@@ -412,6 +412,10 @@ class _Logits(cst.CSTTransformer):
         if new is not None:
             self.changed += 1
             return new
+        f = updated.func
+        if isinstance(f, cst.Attribute) and f.attr.value in ("mean", "sum") and _negated(f.value) is not None:
+            # (-x).mean() -> -x.mean(): a linear reduction commutes with the sign
+            return cst.UnaryOperation(cst.Minus(), updated.with_changes(func=f.with_changes(value=_negated(f.value))))
         name = _callee(updated)
         if name == "binary_cross_entropy" and not _is_method(updated) and updated.args:
             x = _sigmoid_arg(updated.args[0].value, self.sigmoids)
@@ -431,11 +435,26 @@ class _Logits(cst.CSTTransformer):
 
     def leave_UnaryOperation(self, original, updated):
         # -(-softplus(...)) -> softplus(...)
-        op = updated.expression
-        if isinstance(updated.operator, cst.Minus) and isinstance(op, cst.UnaryOperation) \
-                and isinstance(op.operator, cst.Minus) and not op.lpar and not updated.lpar:
-            return op.expression
+        inner = _negated(updated.expression)
+        if isinstance(updated.operator, cst.Minus) and inner is not None and not updated.lpar:
+            return inner
         return updated
+
+    def leave_BinaryOperation(self, original, updated):
+        # a - (-b) -> a + b; a + (-b) -> a - b
+        inner = _negated(updated.right)
+        if inner is None or not isinstance(updated.operator, (cst.Add, cst.Subtract)):
+            return updated
+        op = cst.Add if isinstance(updated.operator, cst.Subtract) else cst.Subtract
+        return updated.with_changes(operator=op(whitespace_before=updated.operator.whitespace_before,
+                                                whitespace_after=updated.operator.whitespace_after), right=inner)
+
+
+def _negated(node: cst.BaseExpression) -> cst.BaseExpression | None:
+    """x for -x or (-x); None otherwise."""
+    if isinstance(node, cst.UnaryOperation) and isinstance(node.operator, cst.Minus):
+        return node.expression
+    return None
 
 
 def _assigned_from(fn: cst.CSTNode, pred) -> dict:
@@ -455,9 +474,10 @@ def _assigned_from(fn: cst.CSTNode, pred) -> dict:
 class _SplitSigmoid(cst.CSTTransformer):
     """d = sigmoid(critic(x)) -> d_logits = critic(x); d = sigmoid(d_logits): the logits get a name."""
 
-    def __init__(self, names: dict):
+    def __init__(self, names: dict, unused: set = frozenset()):
         super().__init__()
         self.names = names  # name -> logits name
+        self.unused = unused  # names no longer read once the loss takes the logits
 
     def leave_SimpleStatementLine(self, original, updated):
         if len(updated.body) != 1 or not isinstance(updated.body[0], cst.Assign):
@@ -474,6 +494,8 @@ class _SplitSigmoid(cst.CSTTransformer):
         logits = self.names[name]
         first = updated.with_changes(body=[cst.Assign([cst.AssignTarget(cst.Name(logits))], x)],
                                      trailing_whitespace=cst.TrailingWhitespace())
+        if name in self.unused:  # nothing reads the probabilities any more: the logits alone
+            return updated.with_changes(body=[cst.Assign([cst.AssignTarget(cst.Name(logits))], x)])
         call = a.value
         new_call = call.with_changes(func=call.func.with_changes(value=cst.Name(logits))) if _is_method(call) else \
             call.with_changes(args=[call.args[0].with_changes(value=cst.Name(logits)), *call.args[1:]])
@@ -502,7 +524,10 @@ def _logits_loss(module: cst.Module, site: Site) -> cst.Module | None:
         used = {n for n in split if f"{split[n]}" in out.code}
         if used:
             fn2 = _enclosing(out, None, fn.name.value)
-            out = _in_function(out, fn2, _SplitSigmoid({n: split[n] for n in used}))
+            reads = _ordered_names(fn2)
+            # A name read only where it is assigned (once) is read nowhere else now.
+            unused = {n for n in used if reads.count(n) <= 1}
+            out = _in_function(out, fn2, _SplitSigmoid({n: split[n] for n in used}, unused))
     return out
 
 
