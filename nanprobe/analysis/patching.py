@@ -424,13 +424,6 @@ class _Logits(cst.CSTTransformer):
                 func = _expr(f"{_name(updated.func.value)}.binary_cross_entropy_with_logits") \
                     if isinstance(updated.func, cst.Attribute) else cst.Name("binary_cross_entropy_with_logits")
                 return updated.with_changes(func=func, args=[updated.args[0].with_changes(value=x), *updated.args[1:]])
-        if _name(updated.func) in self.bce_names and updated.args:
-            x = _sigmoid_arg(updated.args[0].value, self.sigmoids)
-            if x is not None:
-                self.changed += 1
-                return updated.with_changes(args=[updated.args[0].with_changes(value=x), *updated.args[1:]])
-        if name == "BCELoss" and self.bce_names:
-            return updated.with_changes(func=_expr(_code(updated.func)[: -len("BCELoss")] + "BCEWithLogitsLoss"))
         return updated
 
     def leave_UnaryOperation(self, original, updated):
@@ -448,6 +441,45 @@ class _Logits(cst.CSTTransformer):
         op = cst.Add if isinstance(updated.operator, cst.Subtract) else cst.Subtract
         return updated.with_changes(operator=op(whitespace_before=updated.operator.whitespace_before,
                                                 whitespace_after=updated.operator.whitespace_after), right=inner)
+
+
+class _BceLogits(cst.CSTTransformer):
+    """crit = nn.BCELoss() used only as crit(sigmoid(x), y) -> crit = nn.BCEWithLogitsLoss(), crit(x, y)."""
+
+    def __init__(self, names: set):
+        super().__init__()
+        self.names = names
+        self.changed = 0
+
+    def leave_Call(self, original, updated):
+        if _name(updated.func) in self.names and updated.args:
+            x = _sigmoid_arg(updated.args[0].value, {})
+            if x is not None:
+                self.changed += 1
+                return updated.with_changes(args=[updated.args[0].with_changes(value=x), *updated.args[1:]])
+        return updated
+
+    def leave_Assign(self, original, updated):
+        if len(updated.targets) == 1 and _name(updated.targets[0].target) in self.names \
+                and isinstance(updated.value, cst.Call) and _callee(updated.value) == "BCELoss":
+            func = _code(updated.value.func)[: -len("BCELoss")] + "BCEWithLogitsLoss"
+            return updated.with_changes(value=updated.value.with_changes(func=_expr(func)))
+        return updated
+
+
+def _bce_only_on_sigmoid(module: cst.Module) -> set:
+    """Names bound to BCELoss() whose every call passes a sigmoid (so the logits version is the same loss)."""
+    names = set(_assigned_from(module, lambda v: isinstance(v, cst.Call) and _callee(v) == "BCELoss"))
+    calls: dict = {n: [] for n in names}
+
+    class V(cst.CSTVisitor):
+        def visit_Call(self, node):
+            n = _name(node.func)
+            if n in calls:
+                calls[n].append(bool(node.args) and _sigmoid_arg(node.args[0].value, {}) is not None)
+
+    module.visit(V())
+    return {n for n, hits in calls.items() if hits and all(hits)}
 
 
 def _negated(node: cst.BaseExpression) -> cst.BaseExpression | None:
@@ -511,14 +543,15 @@ def _logits_loss(module: cst.Module, site: Site) -> cst.Module | None:
     for name, value in sig.items():
         x = _sigmoid_arg(value, {})
         sigmoids[name] = x.value if isinstance(x, cst.Name) else f"{name.replace('.', '_')}_logits"
-    bce = set(_assigned_from(module, lambda v: isinstance(v, cst.Call) and _callee(v) == "BCELoss"))
     split = {n: v for n, v in sigmoids.items() if n.isidentifier() and v != n and v.endswith("_logits")}
-    t = _Logits(_functional(module), sigmoids, bce)
+    t = _Logits(_functional(module), sigmoids, set())
     if fn is not None:
         out = _in_function(module, fn, t)
     else:
         out = module.visit(t)
-    if not t.changed:
+    bce = _BceLogits(_bce_only_on_sigmoid(out))
+    out = out.visit(bce) if bce.names else out
+    if not t.changed and not bce.changed:
         return None
     if split and fn is not None:
         used = {n for n in split if f"{split[n]}" in out.code}
