@@ -487,11 +487,11 @@ def test_overflowing_user_module_gets_an_fp32_module_patch_at_its_definition(tmp
 
 
         class Energy(nn.Module):
-            """A feature-energy layer: squares its input, so values of a few hundred leave fp16's range."""
+            """Log feature energy: squares its input, so values of a few hundred leave fp16's range."""
 
             def forward(self, x):
                 e = (x * x).sum(dim=1, keepdim=True)
-                return e / e.amax().clamp(min=1.0)
+                return torch.log1p(e)
 
 
         class Critic(nn.Module):
@@ -508,7 +508,7 @@ def test_overflowing_user_module_gets_an_fp32_module_patch_at_its_definition(tmp
         '''
     doc = {"model": {"critic": "models.py:Critic", "critic_args": {"gain": 800.0}},
            "data": {"shape": [3, 8, 8], "batch_size": 4}, "loss": {"kind": "hinge"},
-           "train": {"steps": 1}, "precision": {"dtypes": ["fp16"]}, "device": "cpu"}
+           "train": {"steps": 1, "grad_scaler": True}, "precision": {"dtypes": ["fp16"]}, "device": "cpu"}
     folder = scenario(tmp_path, {"models.py": models}, doc)
     report = nanprobe.diagnose(folder / "config.yaml", verify_fix=True, verify_top=2)
     run = report.runs[-1]
