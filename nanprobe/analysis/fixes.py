@@ -499,6 +499,12 @@ def adapt(fix_id: str, **values: str) -> FixSuggestion:
                          None)
 
 
+def adapted(c: FixContext) -> tuple[FixSuggestion, ...]:
+    """Every catalogue entry adapted to the context, scored or not (what each snippet would say)."""
+    v = _vars(c)
+    return tuple(FixSuggestion(f.id, f.title.format(**v), f.why.format(**v), f.snippet.format(**v)) for f in CATALOGUE)
+
+
 def rank(c: FixContext, limit: int = 5) -> tuple[FixSuggestion, ...]:
     """The fixes the finding points at, best first, adapted to it."""
     if c.issue is None and c.nonfinite is None and c.collapse is None:
