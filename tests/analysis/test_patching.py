@@ -518,3 +518,43 @@ def test_overflowing_user_module_gets_an_fp32_module_patch_at_its_definition(tmp
     assert fix.check is FixCheck.OK, fix.verification
     assert fix.verification.startswith("with the patch to models.py")
     applies(folder, fix.patch, tmp_path)
+
+
+# ------------------------------------------------------------------------------------ the CLI
+
+
+@pytest.fixture(scope="module")
+def wgan_project(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli") / "project"
+    folder.mkdir()
+    write(folder, {"models.py": CRITIC, "train.py": WGAN_STEP})
+    (folder / "config.yaml").write_text(yaml.safe_dump(WGAN_DOC))
+    return folder
+
+
+@needs_git
+def test_cli_patch_dash_prints_only_the_diff_and_it_applies(wgan_project, tmp_path):
+    from typer.testing import CliRunner
+
+    from nanprobe.cli import app
+
+    result = CliRunner().invoke(app, ["diagnose", str(wgan_project / "config.yaml"), "--patch", "-"])
+    assert result.exit_code == 1, result.output  # the run still fails: the patch is a proposal
+    assert result.stdout.startswith("--- a/train.py\n+++ b/train.py\n@@ ")
+    assert "precision" not in result.stdout  # no table on stdout
+    applies(wgan_project, result.stdout, tmp_path)
+    out = tmp_path / "fix.diff"
+    result = CliRunner().invoke(app, ["diagnose", str(wgan_project / "config.yaml"), "--patch", str(out), "-q"])
+    assert result.exit_code == 1 and out.read_text().startswith("--- a/train.py\n")
+    assert sorted(p.name for p in wgan_project.iterdir()) == ["config.yaml", "models.py", "train.py"]
+
+
+def test_cli_patch_dash_with_json_dash_is_one_line_and_exit_2(wgan_project):
+    from typer.testing import CliRunner
+
+    from nanprobe.cli import app
+
+    result = CliRunner().invoke(app, ["diagnose", str(wgan_project / "config.yaml"), "--patch", "-", "--json", "-"])
+    assert result.exit_code == 2
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("nanprobe: error: --patch -: stdout already carries")
