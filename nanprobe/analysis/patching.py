@@ -1304,10 +1304,25 @@ def patched_code(code: UserCode, patch: Patch) -> Iterator[dict]:
             sys.path.insert(0, str(folder))
         yield mapping
     finally:
-        sys.modules.clear()
+        for name in set(sys.modules) - set(saved_modules):
+            del sys.modules[name]
         sys.modules.update(saved_modules)
         sys.path[:] = saved_path
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def reaches(config, code: UserCode, patch: Patch) -> bool:
+    """Whether a replay of the config would import the patched files (they are named by path in it, not
+    passed as live objects from Python, which a patch of their source cannot change)."""
+    named = set()
+    for ref in (config.model.critic, config.model.generator, config.loss.step):
+        if isinstance(ref, str):
+            p, _ = _ref_file(code.base, ref)
+            if p is not None:
+                named.add(p)
+    files = {(code.base / f.rel).resolve() for f in patch.files}
+    # A patched neighbour of a named file is imported by it from the copies' folder.
+    return bool(named) and all(f in named or any(f.parent == n.parent for n in named) for f in files)
 
 
 def patched_config(config, code: UserCode, mapping: dict):

@@ -160,6 +160,9 @@ def _patched(config: cfg.Config, run: RunReport, fix: FixSuggestion, loaded: Loa
     files = ", ".join(f.rel for f in patch.files)
     line = f"with the patch to {files}" + (f" and {describe(patch.overrides)}" if patch.overrides else "")
     code = patching.user_code(config)
+    if not patching.reaches(config, code, patch):
+        return _untried(fix, "not replayed: the patched file is passed in from Python as a live object, which a "
+                             "patch of its source cannot change; apply the patch and run again")
     target = run.precision
     on_step = None if progress is None else (lambda p, step, steps: progress(f"{p.value} + {fix.id} (patched)", step, steps))
     try:
