@@ -40,7 +40,11 @@ def diagnose(config_or_path: "cfg.Config | str | Path", progress: Callable | Non
     Overrides take dotted or short keys: dtypes=["fp16"], steps=3, device="cpu", mode="half".
     verify_fix=True replays the first `verify_top` (default MAX_VERIFIED) fixes of each failing
     run that a config change applies and marks each FixSuggestion verified (True / False / None, with why);
-    fail_on (nan | overflow | underflow, as --fail-on) is the status a fixed run must get below.
+    fail_on (nan | overflow | underflow, as --fail-on) words the verification lines; a fix is verified only
+    when its run is then ok (`check` says ok / improves / fails / untried, `remaining` what is left).
+    A fix local to the user's own files carries `patch`, a unified diff of them (relative to the config's
+    folder); verify_fix replays it on patched copies. `nanprobe.analysis.patching.chosen(report.runs)` is
+    what `diagnose --patch` writes.
     Raises nanprobe.ConfigError (or UserCodeError, DeviceError) on bad input.
     """
     config = _config(config_or_path, overrides)

@@ -144,8 +144,8 @@ def _callee(call: cst.Call) -> str:
 def _is_method(call: cst.Call) -> bool:
     """x.sqrt() rather than torch.sqrt(x): the receiver is not a module name."""
     f = call.func
-    return isinstance(f, cst.Attribute) and _name(f.value) not in ("torch", "F", "nn.functional", "torch.nn.functional",
-                                                                      "functional", "math")
+    return isinstance(f, cst.Attribute) and _name(f.value) not in (
+        "torch", "F", "nn.functional", "torch.nn.functional", "functional", "math", "np", "numpy")
 
 
 def _lit(x: float) -> str:
