@@ -558,3 +558,35 @@ def test_cli_patch_dash_with_json_dash_is_one_line_and_exit_2(wgan_project):
     assert result.exit_code == 2
     lines = [x for x in result.output.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("nanprobe: error: --patch -: stdout already carries")
+
+
+@needs_git
+def test_a_zero_gradient_norm_gets_a_safe_norm_patch_proven(tmp_path):
+    # A critic whose first ReLU is dead on every input has an input gradient of exactly 0, in every
+    # precision: the hand-written sqrt's backward is inf at 0 and the penalty is NaN, fp32 included.
+    models = '''
+        import torch
+        from torch import nn
+
+
+        class Critic(nn.Module):
+            def __init__(self, ch: int = 8, shift: float = 0.0):
+                super().__init__()
+                self.conv = nn.Conv2d(3, ch, 3, 1, 1)
+                self.head = nn.Sequential(nn.ReLU(), nn.Flatten(), nn.Linear(ch * 64, 1))
+                nn.init.constant_(self.conv.bias, shift)
+
+            def forward(self, x):
+                return self.head(self.conv(x))
+        '''
+    doc = {**WGAN_DOC, "model": {"critic": "models.py:Critic", "critic_args": {"shift": -10.0}},
+           "train": {"steps": 1}}
+    folder = scenario(tmp_path, {"models.py": models, "train.py": WGAN_STEP}, doc)
+    report = nanprobe.diagnose(folder / "config.yaml", verify_fix=True, verify_top=1)
+    run = report.runs[-1]
+    assert run.status.value == "nan" and not run.precision_problem
+    fix = run.fixes[0]
+    assert fix.id == "safe-norm", [f.id for f in run.fixes]
+    assert "+    norm = torch.sqrt(torch.sum(g.view(g.size(0), -1) ** 2, dim=1) + 1e-4)" in fix.patch
+    assert fix.check is FixCheck.OK, fix.verification
+    applies(folder, fix.patch, tmp_path)
