@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from nanprobe.analysis import diagnosis
+from nanprobe.analysis import diagnosis, raised
 
 from nanprobe.engine import replay
 from nanprobe.engine import stats as st
@@ -250,8 +250,10 @@ def recommend(summaries: tuple[PrecisionSummary, ...]) -> Recommendation:
         parts.append("no low precision is safe as configured")
     for s in low:
         if s.status is not Status.OK:
-            i = s.first_issue
+            i, e = s.first_issue, s.error
             first = f"; first issue: {i.kind.value} in {i.phase.value} at {i.module or OUTSIDE}" if i and i.kind else ""
+            if e is not None:
+                first = f": {e.exception} at {e.op or e.source or 'its step'}"
             parts.append(f"{s.precision.value} is not ({s.status.value}{first})")
     if fix is not None:
         how = f" [{fix.apply}]" if fix.apply else ""
@@ -271,6 +273,7 @@ def compare(config: Config, loaded: Loaded, device: torch.device, precisions: tu
     ref_rec = Recorder()
     traces = {Precision.FP32: replay.replay(config, loaded, Precision.FP32, device, probe=True, progress=progress,
                                             on_record=ref_rec.on_record, on_grads=ref_rec.on_grads)}
+    traces[Precision.FP32].raise_error()  # the step fails without any low precision: exit 2
     ref_live = _live(traces[Precision.FP32].events)
     order: dict[tuple, int] = {}
     for e in ref_live:
@@ -283,6 +286,9 @@ def compare(config: Config, loaded: Loaded, device: torch.device, precisions: tu
                               on_record=replay_rec.on_record, on_grads=replay_rec.on_grads)
         traces[p] = trace
         live = _live(trace.events)
+        if trace.error is not None:  # the step raised here: no departure to measure, the error is the finding
+            spans[p] = _spans(p, live, None)
+            continue
         aligned = diagnosis.align(trace.events, traces[Precision.FP32].events)
         eps = torch.finfo(p.torch_dtype).eps
         deltas = _deltas(live, trace.events, aligned, p, replay_rec, ref_rec)
@@ -291,15 +297,17 @@ def compare(config: Config, loaded: Loaded, device: torch.device, precisions: tu
                        "grad_rel_error": _grad_error(replay_rec, ref_rec)}
         del replay_rec  # this precision's samples are no longer needed
     ref = traces[Precision.FP32]
-    found = {p: diagnosis.analyse_trace(t, ref) for p, t in traces.items()}
-    context = {"fp32_status": found[Precision.FP32]["status"], "statuses": {p: f["status"] for p, f in found.items()},
+    found = {p: diagnosis.analyse_trace(t, ref) for p, t in traces.items() if t.error is None}
+    status_of = raised.statuses(traces, {p: f["status"] for p, f in found.items()})
+    context = {"fp32_status": status_of[Precision.FP32], "statuses": status_of,
                "fix_settings": diagnosis.fix_settings(config, init_ratios, device.type)}
     summaries = []
     for p, trace in traces.items():
-        run = diagnosis.build_run(trace, found[p], context)
+        run = raised.errored_run(trace, status_of, context["fix_settings"]) if trace.error is not None \
+            else diagnosis.build_run(trace, found[p], context)
         live = _live(trace.events)
         heads = [_headroom(e) for e in live]
-        kinds = found[p]["kinds"]
+        kinds = found[p]["kinds"] if p in found else {}
         m = measured.get(p, {})
         summaries.append(PrecisionSummary(
             precision=p, mode=trace.mode, status=run.status, first_issue=run.first_issue, metrics=run.metrics,
@@ -309,7 +317,8 @@ def compare(config: Config, loaded: Loaded, device: torch.device, precisions: tu
             overflow_ops=kinds.get(FindingKind.OVERFLOW, 0), underflow_ops=kinds.get(FindingKind.UNDERFLOW, 0),
             nan_ops=kinds.get(FindingKind.NAN, 0),
             headroom_max=_min(h[0] for h in heads), headroom_normal=_min(h[1] for h in heads),
-            departs_at=m.get("departs_at"), ops=len(live), aligned=m.get("aligned", len(live)), fixes=run.fixes))
+            departs_at=m.get("departs_at"), ops=len(live), aligned=m.get("aligned", len(live)), fixes=run.fixes,
+            kernels=trace.kernels, error=run.error))
     summaries = tuple(summaries)
     return Comparison(
         config=str(config.source) if config.source else None, device=device_name, torch=torch.__version__,

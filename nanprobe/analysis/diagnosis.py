@@ -16,6 +16,7 @@ from collections import defaultdict
 import torch
 
 from nanprobe.analysis import fixes as fx
+from nanprobe.analysis import raised
 from nanprobe.engine import stats as st
 from nanprobe.io.config import Config
 from nanprobe.enums import FindingKind, Phase, Precision, Status
@@ -394,7 +395,8 @@ def build_run(trace: Trace, found: dict, context: dict) -> RunReport:
         first_issue=issue, first_nonfinite=nonfinite, chain=chain, fixes=fx.rank(ctx),
         metrics=tuple(trace.metrics), skipped=_skips(trace), ops=found["ops"], findings=found["count"],
         notes=tuple(notes), failed_step=first.step if first is not None else None,
-        lost_updates=lost_updates(trace), scale_collapse=collapse, unscaled_penalty=unscaled)
+        lost_updates=lost_updates(trace), scale_collapse=collapse, unscaled_penalty=unscaled,
+        kernels=trace.kernels)
 
 
 def fix_settings(config: Config, init_ratios: dict, device: str, init_checks: tuple = ()) -> dict:
@@ -417,8 +419,9 @@ def analyse(config: Config, traces: dict[Precision, Trace], requested: tuple[Pre
             init_ratios: dict, device: str, init_checks: tuple = ()) -> tuple[RunReport, ...]:
     """RunReports for the requested precisions (fp32 is the reference whether requested or not)."""
     ref = traces[Precision.FP32]
-    found = {p: analyse_trace(t, ref) for p, t in traces.items()}
-    context = {"fp32_status": found[Precision.FP32]["status"],
-               "statuses": {p: f["status"] for p, f in found.items()},
+    found = {p: analyse_trace(t, ref) for p, t in traces.items() if t.error is None}
+    status_of = raised.statuses(traces, {p: f["status"] for p, f in found.items()})
+    context = {"fp32_status": status_of[Precision.FP32], "statuses": status_of,
                "fix_settings": fix_settings(config, init_ratios, device, init_checks)}
-    return tuple(build_run(traces[p], found[p], context) for p in requested)
+    return tuple(raised.errored_run(traces[p], status_of, context["fix_settings"]) if traces[p].error is not None
+                 else build_run(traces[p], found[p], context) for p in requested)

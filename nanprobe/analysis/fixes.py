@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from nanprobe.enums import FindingKind, Mode, Phase, Precision, Status
-from nanprobe.model.report import Finding, FixSuggestion
+from nanprobe.model.report import Finding, FixSuggestion, ReplayError
 
-from nanprobe.thresholds import DIVERGENCE_GROWTH, INIT_FACTOR, SAFE_EPS, init_off_scale
+from nanprobe.thresholds import DIVERGENCE_GROWTH, INIT_FACTOR, INIT_SMALL_FACTOR, SAFE_EPS, init_off_scale
 
 _NORM_NODES = ("SqrtBackward0", "LinalgVectorNormBackward0", "NormBackward1", "PowBackward0", "RsqrtBackward0")
 _PRECISION_FIXES = frozenset({"gp-fp32", "gp-scaled", "grad-scaler", "bf16", "fp32-module", "master-weights"})
@@ -74,6 +74,8 @@ class FixContext:
     """Penalty weight as configured (lambda for wgan-gp, gamma for r1)."""
     step_name: str | None = None
     """Name of the user's critic step function (loss.step), for the snippets' calls."""
+    error: ReplayError | None = None
+    """What the replay raised (status error), or None."""
 
     def phases(self) -> set:
         return {f.phase for f in (self.issue, self.nonfinite, self.collapse) if f is not None}
@@ -113,6 +115,8 @@ class Fix:
     """The config change that applies it, or None when it needs a code change."""
     score: Callable[[FixContext], float]
     """How strongly a finding points at this fix (0: not at all)."""
+    when: str = ""
+    """The findings `score` points at, in words (the generated fix catalogue shows it)."""
 
 
 def _amp_low(c: FixContext) -> bool:
@@ -157,6 +161,8 @@ def _bf16(c: FixContext) -> float:
     bf16 = c.other.get(Precision.BF16)
     if bf16 is not None and bf16 is not Status.OK:
         return 0.0
+    if c.error is not None and bf16 is not Status.OK:
+        return 0.0  # an op that raises in fp16 (no kernel for the dtype) may well raise in bf16: only a bf16 replay says
     base = 84.0 if FindingKind.OVERFLOW in c.kinds() else 70.0
     return base if bf16 is Status.OK else base - 20
 
@@ -222,7 +228,17 @@ def _data(c: FixContext) -> float:
     return 100.0 if c.issue is not None and c.issue.phase is Phase.DATA else 0.0
 
 
+def _op_name(op: str | None) -> str:
+    """binary_cross_entropy for aten.binary_cross_entropy.default and torch.nn.functional.binary_cross_entropy."""
+    if not op:
+        return ""
+    return op.split(".")[1] if op.startswith("aten.") else op.rsplit(".", 1)[-1]
+
+
 def _logits(c: FixContext) -> float:
+    e = c.error
+    if e is not None and _op_name(e.op) == "binary_cross_entropy" and "autocast" in e.message:
+        return 99.0  # autocast refuses BCE on probabilities (CUDA's lists): the logits form is its own fix
     for f in (c.issue, c.nonfinite):
         if f is not None and f.op.startswith("aten.log") and any(
                 p.startswith("aten.sigmoid") for p in f.numbers.get("producer_ops", ())):
@@ -241,14 +257,21 @@ CATALOGUE: tuple[Fix, ...] = (
         "constant = flat.amax(1) == flat.amin(1)      # constant images: {constant_samples}\n"
         "x = x[~(bad | constant)]\n"
         "{normalise}",
-        None, _data),
-    Fix("logits-loss", "Use a logits loss (softplus) instead of log(sigmoid(x))",
+        None, _data,
+        when="NaN or Inf in the batch (phase data; fp32 fails too), or what check-data finds: non-finite or "
+             "constant samples, values outside data.range"),
+    Fix("logits-loss", "Use a logits loss (softplus, BCE-with-logits) instead of log(sigmoid(x)) or BCELoss",
         "sigmoid(x) rounds to exactly 0 or 1 in low precision for |x| above ~17 (fp16), so log gives -inf "
-        "and the gradient NaN; softplus computes the same loss from the logits without the rounding.",
+        "and the gradient NaN, and CUDA autocast refuses nn.BCELoss on probabilities for that reason; softplus "
+        "and BCE-with-logits compute the same loss from the logits without the rounding.",
         "loss_real = F.softplus(-d_real).mean()   # = -log(sigmoid(d_real))\n"
         "loss_fake = F.softplus(d_fake).mean()    # = -log(1 - sigmoid(d_fake))\n"
-        "# or F.binary_cross_entropy_with_logits(d, target)",
-        None, _logits),
+        "# or, in place of nn.BCELoss() on torch.sigmoid(critic(x)):\n"
+        "criterion = nn.BCEWithLogitsLoss()\n"
+        "loss = criterion(critic(x), target)      # the logits, no sigmoid",
+        None, _logits,
+        when="log of a sigmoid gives -inf: sigmoid rounded to exactly 0 or 1 in low precision; or the step raised "
+             "because autocast refuses binary_cross_entropy (nn.BCELoss) on probabilities"),
     Fix("init", "Re-initialise the weights at the Glorot/He scale",
         "Weights far above the He scale multiply activations at every layer, so they leave the range of "
         "{low} within a few layers.",
@@ -261,11 +284,14 @@ CATALOGUE: tuple[Fix, ...] = (
         "        if m.bias is not None:\n"
         "            nn.init.zeros_(m.bias)\n\n"
         "critic.apply(init_weights)",
-        Apply((("model.init", "he"),)), _init),
+        Apply((("model.init", "he"),)), _init,
+        when=f"overflow or NaN in the forward, input-grad or backward with a layer's weights "
+             f">= {INIT_FACTOR:g}x the He scale; underflow with weights <= 1/{INIT_SMALL_FACTOR:g} of it"),
     Fix("adam-eps", "Use an eps that survives the dtype (1e-4 in fp16)",
         "eps={eps} rounds to 0 in {low}, so m / (sqrt(v) + eps) divides by zero wherever v is 0 or tiny.",
         "opt = torch.optim.{opt_class}(critic.parameters(), {opt_args_eps})",
-        Apply((("train.eps", 1.0e-4),)), _adam_eps),
+        Apply((("train.eps", 1.0e-4),)), _adam_eps,
+        when="a problem in the optimizer step in half mode, with an optimizer eps that rounds to 0 in the dtype"),
     Fix("master-weights", "Keep fp32 master weights; use autocast instead of .half()",
         "Updates below half an ulp of a {low} weight are rounded away and the optimizer state loses its "
         "small values; fp32 weights with autocast keep both.",
@@ -273,19 +299,24 @@ CATALOGUE: tuple[Fix, ...] = (
         "opt = torch.optim.{opt_class}(critic.parameters(), {opt_args})\n"
         "with torch.autocast(device_type=real.device.type, dtype=torch.{dtype}):\n"
         "    loss = {step_call}",
-        Apply((("precision.mode", "amp"),)), _master_weights),
+        Apply((("precision.mode", "amp"),)), _master_weights,
+        when="a problem in the optimizer step in half mode: lost updates, optimizer state flushed to 0"),
     Fix("safe-norm", "Compute the gradient norm so its derivative is finite at 0",
         "d sqrt(s)/ds = 1 / (2 sqrt(s)) is inf at s = 0, and 0 * inf = NaN in the backward when a "
         "sample's gradient is all zero (as it is once it underflows).",
         "grad_norm = torch.linalg.vector_norm(grads.flatten(1), dim=1)   # zero subgradient at 0\n"
         "# or keep sqrt with an eps that survives {low}:\n"
         "grad_norm = torch.sqrt(grads.flatten(1).float().pow(2).sum(1) + {safe_eps})",
-        Apply((("loss.gp_norm", "vector_norm"),), builtin_only=True), _safe_norm),
+        Apply((("loss.gp_norm", "vector_norm"),), builtin_only=True), _safe_norm,
+        when="NaN through the backward of the penalty's norm (SqrtBackward0, a vector-norm, pow or rsqrt "
+             "backward)"),
     Fix("gp-fp32", "Compute the gradient penalty outside autocast, in fp32",
         "Under {low} autocast the critic's input gradient is computed in {low} without loss scaling; values "
         "below {tiny} flush to 0, so the penalty sees a zero norm.",
         "{gp_fp32_code}",
-        Apply((("loss.gp_precision", "fp32"),), builtin_only=True), _penalty_hit),
+        Apply((("loss.gp_precision", "fp32"),), builtin_only=True), _penalty_hit,
+        when="a problem in the penalty's input gradient (phase input-grad) under low-precision autocast, with "
+             "the penalty inside autocast"),
     Fix("gp-scaled", "Follow the AMP gradient-penalty recipe: scale before autograd.grad, unscale after",
         "Scaling the critic's output by the GradScaler's scale lifts the input gradient out of {low}'s "
         "underflow range; multiplying by 1/scale afterwards gives the true gradient for the penalty.",
@@ -297,7 +328,9 @@ CATALOGUE: tuple[Fix, ...] = (
         "scaler.scale(loss + gp).backward(); scaler.step(opt); scaler.update()\n"
         "# nanprobe passes its scaler to a custom step that takes one:\n"
         "# def critic_step(critic, generator, real, z, scaler=None)",
-        Apply((("train.grad_scaler", True),), builtin_only=True), _gp_scaled),
+        Apply((("train.grad_scaler", True),), builtin_only=True), _gp_scaled,
+        when="the same as gp-fp32; first in fp16 when a GradScaler is on but the step's autograd.grad "
+             "bypasses it (unscaled_penalty)"),
     Fix("scale-collapse", "Fix the op that overflows at every scale; loss scaling cannot",
         "GradScaler halves its scale and skips the step whenever a gradient is inf. An op that makes inf whatever "
         "the scale (here {collapse_at}; typically the penalty's sqrt backward at a zero norm, or an activation above "
@@ -308,7 +341,9 @@ CATALOGUE: tuple[Fix, ...] = (
         "scaler_d.step(opt_d); scaler_d.update()\n"
         "if scaler_d.get_scale() < 1.0:   # collapsing: find the op that makes inf\n"
         "    print(\"scale collapsed:\", scaler_d.get_scale())",
-        None, _scale_collapse),
+        None, _scale_collapse,
+        when="GradScaler's scale collapses: a step still skipped after the retries, every step skipped, or "
+             "the scale below 1"),
     Fix("grad-scaler", "Use dynamic loss scaling (torch.amp.GradScaler)",
         "Without loss scaling, gradients below {tiny} flush to 0 in {low} and those weights stop learning; "
         "the scaler multiplies the loss so the gradients stay in range, then unscales them.",
@@ -319,7 +354,9 @@ CATALOGUE: tuple[Fix, ...] = (
         "scaler.unscale_(opt)      # before clipping or reading gradients\n"
         "scaler.step(opt)\n"
         "scaler.update()",
-        Apply((("train.grad_scaler", True),)), _grad_scaler),
+        Apply((("train.grad_scaler", True),)), _grad_scaler,
+        when="parameter gradients underflow in the backward under fp16 autocast without loss scaling (also "
+             "suggested, lower, for an input-grad problem)"),
     Fix("fp32-module", "Run {module} in fp32 (or clamp its activations)",
         "{module} produces values beyond {low}'s max ({max}); running it outside autocast keeps them finite, "
         "and clamping (StyleGAN2-ADA's conv_clamp=256) keeps the rest of the network in range.",
@@ -332,24 +369,31 @@ CATALOGUE: tuple[Fix, ...] = (
         "            return self.m(x.float())\n\n"
         "{attr} = FP32({attr})\n"
         "# or clamp its output: x = x.clamp(-256, 256)",
-        Apply((("precision.fp32_modules", "{module_fp32}"),)), _fp32_module),
+        Apply((("precision.fp32_modules", "{module_fp32}"),)), _fp32_module,
+        when="overflow or NaN in a module's forward in a low precision, that module not already in "
+             "precision.fp32_modules"),
     Fix("bf16", "Train in bf16 instead of fp16",
         "bf16 has fp32's exponent range (max 3.4e38, normals down to 1.2e-38), so neither the overflow at "
         "65504 nor the underflow below 6.1e-5 happens, and no loss scaling is needed.",
         "with torch.autocast(device_type=real.device.type, dtype=torch.bfloat16):\n"
         "    loss = {step_call}\n"
         "loss.backward()   # no GradScaler needed",
-        Apply((("precision.dtypes", ["bf16"]),)), _bf16),
+        Apply((("precision.dtypes", ["bf16"]),)), _bf16,
+        when="fp16 fails and bf16 is ok (ranked lower when bf16 was not replayed)"),
     Fix("lower-lr", "Lower the learning rate",
         "The first steps are fine and a later one fails: the updates grow the weights until activations "
         "leave the dtype's range.",
         "opt = torch.optim.{opt_class}(critic.parameters(), {opt_args_low_lr})",
-        Apply((("train.lr", "{lr_low}"),)), _lower_lr),
+        Apply((("train.lr", "{lr_low}"),)), _lower_lr,
+        when=f"an overflow or NaN first found after step 0; first when the weights grew by "
+             f"{DIVERGENCE_GROWTH - 1:.0%} or more by then"),
     Fix("grad-clip", "Clip the gradient norm (after unscaling)",
         "A single large gradient makes a huge update; clipping bounds the step while the cause is fixed.",
         "scaler.unscale_(opt)   # if you use a GradScaler\n"
         "torch.nn.utils.clip_grad_norm_(critic.parameters(), max_norm=10.0)",
-        Apply((("train.grad_clip", 10.0),)), _grad_clip),
+        Apply((("train.grad_clip", 10.0),)), _grad_clip,
+        when="overflow or NaN with no clipping set, in the backward or the optimizer step (most at later "
+             "steps), or in the forward after step 0"),
 )
 
 REGISTRY: dict[str, Fix] = {f.id: f for f in CATALOGUE}
@@ -507,7 +551,7 @@ def adapted(c: FixContext) -> tuple[FixSuggestion, ...]:
 
 def rank(c: FixContext, limit: int = 5) -> tuple[FixSuggestion, ...]:
     """The fixes the finding points at, best first, adapted to it."""
-    if c.issue is None and c.nonfinite is None and c.collapse is None:
+    if c.issue is None and c.nonfinite is None and c.collapse is None and c.error is None:
         return ()
     scored = []
     for i, fix in enumerate(CATALOGUE):

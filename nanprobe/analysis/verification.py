@@ -86,6 +86,11 @@ def _against(device: torch.device, config: cfg.Config, target: Precision, trace:
 
 def _judge(fix: FixSuggestion, run: RunReport, line: str, ref: Trace, trace: Trace, target: Precision,
            against: str, fail_on: Status) -> FixSuggestion:
+    for t in (ref, trace):
+        if t.error is not None:  # the step raises under the fix: it is no fix
+            left = f"the {t.precision.value} replay raised {t.error.line}"
+            return replace(fix, verified=False, check=FixCheck.FAILS, verification=f"{line}: {left}",
+                           remaining=left, verified_against=against)
     ref_found, found = analyse_trace(ref, None), analyse_trace(trace, ref)
     status, p = found["status"], target.value
     if ref_found["status"] is not Status.OK:

@@ -144,6 +144,22 @@ class _SourceFinder:
         return filename
 
 
+def user_source(tb, base_dir: str | None, files: tuple = ()) -> str | None:
+    """file:line of the innermost frame of a traceback in the user's code: the files the config names
+    first, then any file outside torch, nanprobe and the standard library; shown as findings show it."""
+    finder = _SourceFinder(base_dir)
+    frames = []
+    while tb is not None:
+        frames.append((tb.tb_frame.f_code.co_filename, tb.tb_lineno))
+        tb = tb.tb_next
+    named = {os.path.normcase(os.path.abspath(str(f))) for f in files}
+    for pick in (lambda name: os.path.normcase(os.path.abspath(name)) in named, finder._is_user):
+        for name, line in reversed(frames):
+            if not name.startswith("<") and pick(name):
+                return f"{finder.show(name)}:{line}"
+    return None
+
+
 class _ProbeMode(TorchDispatchMode):
     def __init__(self, probe: "OpProbe"):
         super().__init__()

@@ -11,7 +11,7 @@ from rich.text import Text
 from nanprobe.model.comparison import Comparison, Departure, DtypeRange, ModuleDivergence
 from nanprobe.thresholds import DEPARTURE
 from nanprobe.enums import Phase, Precision
-from nanprobe.formats._style import STYLE, num
+from nanprobe.formats._style import STYLE, file_line, kernels_note, num
 
 RANGE_ROWS = 32
 """Rows of the range view; when there are more, those whose largest values are nearest fp16's edges."""
@@ -81,7 +81,8 @@ def summary_table(c: Comparison) -> Table:
     row("ops over/underflow/nan", lambda s: f"{s.overflow_ops}/{s.underflow_ops}/{s.nan_ops}")
     row("headroom to max (2^k)", lambda s: _room(s.headroom_max))
     row("headroom to min normal", lambda s: _room(s.headroom_normal))
-    row("departs from fp32 at", lambda s: "-" if not s.precision.is_low else _departs(s.departs_at))
+    row("departs from fp32 at", lambda s: "-" if not s.precision.is_low else
+        f"raised {s.error.exception} at {file_line(s.error.source)}" if s.error is not None else _departs(s.departs_at))
     return t
 
 
@@ -201,7 +202,12 @@ def _departure_lines(c: Comparison) -> list[Text]:
     for s in c.summaries:
         if not s.precision.is_low:
             continue
-        d = s.departs_at
+        d, e = s.departs_at, s.error
+        if e is not None:
+            out.append(Text.assemble((f"{s.precision.value}", "bold"), " raised ", (e.exception, STYLE[s.status]),
+                                     f" at {e.op or '-'} ({e.source or 'no source'}, {e.phase.value}, step {e.step}): "
+                                     f"{e.message} Only the ops before it are compared."))
+            continue
         if d is None:
             out.append(Text.assemble((f"{s.precision.value}", "bold"), f" stays close to fp32: no op adds more than "
                                      f"{DEPARTURE:g} eps of {s.precision.value} ({_err(DEPARTURE * _eps(s.precision))}) "
@@ -218,7 +224,8 @@ def comparison(c: Comparison, console: Console | None = None, top: int = 10) -> 
     """Print the summary, the departures, the per-module table, the range view and the recommendation."""
     console = console or Console()
     console.print(Text.assemble(("nanprobe compare-precisions ", "bold"), c.config or "",
-                                (f"  ({c.device}, torch {c.torch}, {c.steps} step{'s' if c.steps != 1 else ''})", "dim")))
+                                (f"  ({c.device}, torch {c.torch}, {c.steps} step{'s' if c.steps != 1 else ''}"
+                                 f"{kernels_note(c.summaries)})", "dim")))
     console.print(summary_table(c))
     for line in _departure_lines(c):
         console.print(line)
