@@ -125,7 +125,7 @@ def _numbers(f: Finding) -> str | None:
 
 
 _MARKS = {FixCheck.OK: ("✓ ", "bold green"), FixCheck.IMPROVES: ("~ improves ", "bold yellow"),
-          FixCheck.FAILS: ("✗ ", "bold red"), FixCheck.UNTRIED: ("? untried ", "dim")}
+          FixCheck.FAILS: ("✗ ", "bold red"), FixCheck.UNTRIED: ("? ", "dim")}
 
 
 def _mark(fix: FixSuggestion) -> tuple:

@@ -131,4 +131,4 @@ def test_the_terminal_marks_what_the_replay_found():
     table.report(rep, Console(file=out, width=120, color_system=None))
     text = out.getvalue()
     assert "fix: ✓ gp-fp32" in text and "~ improves safe-norm" in text
-    assert "? untried bf16" in text and "✗ init" in text
+    assert "? bf16" in text and "✗ init" in text
