@@ -538,14 +538,16 @@ def test_cli_patch_dash_prints_only_the_diff_and_it_applies(wgan_project, tmp_pa
 
     from nanprobe.cli import app
 
-    result = CliRunner().invoke(app, ["diagnose", str(wgan_project / "config.yaml"), "--patch", "-"])
+    result = CliRunner().invoke(app, ["diagnose", str(wgan_project / "config.yaml"), "--patch", "-",
+                                      "--fail-on", "underflow"])
     assert result.exit_code == 1, result.output  # the run still fails: the patch is a proposal
     assert result.stdout.startswith("--- a/train.py\n+++ b/train.py\n@@ ")
     assert "precision" not in result.stdout  # no table on stdout
     applies(wgan_project, result.stdout, tmp_path)
-    out = tmp_path / "fix.diff"
+    applied = result.stdout
+    out = tmp_path / "out.diff"
     result = CliRunner().invoke(app, ["diagnose", str(wgan_project / "config.yaml"), "--patch", str(out), "-q"])
-    assert result.exit_code == 1 and out.read_text().startswith("--- a/train.py\n")
+    assert result.exit_code == 0 and out.read_text() == applied  # underflow is below the default --fail-on
     assert sorted(p.name for p in wgan_project.iterdir()) == ["config.yaml", "models.py", "train.py"]
 
 
