@@ -1270,6 +1270,24 @@ def combine(patches: list[Patch]) -> str:
 # ----------------------------------------------------------------------- replaying patched code
 
 
+_SKIP_DIRS = {".git", "__pycache__", ".venv", "venv", "env", "node_modules", "site-packages", ".tox", "build", "dist"}
+MAX_COPIED = 2000
+"""Python files copied from the user's folder for a patched replay (their packages come along; a huge tree does not)."""
+
+
+def _sources_under(folder: Path) -> list:
+    """The folder's Python files, its packages' included, without virtual environments and caches."""
+    out = []
+    for p in sorted(folder.rglob("*.py")):
+        rel = p.relative_to(folder).parts
+        if any(part in _SKIP_DIRS or part.startswith(".") for part in rel[:-1]):
+            continue
+        out.append(p)
+        if len(out) >= MAX_COPIED:
+            break
+    return out
+
+
 @contextmanager
 def patched_code(code: UserCode, patch: Patch) -> Iterator[dict]:
     """Copies of the user's folder's Python files in a temporary folder, with the patch applied there.
@@ -1283,13 +1301,16 @@ def patched_code(code: UserCode, patch: Patch) -> Iterator[dict]:
     saved_path = list(sys.path)
     try:
         folders = {p.parent for p in code.files()}
-        mapping = {}
+        mapping, roots = {}, []
         for folder in folders:
             dest = tmp / folder.relative_to(code.base) if _under(folder, code.base) else tmp / folder.name
             dest.mkdir(parents=True, exist_ok=True)
-            for src in folder.glob("*.py"):
-                shutil.copy2(src, dest / src.name)
-                mapping[src.resolve()] = dest / src.name
+            roots.append(dest)
+            for src in _sources_under(folder):
+                target = dest / src.relative_to(folder)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, target)
+                mapping[src.resolve()] = target
         for f in patch.files:
             target = tmp / f.rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -1298,10 +1319,10 @@ def patched_code(code: UserCode, patch: Patch) -> Iterator[dict]:
         # The user's neighbours (import models) must come from the copies, not from a cache of the originals.
         for name, mod in list(sys.modules.items()):
             file = getattr(mod, "__file__", None)
-            if file and Path(file).resolve().parent in folders:
+            if file and not name.startswith("nanprobe") and any(_under(Path(file).resolve(), f) for f in folders):
                 del sys.modules[name]
-        for folder in sorted({m.parent for m in mapping.values()}, reverse=True):
-            sys.path.insert(0, str(folder))
+        for root in sorted(roots, reverse=True):
+            sys.path.insert(0, str(root))
         yield mapping
     finally:
         for name in set(sys.modules) - set(saved_modules):

@@ -371,6 +371,18 @@ def test_patched_code_leaves_the_originals_and_sys_modules_as_they_were(tmp_path
     assert (folder / "helpers.py").read_text() == "K = 1\n" and not copy.exists()
 
 
+def test_patched_code_brings_the_users_packages_along(tmp_path):
+    (tmp_path / "user" / "nets").mkdir(parents=True)
+    folder = write(tmp_path / "user", {"train.py": "from nets.blocks import K\n\n\ndef step():\n    return K\n",
+                                       "nets/__init__.py": "", "nets/blocks.py": "K = 1\n"})
+    code = pt.UserCode(folder, folder / "train.py", "step", ())
+    patch = pt.Patch("x", (pt.FilePatch("nets/blocks.py", "K = 1\n", "K = 3\n"),))
+    modules = set(sys.modules)
+    with pt.patched_code(code, patch) as mapping:
+        assert load(mapping[(folder / "train.py").resolve()], "step")() == 3
+    assert set(sys.modules) == modules and (folder / "nets" / "blocks.py").read_text() == "K = 1\n"
+
+
 # ---------------------------------------------------------- failing scenarios, replayed patched
 
 
