@@ -72,13 +72,13 @@ def _diagnose(config: cfg.Config, progress: Callable | None, verify_fix: bool, v
     traces: dict[Precision, replay.Trace] = {}
     try:
         for p in order:
-            traces[p] = replay.replay(config, loaded, p, device, probe=True, progress=progress)
+            traces[p] = diagnosis.replay_measured(config, loaded, p, device, progress, traces.get(Precision.FP32))
             if p is Precision.FP32:
-                traces[p].raise_error()  # it fails without any low precision: the step's bug, exit 2
+                traces[p].trace.raise_error()  # it fails without any low precision: the step's bug, exit 2
     except KeyboardInterrupt as exc:
         partial = getattr(exc, "trace", None)
         if partial is not None and partial.precision not in traces:
-            traces[partial.precision] = partial
+            traces[partial.precision] = diagnosis.unmeasured(partial)
         left = [p.value for p in order if p not in traces]
         where = f"during the {partial.precision.value} replay" if partial is not None else "before the replays"
         note = f"interrupted (Ctrl-C) {where}" + (f"; not replayed: {', '.join(left)}" if left else "")

@@ -19,12 +19,11 @@ import torch
 
 from nanprobe.io import config as cfg
 from nanprobe.engine import replay as rp
-from nanprobe.analysis.diagnosis import analyse_trace
+from nanprobe.analysis.diagnosis import Analysis, Measured, analyse_trace, replay_measured, unmeasured
 from nanprobe.enums import FailOn, FixCheck, Precision, Status
 from nanprobe.errors import ConfigError, DeviceError, UserCodeError
-from nanprobe.analysis.fixes import REGISTRY, describe
+from nanprobe.analysis.fixes import REGISTRY
 from nanprobe.io.loading import Loaded
-from nanprobe.engine.replay import Trace
 from nanprobe.thresholds import MAX_VERIFIED
 from nanprobe.model.report import FixSuggestion, RunReport
 
@@ -49,15 +48,18 @@ class _Replays:
 
     def __init__(self, config: cfg.Config, loaded: Loaded, device: torch.device, traces: dict, progress):
         self.loaded, self.device, self.progress = loaded, device, progress
-        self.cache: dict[str, Trace] = {_key(config, p): t for p, t in traces.items()}
+        self.cache: dict[str, Measured] = {
+            _key(config, p): (t if isinstance(t, Measured) else unmeasured(t)) for p, t in traces.items()}
 
-    def get(self, config: cfg.Config, precision: Precision, label: str) -> Trace:
+    def get(self, config: cfg.Config, precision: Precision, label: str) -> Measured:
+        """The replay measured against the fp32 replay of the same config (the pipeline diagnose uses)."""
         k = _key(config, precision)
         if k not in self.cache:
+            ref = self.get(config, Precision.FP32, label) if precision.is_low else None
             progress = self.progress
             on_step = None if progress is None else (
                 lambda p, step, steps: progress(f"{p.value} + {label}", step, steps))
-            self.cache[k] = rp.replay(config, self.loaded, precision, self.device, probe=True, progress=on_step)
+            self.cache[k] = replay_measured(config, self.loaded, precision, self.device, on_step, ref)
         return self.cache[k]
 
     def cached(self, config: cfg.Config, precision: Precision) -> bool:
@@ -75,16 +77,16 @@ def _untried(fix: FixSuggestion, why: str) -> FixSuggestion:
     return replace(fix, verified=None, check=FixCheck.UNTRIED, verification=why, remaining=None)
 
 
-def _against(device: torch.device, config: cfg.Config, target: Precision, trace: Trace) -> str:
+def _against(device: torch.device, config: cfg.Config, target: Precision, trace: Measured) -> str:
     """What a replay ran on, so a verdict from a CPU replay reads as one."""
-    steps = len(trace.metrics)
+    steps = len(trace.trace.metrics)
     mode = config.precision.mode.value
     policy = " with CUDA's autocast lists" if device.type == "cpu" and target.is_low and mode == "amp" and \
         config.precision.policy.value == "cuda" else ""
     return f"{device.type}, {target.value} {mode}{policy}, {steps} step{'' if steps == 1 else 's'}, seed {config.seed}"
 
 
-def _judge(fix: FixSuggestion, run: RunReport, line: str, ref: Trace, trace: Trace, target: Precision,
+def _judge(fix: FixSuggestion, run: RunReport, line: str, ref: Measured, trace: Measured, target: Precision,
            against: str, fail_on: Status) -> FixSuggestion:
     for t in (ref, trace):
         if t.error is not None:  # the step raises under the fix: it is no fix
@@ -92,9 +94,9 @@ def _judge(fix: FixSuggestion, run: RunReport, line: str, ref: Trace, trace: Tra
             return replace(fix, verified=False, check=FixCheck.FAILS, verification=f"{line}: {left}",
                            remaining=left, verified_against=against)
     ref_found, found = analyse_trace(ref, None), analyse_trace(trace, ref)
-    status, p = found["status"], target.value
-    if ref_found["status"] is not Status.OK:
-        left = f"fp32 now fails ({ref_found['status'].value}): {_issue(ref_found)}"
+    status, p = found.status, target.value
+    if ref_found.status is not Status.OK:
+        left = f"fp32 now fails ({ref_found.status.value}): {_issue(ref_found)}"
         return replace(fix, verified=False, check=FixCheck.FAILS, verification=f"{line}: {left}", remaining=left,
                        verified_against=against)
     if status is Status.OK:
@@ -109,10 +111,12 @@ def _judge(fix: FixSuggestion, run: RunReport, line: str, ref: Trace, trace: Tra
                    verification=f"{line}: {p} still fails ({left})")
 
 
-def _issue(found: dict) -> str:
-    e, kind, _, _ = found["issue"]
+def _issue(found: Analysis) -> str:
+    e = found.issue
+    if e is None or e.kind is None:
+        return "no single op"
     where = e.module or e.op.removeprefix("aten.").split(".")[0]
-    return f"{kind.value} in {e.phase.value} at {where}, step {e.step}"
+    return f"{e.kind.value} in {e.phase.value} at {where}, step {e.step}"
 
 
 def _why_not(fix: FixSuggestion, config: cfg.Config) -> str:
@@ -177,8 +181,8 @@ def _patched(config: cfg.Config, run: RunReport, fix: FixSuggestion, loaded: Loa
                 fixed = cfg.with_overrides(fixed, **patch.overrides)
             rp.check_dtype(device, target, fixed.precision.mode)
             patched = loading.load(fixed)
-            ref = rp.replay(fixed, patched, Precision.FP32, device, probe=True, progress=on_step)
-            trace = rp.replay(fixed, patched, target, device, probe=True, progress=on_step)
+            ref = replay_measured(fixed, patched, Precision.FP32, device, on_step)
+            trace = replay_measured(fixed, patched, target, device, on_step, ref)
     except (ConfigError, DeviceError) as exc:
         return _untried(fix, f"not replayed: the patched code cannot be replayed ({exc})")
     except UserCodeError as exc:

@@ -76,6 +76,8 @@ class OpEvent:
     """True when the attempt was skipped by dynamic loss scaling and retried."""
     info: dict | None = None
     """Extra facts for the report (e.g. which samples of the batch are bad)."""
+    scalars: tuple = ()
+    """Python float arguments of the op (an eps added, a power, an addcdiv_ value), as the user passed them."""
 
     @property
     def has_nan(self) -> bool:
@@ -365,8 +367,12 @@ class OpProbe:
             if p is not None and p not in prods:
                 prods.append(p)
         idx = len(self.events)
+        scalars = tuple(v for v in args if type(v) is float)
+        if kwargs:
+            scalars += tuple(v for v in kwargs.values() if type(v) is float)
         self.events.append(OpEvent(idx, self.step, self.attempt, phase, module, name, source, node_name,
-                                   str(outs[0].dtype).replace("torch.", ""), tuple(outs[0].shape), tuple(prods), param))
+                                   str(outs[0].dtype).replace("torch.", ""), tuple(outs[0].shape), tuple(prods), param,
+                                   scalars=scalars))
         if not self._known_row(idx, name, args, inputs, outs):
             self._stat(idx, outs)
         if self.on_record is not None:
@@ -377,6 +383,10 @@ class OpProbe:
                 self._param_of[id(t)] = param
                 if t in self._params:
                     self._writes[param] = idx  # an in-place op on the parameter itself
+
+    def producer(self, tensor: torch.Tensor) -> int | None:
+        """Index of the recorded op that produced `tensor` (views and detached copies included), or None."""
+        return self._producer.get(tensor)
 
     def param_writes(self) -> dict[str, int]:
         """Parameter name -> index of the last optimizer op that wrote it, since `name_params`."""

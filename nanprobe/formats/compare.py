@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nanprobe.model.comparison import Comparison, Departure, DtypeRange, ModuleDivergence
-from nanprobe.thresholds import DEPARTURE
+from nanprobe.thresholds import EFFECT_TOLERANCE_EPS
 from nanprobe.enums import Phase, Precision
 from nanprobe.formats._style import STYLE, file_line, kernels_note, num
 
@@ -209,14 +209,15 @@ def _departure_lines(c: Comparison) -> list[Text]:
                                      f"{e.message} Only the ops before it are compared."))
             continue
         if d is None:
-            out.append(Text.assemble((f"{s.precision.value}", "bold"), f" stays close to fp32: no op adds more than "
-                                     f"{DEPARTURE:g} eps of {s.precision.value} ({_err(DEPARTURE * _eps(s.precision))}) "
-                                     "to the relative error"))
+            out.append(Text.assemble((f"{s.precision.value}", "bold"), " stays close to fp32: nothing training sees "
+                                     f"(loss, penalty, parameter gradients) is off by more than {EFFECT_TOLERANCE_EPS:g} eps of "
+                                     f"{s.precision.value} ({_err(EFFECT_TOLERANCE_EPS * _eps(s.precision))}) through an underflow, "
+                                     "and nothing goes non-finite"))
             continue
         out.append(Text.assemble(
             (f"{s.precision.value}", "bold"), " departs from fp32 at ", (f"{d.module} · {d.phase.value}", "bold"),
-            f" (step {d.step}, {_op(d.op)}{', ' + d.source if d.source else ''}): relative error {_err(d.rel_error)}, "
-            f"{_err(d.added_error)} of it added there, {_pct(d.flushed)} of values flushed to 0"))
+            f" (step {d.step}, {_op(d.op)}{', ' + d.source if d.source else ''}), the op diagnose names: relative error "
+            f"{_err(d.rel_error)}, {_err(d.added_error)} of it added there, {_pct(d.flushed)} of values flushed to 0"))
     return out
 
 

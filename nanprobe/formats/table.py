@@ -224,6 +224,9 @@ def report(rep: Report, console: Console | None = None) -> None:
     for run in rep.runs:
         if run.status is Status.OK and run.unscaled_penalty is not None:
             console.print(Text.assemble((f"{run.precision.value}: ", "bold yellow"), run.unscaled_penalty.detail))
+        if run.status is Status.OK:
+            for note in run.notes:  # subnormals with no measurable effect: they do not raise the status
+                console.print(Text.assemble((f"{run.precision.value} note: ", "dim"), note))
     bad = [r for r in rep.runs if r.status is not Status.OK]
     for run in bad:
         console.print(_run_panel(run))
