@@ -22,7 +22,7 @@ from nanprobe.engine import replay as rp
 from nanprobe.analysis.diagnosis import Analysis, Measured, analyse_trace, replay_measured, unmeasured
 from nanprobe.enums import FailOn, FixCheck, Precision, Status
 from nanprobe.errors import ConfigError, DeviceError, UserCodeError
-from nanprobe.analysis.fixes import REGISTRY
+from nanprobe.analysis.fixes import REGISTRY, describe
 from nanprobe.io.loading import Loaded
 from nanprobe.thresholds import MAX_VERIFIED
 from nanprobe.model.report import FixSuggestion, RunReport
