@@ -1,0 +1,1 @@
+"""The replay and the live recorder: op-level probes, the replayed step, precision policies."""
