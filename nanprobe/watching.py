@@ -476,7 +476,8 @@ class Watch:
         reasons = {r: ", ".join(bad) + ("" if bad[0].startswith("the GradScaler") else " non-finite")
                    for r, bad in bad_by_rank.items()}
         reason = reasons.get(rank) or reasons[origins[0]]
-        flight = self.flight if self._recording else None
+        # A rank that only followed another's NaN through the all-reduce has no culprit of its own.
+        flight = self.flight if self._recording and rank in origins else None
         culprit = flight.first_nonfinite if flight is not None else None
         past = flight.first_past_max if flight is not None else None
         config = self.config() if self._snapped and rank in origins else None
@@ -490,10 +491,9 @@ class Watch:
         if world == 1:
             head = f"nanprobe.watch: step {step} turned non-finite ({reason}){where}."
         else:
-            first = ", ".join(f"{r} ({reasons[r]})" for r in origins)
+            first = "; ".join(f"rank {r} of {world} ({reasons[r]})" for r in origins)
             followed = [r for r in bad_by_rank if r not in origins]
-            head = (f"nanprobe.watch: step {step} turned non-finite on rank{'s' if len(origins) > 1 else ''} {first} "
-                    f"of {world}" + (f"; rank{'s' if len(followed) > 1 else ''} {', '.join(map(str, followed))} "
+            head = (f"nanprobe.watch: step {step} turned non-finite on {first}" + (f"; rank{'s' if len(followed) > 1 else ''} {', '.join(map(str, followed))} "
                                      "followed through the gradient all-reduce" if followed else "") + f"{where}.")
         lines = [head]
         if world > 1 and rank not in origins:
