@@ -1,1 +1,1 @@
-"""The replay and the live recorder: op-level probes, the replayed step, precision policies."""
+"""The engine: the op-level probe, its statistics, the replay of critic steps, losses and autocast policy."""

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from nanprobe.enums import FindingKind, Phase
-from nanprobe.probe import OpProbe
+from nanprobe.engine import compat
+from nanprobe.engine.probe import OpProbe
 
 # Ops whose output holds no computed values, or exactly their input's values (views, fills, copies
 # that keep the dtype): their outputs are not measured. Casts that change the dtype are.
@@ -172,7 +173,7 @@ class FlightRecorder(OpProbe):
             outs = [out]
         elif isinstance(out, (list, tuple)) and out:
             outs = [t for t in out if isinstance(t, torch.Tensor)]
-        elif args and func._schema.is_mutable:  # in-place foreach ops return nothing: their first argument changed
+        elif args and compat.is_mutable(func):  # in-place foreach ops return nothing: their first argument changed
             first = args[0]
             outs = [first] if isinstance(first, torch.Tensor) else [t for t in first if isinstance(t, torch.Tensor)]
         else:

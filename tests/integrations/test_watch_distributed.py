@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import FIXTURES
+from tests.conftest import FIXTURES
 from nanprobe.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import nanprobe
-from conftest import FIXTURES, line_of, load_fixture_module
+from tests.conftest import FIXTURES, line_of, load_fixture_module
 from nanprobe import ConfigError
 
 STEPS_FILE = FIXTURES / "watch_steps.py"
