@@ -155,6 +155,7 @@ class Watch:
                  gp_norm: str = "sqrt", precision: str | Precision | None = None, on_nan: str | OnNan = "raise",
                  dump_dir: str | Path | None = None, latent_dim: int | tuple | None = None,
                  grad_clip: float | None = None, max_skips: int = 8, record: bool | None = None,
+                 generator_call: str | Callable = "z",
                  critic_ref: str | None = None, critic_args: dict | None = None,
                  generator_ref: str | None = None, generator_args: dict | None = None, loss_ref: str | None = None):
         if not isinstance(critic, torch.nn.Module):
@@ -168,6 +169,9 @@ class Watch:
                               f"got {type(generator).__name__}")
         if isinstance(generator, torch.nn.Module):
             generator = _unwrap(generator, "generator")
+        elif generator is not None and dump_dir is not None:
+            raise ConfigError("nanprobe.watch: a dump names the generator by its class, so with dump_dir the "
+                              f"generator must be an nn.Module (got {type(generator).__name__}); pass the module")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"nanprobe.watch: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if optimizer is not None:
@@ -193,6 +197,7 @@ class Watch:
         self.replays = loss is not None
         """A loss (built-in kind or function) was given: a failing step with its real batch is replayed."""
         # The same checks as a config: a bad loss kind or penalty setting fails here, not hours in.
+        self._model = cfg.check(cfg.Config(model=cfg.ModelConfig(critic=critic, generator_call=generator_call))).model
         self._loss = cfg.check(cfg.Config(model=cfg.ModelConfig(critic=critic), loss=cfg.LossConfig(
             kind=loss if isinstance(loss, str) else "wgan-gp", gp_weight=gp_weight, gp_precision=gp_precision,
             gp_norm=gp_norm, step=self.loss_fn))).loss
@@ -556,8 +561,12 @@ class Watch:
         scaler = self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
         latent = tuple(self._z.shape[1:]) if self._z is not None else (self.latent_dim or (1,))
         rng = {"cpu": self._rng, **({"cuda": self._cuda_rng} if self._cuda_rng is not None else {})}
+        generator = self.generator
+        if generator is not None and not isinstance(generator, torch.nn.Module):
+            generator = _Fakes(generator)  # any callable z -> fakes, as a module the replay can copy
         return cfg.check(cfg.Config(
-            model=cfg.ModelConfig(critic=self.critic, generator=self.generator, latent_dim=latent, checkpoint=checkpoint),
+            model=cfg.ModelConfig(critic=self.critic, generator=generator, latent_dim=latent, checkpoint=checkpoint,
+                                  generator_call=self._model.generator_call),
             data=cfg.DataConfig(source="file", path=self._real, shape=tuple(self._real.shape[1:]),
                                 batch_size=self._real.shape[0]),
             loss=self._loss,
@@ -611,6 +620,17 @@ class Watch:
             torch.set_rng_state(rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state(cuda_rng, device)
+
+
+class _Fakes(torch.nn.Module):
+    """A generator given as a plain callable z -> fakes."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, z):
+        return self.fn(z)
 
 
 def _precision_hook(watch: Watch, critic: torch.nn.Module):
@@ -670,7 +690,8 @@ def watch(critic: torch.nn.Module, generator: Callable | None = None,
     Under torchrun every rank watches and all agree on the failing step (one all_reduce per step).
     Options: loss, gp_weight, gp_precision, gp_norm, precision (None: read from the autocast around the
     critic's first forward), on_nan ("raise" | "warn" | "dump"), dump_dir, latent_dim, grad_clip,
-    max_skips (GradScaler skips in a row that still count as recovering), record,
+    max_skips (GradScaler skips in a row that still count as recovering), record, generator_call ("z",
+    "[z]" for a generator that takes a list of latents, or a function (generator, z) -> fakes),
     critic_ref/critic_args, generator_ref/generator_args, loss_ref (how a dump's config names your code).
     """
     return Watch(critic, generator, optimizer, scaler, **options)
