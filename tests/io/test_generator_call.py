@@ -11,7 +11,7 @@ import nanprobe
 from nanprobe import ConfigError
 from nanprobe.cli import app
 from nanprobe.io import config as cfg
-from tests.conftest import FIXTURES, load_fixture_module
+from tests.conftest import FIXTURES, line_of, load_fixture_module
 
 MODELS = FIXTURES / "stylegan_models.py"
 sg = load_fixture_module(MODELS)
@@ -86,3 +86,38 @@ def test_watch_takes_any_callable_as_the_generator():
         opt.step()
     (run,) = nanprobe.diagnose(w.config()).runs
     assert run.status.value == "ok"
+
+
+def test_init_finds_a_stylegan2_generator_and_writes_generator_call(tmp_path):
+    from nanprobe.io.scaffold import scaffold
+
+    result = scaffold(MODELS, config_path=tmp_path / "c.yaml")
+    assert (result.critic.name, result.generator.name, result.generator.call) == (
+        "SmallCritic", "MappedGenerator", "[z]")
+    assert 'generator_call: "[z]"' in result.text
+    (tmp_path / "c.yaml").write_text(result.text)
+    out = runner.invoke(app, ["diagnose", str(tmp_path / "c.yaml"), "--dtypes", "fp32", "-q"])
+    assert out.exit_code == 0, out.output
+
+
+def test_init_lists_each_rejected_generator_with_its_reason(tmp_path):
+    models = tmp_path / "models.py"
+    models.write_text(
+        "import torch\nfrom torch import nn\n\n\n"
+        "class Critic(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.fc = nn.Linear(3 * 8 * 8, 1)\n\n"
+        "    def forward(self, x):\n        return self.fc(x.flatten(1))\n\n\n"
+        "class Generator(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.fc = nn.Linear(128, 3 * 8 * 8)\n\n"
+        "    def forward(self, z):\n        return self.fc(z).view(-1, 3, 8, 8) + undefined_name  # BUG\n\n\n"
+        "class Flat(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.fc = nn.Linear(128, 16)\n\n"
+        "    def forward(self, z):\n        return self.fc(z)\n")
+    out = runner.invoke(app, ["init", str(models), "-o", str(tmp_path / "c.yaml")])
+    assert out.exit_code == 0, out.output
+    assert "no generator" in out.output
+    bug = line_of(models, "# BUG")
+    assert "not the generator: Generator: Generator(z) with z [2, 128] raised NameError: name 'undefined_name' " \
+           f"is not defined ({models}:{bug})" in out.output
+    assert "not the generator: Flat: Flat(z) with z [2, 128] returns [2, 16], not an image batch [B, C, H, W]" \
+        in out.output
