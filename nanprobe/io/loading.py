@@ -375,8 +375,7 @@ def _dry_run(config: Config, loaded: Loaded) -> None:
             if not isinstance(fake, torch.Tensor) or tuple(fake.shape[1:]) != tuple(loaded.sample_shape):
                 got = list(fake.shape[1:]) if isinstance(fake, torch.Tensor) else type(fake).__name__
                 raise ConfigError(f"model.generator: produces samples of shape {got} but the data's are "
-                                  f"{list(loaded.sample_shape)}; check data.shape, model.latent_dim and "
-                                  "model.generator_call")
+                                  f"{list(loaded.sample_shape)}; check data.shape and model.latent_dim")
         x = torch.zeros(n, *loaded.sample_shape)
         try:
             out = loaded.critic(x)
