@@ -153,8 +153,24 @@ class FlightRecorder(OpProbe):
             h.remove()
         self._opt_hooks = []
 
-    def _optimizer_begins(self, *args) -> None:
+    def _optimizer_begins(self, optimizer, args, kwargs):
         self.phase = Phase.OPTIMIZER
+        # A closure (Lightning's automatic optimization, LBFGS) runs the forward and backward inside
+        # step(): those ops keep their own phases, and the update after it is the optimizer's.
+        closure = kwargs.get("closure", args[0] if args else None)
+        if closure is None:
+            return None
+
+        def phased():
+            self.phase = Phase.FORWARD
+            try:
+                return closure()
+            finally:
+                self.phase = Phase.OPTIMIZER
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": phased}
+        return (phased, *args[1:]), kwargs
 
     def _optimizer_ends(self, *args) -> None:
         self.phase = Phase.FORWARD
