@@ -378,7 +378,7 @@ class Watch:
                 h.remove()
             self._hooks = []
 
-    def _values(self, loss: torch.Tensor | None, scaler, device) -> tuple:
+    def _values(self, loss: torch.Tensor | None, scaler, device, world: int) -> tuple:
         """This rank's row of per-step values, on the device, with no host synchronisation."""
         params = list(self.critic.parameters())
         grads = [p.grad for p in params if p.grad is not None]
@@ -403,9 +403,8 @@ class Watch:
             if real is not None and real.is_floating_point() and real.numel():
                 mn, mx = torch.aminmax(real)
                 row[_REAL] = torch.maximum(mx, -mn)
-            rec = None
-            if self._recording:
-                rec = self._recorder.values()
+            rec = self._recorder.values() if self._recording else None
+            if rec is not None and world > 1:  # which op, for the other ranks' messages
                 first = self._recorder.first_bad(rec)
                 row[_FIRST_OP], row[_FIRST_HASH] = first[0], first[1]
             else:
@@ -419,8 +418,8 @@ class Watch:
         device = self._device()
         loss = _loss_tensor(out)
         scaler = self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
-        row, params, grads, rec = self._values(loss, scaler, device)
         rank, world = _world()
+        row, params, grads, rec = self._values(loss, scaler, device, world)
         if world > 1:
             import torch.distributed as dist
 
