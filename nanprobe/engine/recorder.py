@@ -157,8 +157,9 @@ class FlightRecorder(OpProbe):
         self.phase = Phase.OPTIMIZER
         # A closure (Lightning's automatic optimization, LBFGS) runs the forward and backward inside
         # step(): those ops keep their own phases, and the update after it is the optimizer's.
-        closure = kwargs.get("closure", args[0] if args else None)
-        if closure is None:
+        # args holds the optimizer itself first, then step()'s own arguments.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if not callable(closure):
             return None
 
         def phased():
@@ -170,7 +171,7 @@ class FlightRecorder(OpProbe):
 
         if "closure" in kwargs:
             return args, {**kwargs, "closure": phased}
-        return (phased, *args[1:]), kwargs
+        return (args[0], phased, *args[2:]), kwargs
 
     def _optimizer_ends(self, *args) -> None:
         self.phase = Phase.FORWARD

@@ -193,3 +193,25 @@ def test_a_watch_leaves_no_mode_or_hook_when_the_step_raises():
         with w:  # usable again
             critic(batches(1)[0]).mean().backward()
     assert w.steps == 1
+
+
+def test_an_optimizer_closure_keeps_the_forward_phase():
+    """LBFGS-style step(closure): the forward and backward inside the closure are not optimizer ops."""
+    critic, _ = critic_and_opt()
+    opt = torch.optim.SGD(critic.parameters(), lr=0.1)
+    real = batches(1)[0]
+    w = nanprobe.watch(critic, optimizer=opt, on_nan="warn")
+
+    def closure():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = critic(real * 1e5).float().mean()  # the input cast to fp16 overflows
+        loss.backward()
+        return loss
+
+    with pytest.warns(nanprobe.NonFiniteWarning):
+        with w:
+            opt.step(closure)
+            opt.step(closure=closure)
+    culprit = w.failure.culprit
+    assert (culprit.phase.value, culprit.module, culprit.op) == ("forward", "critic.features.0", "aten._to_copy.default")
