@@ -36,6 +36,13 @@ class Policy(str, Enum):
     NATIVE = "native"  # the device's own autocast
 
 
+class Kernels(str, Enum):
+    """How a CPU replay computes its fp16/bf16 ops (a CUDA replay always runs the GPU's own kernels)."""
+
+    EMULATED = "emulated"  # in fp32, each output rounded to fp16/bf16, as GPU kernels do (nanprobe.engine._emulate)
+    NATIVE = "native"  # the CPU's own fp16/bf16 kernels (about 20 times slower)
+
+
 class Device(str, Enum):
     """Where a replay runs."""
 
@@ -81,10 +88,11 @@ class Status(str, Enum):
     UNDERFLOW = "underflow"
     OVERFLOW = "overflow"
     NAN = "nan"
+    ERROR = "error"  # the user's step raised in this precision (e.g. an op autocast refuses)
 
     @property
     def severity(self) -> int:
-        return {"ok": 0, "underflow": 1, "overflow": 2, "nan": 3}[self.value]
+        return {"ok": 0, "underflow": 1, "overflow": 2, "nan": 3, "error": 4}[self.value]
 
     @classmethod
     def of(cls, kind: FindingKind | None) -> "Status":
@@ -99,8 +107,9 @@ class FailOn(str, Enum):
     UNDERFLOW = "underflow"
 
     def fails(self, status: Status) -> bool:
+        """An error fails at every level: that precision's training would crash."""
         threshold = {"nan": 3, "overflow": 2, "underflow": 1}[self.value]
-        return status.severity >= threshold
+        return status is Status.ERROR or status.severity >= threshold
 
 
 class DataProblem(str, Enum):

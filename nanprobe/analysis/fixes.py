@@ -10,12 +10,42 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from nanprobe.enums import FindingKind, Mode, Phase, Precision, Status
-from nanprobe.model.report import Finding, FixSuggestion
+from nanprobe.model.report import Finding, FixSuggestion, ReplayError
 
-from nanprobe.thresholds import DIVERGENCE_GROWTH, INIT_FACTOR, init_off_scale
+from nanprobe.thresholds import DIVERGENCE_GROWTH, INIT_FACTOR, INIT_SMALL_FACTOR, init_off_scale
 
 _NORM_NODES = ("SqrtBackward0", "LinalgVectorNormBackward0", "NormBackward1", "PowBackward0", "RsqrtBackward0")
 _PRECISION_FIXES = frozenset({"gp-fp32", "gp-scaled", "grad-scaler", "bf16", "fp32-module", "master-weights"})
+
+
+@dataclass(frozen=True)
+class ChainOp:
+    """One op on the root cause's path, as the fix rules see it."""
+
+    op: str
+    """aten op's base name (sqrt, add_, _to_copy)."""
+    node: str | None
+    """Autograd node (backward ops)."""
+    dtype: str
+    """Output dtype."""
+    phase: Phase
+    """Phase."""
+    module: str
+    """Module path."""
+    scalars: tuple = ()
+    """Python float arguments (an eps, a power)."""
+    zeroed: bool = False
+    """Its output holds zeros where fp32's does not (or zeros at all, without a reference)."""
+    nonfinite: bool = False
+    """Its output holds inf or NaN."""
+    cast: bool = False
+    """A cast, copy or reshape (rules look through it)."""
+    lost_eps: float | None = None
+    """An eps it adds that rounds to 0 in its dtype."""
+    kept_eps: float | None = None
+    """An eps it adds that survives its dtype (a guard already in place)."""
+    index: int = -1
+    """Event index."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +64,16 @@ class FixContext:
     """First non-finite value."""
     chain_nodes: tuple = ()
     """Autograd nodes and ops on the chain."""
+    chain: tuple[ChainOp, ...] = ()
+    """The root cause's path, origin first, end (the non-finite op or the gradient that is off) last."""
+    culprit: ChainOp | None = None
+    """The op the headline names (one of `chain`)."""
+    after: tuple[ChainOp, ...] = ()
+    """The ops that consume the culprit's output, nearest first (what it was feeding)."""
+    feeds: tuple[ChainOp, ...] = ()
+    """The ops whose outputs the chain's origin takes (casts looked through): what it was fed."""
+    penalty_fp32: bool = False
+    """The penalty's input gradient is computed in fp32 outside autocast (scaling it would change nothing)."""
     fp32_ok: bool = True
     """The fp32 replay found nothing."""
     other: dict = field(default_factory=dict)
@@ -66,9 +106,18 @@ class FixContext:
     """The step calls torch.autograd.grad on outputs the GradScaler did not scale."""
     weight_growth: float = 1.0
     """Weight norm at the failing step over step 0's."""
+    error: ReplayError | None = None
+    """What the replay raised (status error), or None."""
 
     def phases(self) -> set:
         return {f.phase for f in (self.issue, self.nonfinite, self.collapse) if f is not None}
+
+    def path(self) -> tuple[ChainOp, ...]:
+        """The chain with casts, copies and reshapes left out."""
+        return tuple(x for x in self.chain if not x.cast)
+
+    def end(self) -> ChainOp | None:
+        return self.chain[-1] if self.chain else None
 
     def kinds(self) -> set:
         return {f.kind for f in (self.issue, self.nonfinite, self.collapse) if f is not None and f.kind is not None}
@@ -105,6 +154,42 @@ class Fix:
     """The config change that applies it, or None when it needs a code change."""
     score: Callable[[FixContext], float]
     """How strongly a finding points at this fix (0: not at all)."""
+    when: str = ""
+    """The findings `score` points at, in words (the generated fix catalogue shows it)."""
+
+
+_SINGULAR = frozenset({"sqrt", "rsqrt", "div", "div_", "reciprocal", "pow", "norm", "linalg_vector_norm"})
+_LOGS = frozenset({"log", "log1p", "binary_cross_entropy", "binary_cross_entropy_backward"})
+_SIGN_FLIPS = frozenset({"rsub", "neg", "sub", "mul"})  # 1 - sigmoid(x), -sigmoid(x): still the sigmoid's values
+_EXPS = frozenset({"exp", "exp_", "softmax", "_softmax", "log_softmax", "_log_softmax", "exp2", "expm1"})
+
+
+def _fed_by_sigmoid(c: "FixContext", path: tuple[ChainOp, ...], i: int) -> bool:
+    """The op at path[i] takes sigmoid's values (through casts, 1 - s, -s), on the path or feeding its origin."""
+    j = i - 1
+    while j >= 0 and path[j].op in _SIGN_FLIPS:
+        j -= 1
+    if j >= 0:
+        return path[j].op == "sigmoid"
+    return any(x.op == "sigmoid" for x in c.feeds)
+
+
+def _singular_at_zero(x: ChainOp) -> bool:
+    """An op (or its backward) that is infinite at 0: sqrt, rsqrt, a fractional power, a division, log."""
+    if x.node in _NORM_NODES or x.node in ("DivBackward0", "ReciprocalBackward0"):
+        return True
+    if x.op == "pow":
+        return any(0 < s < 1 for s in x.scalars) or not x.scalars
+    return x.op in _SINGULAR
+
+
+def _eps_failed(c: FixContext) -> bool:
+    """A zero reached an op infinite at 0 while the eps meant to keep it away rounded to 0."""
+    return any(x.lost_eps is not None for x in c.chain)
+
+
+def _eps_kept(c: FixContext) -> bool:
+    return any(x.kept_eps is not None for x in c.chain)
 
 
 def _amp_low(c: FixContext) -> bool:
@@ -112,15 +197,28 @@ def _amp_low(c: FixContext) -> bool:
 
 
 def _penalty_hit(c: FixContext) -> float:
-    if not (_amp_low(c) and not c.gp_fp32 and Phase.INPUT_GRAD in c.phases()):
+    if c.penalty_fp32 or not (_amp_low(c) and not c.gp_fp32 and Phase.INPUT_GRAD in c.phases()):
         return 0.0
     return 92.0
 
 
 def _safe_norm(c: FixContext) -> float:
+    end = c.end()
+    if end is not None and end.phase is Phase.OPTIMIZER:
+        return 0.0  # the optimizer's own eps: adam-eps
+    if c.status not in (Status.NAN, Status.OVERFLOW):
+        return 0.0
+    if end is not None and end.nonfinite and _singular_at_zero(end):
+        if _eps_failed(c):
+            return 97.0  # the eps is there but rounds to 0: one that survives the dtype
+        if _eps_kept(c):
+            return 0.0  # guarded already
+        if any(x.zeroed for x in c.chain + c.feeds) or end.node in _NORM_NODES:
+            return 90.0 if c.fp32_ok else 97.0
+        return 0.0
     hit = any(n in c.chain_nodes for n in _NORM_NODES) or (
         c.nonfinite is not None and (c.nonfinite.node or "") in _NORM_NODES)
-    if not hit or c.status is not Status.NAN:
+    if not hit or c.status is not Status.NAN or _eps_kept(c):
         return 0.0
     return 90.0 if c.fp32_ok else 97.0
 
@@ -136,10 +234,14 @@ def _grad_scaler(c: FixContext) -> float:
 
 def _fp32_module(c: FixContext) -> float:
     i = c.issue
-    if not c.precision.is_low or i is None or i.phase is not Phase.FORWARD or not i.module or i.module == "data":
+    if not c.precision.is_low or i is None or not i.module or i.module == "data" or i.module in c.fp32_modules:
         return 0.0
-    if i.module in c.fp32_modules:
+    if i.phase in (Phase.BACKWARD, Phase.INPUT_GRAD) and i.kind in (FindingKind.OVERFLOW, FindingKind.NAN):
+        return 80.0  # the module's own backward (an InstanceNorm's double backward) overflows: in fp32 it does not
+    if i.phase is not Phase.FORWARD:
         return 0.0
+    if i.kind is FindingKind.UNDERFLOW and _eps_failed(c):
+        return 90.0  # the module's own eps rounds to 0 in the dtype: in fp32 it survives
     return 85.0 if i.kind in (FindingKind.OVERFLOW, FindingKind.NAN) else 0.0
 
 
@@ -149,6 +251,8 @@ def _bf16(c: FixContext) -> float:
     bf16 = c.other.get(Precision.BF16)
     if bf16 is not None and bf16 is not Status.OK:
         return 0.0
+    if c.error is not None and bf16 is not Status.OK:
+        return 0.0  # an op that raises in fp16 (no kernel for the dtype) may well raise in bf16: only a bf16 replay says
     base = 84.0 if FindingKind.OVERFLOW in c.kinds() else 70.0
     return base if bf16 is Status.OK else base - 20
 
@@ -171,6 +275,9 @@ def _eps_lost(c: FixContext) -> bool:
 
 
 def _adam_eps(c: FixContext) -> float:
+    end = c.end()
+    if end is not None and end.phase is Phase.OPTIMIZER and end.op in ("addcdiv", "addcdiv_") and _eps_failed(c):
+        return 95.0
     return 95.0 if Phase.OPTIMIZER in c.phases() and _eps_lost(c) else 0.0
 
 
@@ -188,6 +295,8 @@ def _lower_lr(c: FixContext) -> float:
 
 
 def _gp_scaled(c: FixContext) -> float:
+    if c.penalty_fp32:
+        return 0.0  # the penalty is computed in fp32 outside autocast: nothing to scale
     if c.unscaled_penalty and c.precision is Precision.FP16 and (
             c.collapse is not None or Phase.INPUT_GRAD in c.phases() or c.status is not Status.OK):
         return 96.0  # a scaler is on but the penalty bypasses it: the recipe is the fix
@@ -210,11 +319,45 @@ def _init(c: FixContext) -> float:
     return 0.0
 
 
+def _fp32_op(c: FixContext) -> float:
+    cul = c.culprit
+    if cul is None or not c.precision.is_low or cul.dtype not in ("float16", "bfloat16"):
+        return 0.0
+    if cul.op in _EXPS and cul.nonfinite:
+        return 88.0  # exp / softmax of logits above log(max): in fp32, or scale the logits
+    end = c.end()
+    if end is not None and end.phase is not Phase.OPTIMIZER and end.nonfinite and _singular_at_zero(end) \
+            and _eps_failed(c):
+        return 80.0
+    return 0.0
+
+
 def _data(c: FixContext) -> float:
     return 100.0 if c.issue is not None and c.issue.phase is Phase.DATA else 0.0
 
 
+def _op_name(op: str | None) -> str:
+    """binary_cross_entropy for aten.binary_cross_entropy.default and torch.nn.functional.binary_cross_entropy."""
+    if not op:
+        return ""
+    return op.split(".")[1] if op.startswith("aten.") else op.rsplit(".", 1)[-1]
+
+
 def _logits(c: FixContext) -> float:
+    e = c.error
+    if e is not None and _op_name(e.op) == "binary_cross_entropy" and "autocast" in e.message:
+        return 99.0  # autocast refuses BCE on probabilities (CUDA's lists): the logits form is its own fix
+    path = c.path()
+    for i, x in enumerate(path):
+        if x.op.startswith("binary_cross_entropy") and "with_logits" not in x.op:
+            return 98.0
+        if x.op in _LOGS and _fed_by_sigmoid(c, path, i):
+            return 98.0
+    cul = c.culprit
+    if cul is not None and cul.op in ("exp", "exp_") and cul.nonfinite:
+        nxt = [x.op for x in c.after if not x.cast][:2]
+        if nxt and (nxt[0] in _LOGS or (nxt[0] in ("add", "add_") and len(nxt) > 1 and nxt[1] in _LOGS)):
+            return 98.0  # log(1 + exp(x)) is softplus(x)
     for f in (c.issue, c.nonfinite):
         if f is not None and f.op.startswith("aten.log") and "aten.sigmoid" in f.numbers.get("producer_ops", ()):
             return 98.0
@@ -232,14 +375,21 @@ CATALOGUE: tuple[Fix, ...] = (
         "constant = flat.amax(1) == flat.amin(1)      # constant images: {constant_samples}\n"
         "x = x[~(bad | constant)]\n"
         "{normalise}",
-        None, _data),
-    Fix("logits-loss", "Use a logits loss (softplus) instead of log(sigmoid(x))",
+        None, _data,
+        when="NaN or Inf in the batch (phase data; fp32 fails too), or what check-data finds: non-finite or "
+             "constant samples, values outside data.range"),
+    Fix("logits-loss", "Use a logits loss (softplus, BCE-with-logits) instead of log(sigmoid(x)) or BCELoss",
         "sigmoid(x) rounds to exactly 0 or 1 in low precision for |x| above ~17 (fp16), so log gives -inf "
-        "and the gradient NaN; softplus computes the same loss from the logits without the rounding.",
+        "and the gradient NaN, and CUDA autocast refuses nn.BCELoss on probabilities for that reason; softplus "
+        "and BCE-with-logits compute the same loss from the logits without the rounding.",
         "loss_real = F.softplus(-d_real).mean()   # = -log(sigmoid(d_real))\n"
         "loss_fake = F.softplus(d_fake).mean()    # = -log(1 - sigmoid(d_fake))\n"
-        "# or F.binary_cross_entropy_with_logits(d, target)",
-        None, _logits),
+        "# or, in place of nn.BCELoss() on torch.sigmoid(critic(x)):\n"
+        "criterion = nn.BCEWithLogitsLoss()\n"
+        "loss = criterion(critic(x), target)      # the logits, no sigmoid",
+        None, _logits,
+        when="log of a sigmoid gives -inf: sigmoid rounded to exactly 0 or 1 in low precision; or the step raised "
+             "because autocast refuses binary_cross_entropy (nn.BCELoss) on probabilities"),
     Fix("init", "Re-initialise the weights at the Glorot/He scale",
         "Weights far above the He scale multiply activations at every layer, so they leave the range of "
         "{low} within a few layers.",
@@ -252,11 +402,14 @@ CATALOGUE: tuple[Fix, ...] = (
         "        if m.bias is not None:\n"
         "            nn.init.zeros_(m.bias)\n\n"
         "critic.apply(init_weights)",
-        Apply((("model.init", "he"),)), _init),
+        Apply((("model.init", "he"),)), _init,
+        when=f"overflow or NaN in the forward, input-grad or backward with a layer's weights "
+             f">= {INIT_FACTOR:g}x the He scale; underflow with weights <= 1/{INIT_SMALL_FACTOR:g} of it"),
     Fix("adam-eps", "Use an eps that survives the dtype (1e-4 in fp16)",
         "eps={eps} rounds to 0 in {low}, so m / (sqrt(v) + eps) divides by zero wherever v is 0 or tiny.",
         "opt = torch.optim.{opt_class}(critic.parameters(), lr={lr}, eps=1e-4)",
-        Apply((("train.eps", 1.0e-4),)), _adam_eps),
+        Apply((("train.eps", 1.0e-4),)), _adam_eps,
+        when="a problem in the optimizer step in half mode, with an optimizer eps that rounds to 0 in the dtype"),
     Fix("master-weights", "Keep fp32 master weights; use autocast instead of .half()",
         "Updates below half an ulp of a {low} weight are rounded away and the optimizer state loses its "
         "small values; fp32 weights with autocast keep both.",
@@ -264,14 +417,17 @@ CATALOGUE: tuple[Fix, ...] = (
         "opt = torch.optim.Adam(critic.parameters(), lr={lr}, betas=(0.0, 0.9))\n"
         "with torch.autocast(\"{device}\", dtype=torch.{dtype}):\n"
         "    loss = critic_loss(critic, real, fake)",
-        Apply((("precision.mode", "amp"),)), _master_weights),
+        Apply((("precision.mode", "amp"),)), _master_weights,
+        when="a problem in the optimizer step in half mode: lost updates, optimizer state flushed to 0"),
     Fix("safe-norm", "Compute the gradient norm so its derivative is finite at 0",
         "d sqrt(s)/ds = 1 / (2 sqrt(s)) is inf at s = 0, and 0 * inf = NaN in the backward when a "
         "sample's gradient is all zero (as it is once it underflows).",
         "grad_norm = torch.linalg.vector_norm(grads.flatten(1), dim=1)   # zero subgradient at 0\n"
         "# or keep sqrt with an eps that survives {low}:\n"
         "grad_norm = torch.sqrt(grads.flatten(1).float().pow(2).sum(1) + 1e-12)",
-        Apply((("loss.gp_norm", "vector_norm"),), builtin_only=True), _safe_norm),
+        Apply((("loss.gp_norm", "vector_norm"),), builtin_only=True), _safe_norm,
+        when="NaN through the backward of the penalty's norm (SqrtBackward0, a vector-norm, pow or rsqrt "
+             "backward)"),
     Fix("gp-fp32", "Compute the gradient penalty outside autocast, in fp32",
         "Under {low} autocast the critic's input gradient is computed in {low} without loss scaling; values "
         "below {tiny} flush to 0, so the penalty sees a zero norm.",
@@ -280,7 +436,9 @@ CATALOGUE: tuple[Fix, ...] = (
         "    out = critic(x_hat)\n"
         "    grads = torch.autograd.grad(out, x_hat, torch.ones_like(out), create_graph=True)[0]\n"
         "    gp = lambda_gp * ((grads.flatten(1).norm(2, dim=1) - 1) ** 2).mean()",
-        Apply((("loss.gp_precision", "fp32"),), builtin_only=True), _penalty_hit),
+        Apply((("loss.gp_precision", "fp32"),), builtin_only=True), _penalty_hit,
+        when="a problem in the penalty's input gradient (phase input-grad) under low-precision autocast, with "
+             "the penalty inside autocast"),
     Fix("gp-scaled", "Follow the AMP gradient-penalty recipe: scale before autograd.grad, unscale after",
         "Scaling the critic's output by the GradScaler's scale lifts the input gradient out of {low}'s "
         "underflow range; multiplying by 1/scale afterwards gives the true gradient for the penalty.",
@@ -292,7 +450,9 @@ CATALOGUE: tuple[Fix, ...] = (
         "scaler.scale(loss + gp).backward(); scaler.step(opt); scaler.update()\n"
         "# nanprobe passes its scaler to a custom step that takes one:\n"
         "# def critic_step(critic, generator, real, z, scaler=None)",
-        Apply((("train.grad_scaler", True),), builtin_only=True), _gp_scaled),
+        Apply((("train.grad_scaler", True),), builtin_only=True), _gp_scaled,
+        when="the same as gp-fp32; first in fp16 when a GradScaler is on but the step's autograd.grad "
+             "bypasses it (unscaled_penalty)"),
     Fix("scale-collapse", "Fix the op that overflows at every scale; loss scaling cannot",
         "GradScaler halves its scale and skips the step whenever a gradient is inf. An op that makes inf whatever "
         "the scale (here {collapse_at}; typically the penalty's sqrt backward at a zero norm, or an activation above "
@@ -303,7 +463,9 @@ CATALOGUE: tuple[Fix, ...] = (
         "scaler_d.step(opt_d); scaler_d.update()\n"
         "if scaler_d.get_scale() < 1.0:   # collapsing: find the op that makes inf\n"
         "    print(\"scale collapsed:\", scaler_d.get_scale())",
-        None, _scale_collapse),
+        None, _scale_collapse,
+        when="GradScaler's scale collapses: a step still skipped after the retries, every step skipped, or "
+             "the scale below 1"),
     Fix("grad-scaler", "Use dynamic loss scaling (torch.amp.GradScaler)",
         "Without loss scaling, gradients below {tiny} flush to 0 in {low} and those weights stop learning; "
         "the scaler multiplies the loss so the gradients stay in range, then unscales them.",
@@ -314,7 +476,9 @@ CATALOGUE: tuple[Fix, ...] = (
         "scaler.unscale_(opt)      # before clipping or reading gradients\n"
         "scaler.step(opt)\n"
         "scaler.update()",
-        Apply((("train.grad_scaler", True),)), _grad_scaler),
+        Apply((("train.grad_scaler", True),)), _grad_scaler,
+        when="parameter gradients underflow in the backward under fp16 autocast without loss scaling (also "
+             "suggested, lower, for an input-grad problem)"),
     Fix("fp32-module", "Run {module} in fp32 (or clamp its activations)",
         "{module} produces values beyond {low}'s max ({max}); running it outside autocast keeps them finite, "
         "and clamping (StyleGAN2-ADA's conv_clamp=256) keeps the rest of the network in range.",
@@ -327,24 +491,38 @@ CATALOGUE: tuple[Fix, ...] = (
         "            return self.m(x.float())\n\n"
         "{attr} = FP32({attr})\n"
         "# or clamp its output: x = x.clamp(-256, 256)",
-        Apply((("precision.fp32_modules", "{module_fp32}"),)), _fp32_module),
+        Apply((("precision.fp32_modules", "{module_fp32}"),)), _fp32_module,
+        when="overflow or NaN in a module's forward in a low precision, that module not already in "
+             "precision.fp32_modules"),
+    Fix("fp32-op", "Compute {culprit_op} in fp32 (or scale its input)",
+        "{culprit_op} is computed in {low} here: {culprit_why}. Casting its input to float32 for that op keeps "
+        "the rest of the step in {low}.",
+        "{culprit_snippet}",
+        None, _fp32_op,
+        when="the root cause is one op (exp, pow, a division) whose result leaves the low dtype's range; "
+             "computing that op in fp32 keeps the rest of the step in the low precision"),
     Fix("bf16", "Train in bf16 instead of fp16",
         "bf16 has fp32's exponent range (max 3.4e38, normals down to 1.2e-38), so neither the overflow at "
         "65504 nor the underflow below 6.1e-5 happens, and no loss scaling is needed.",
         "with torch.autocast(\"{device}\", dtype=torch.bfloat16):\n"
         "    loss = critic_loss(critic, real, fake)\n"
         "loss.backward()   # no GradScaler needed",
-        Apply((("precision.dtypes", ["bf16"]),)), _bf16),
+        Apply((("precision.dtypes", ["bf16"]),)), _bf16,
+        when="fp16 fails and bf16 is ok (ranked lower when bf16 was not replayed)"),
     Fix("lower-lr", "Lower the learning rate",
         "The first steps are fine and a later one fails: the updates grow the weights until activations "
         "leave the dtype's range.",
         "opt = torch.optim.{opt_class}(critic.parameters(), lr={lr_low})   # WGAN-GP: Adam, lr 1e-4, betas (0, 0.9)",
-        Apply((("train.lr", "{lr_low}"),)), _lower_lr),
+        Apply((("train.lr", "{lr_low}"),)), _lower_lr,
+        when=f"an overflow or NaN first found after step 0; first when the weights grew by "
+             f"{DIVERGENCE_GROWTH - 1:.0%} or more by then"),
     Fix("grad-clip", "Clip the gradient norm (after unscaling)",
         "A single large gradient makes a huge update; clipping bounds the step while the cause is fixed.",
         "scaler.unscale_(opt)   # if you use a GradScaler\n"
         "torch.nn.utils.clip_grad_norm_(critic.parameters(), max_norm=10.0)",
-        Apply((("train.grad_clip", 10.0),)), _grad_clip),
+        Apply((("train.grad_clip", 10.0),)), _grad_clip,
+        when="overflow or NaN with no clipping set, in the backward or the optimizer step (most at later "
+             "steps), or in the forward after step 0"),
 )
 
 REGISTRY: dict[str, Fix] = {f.id: f for f in CATALOGUE}
@@ -380,8 +558,35 @@ def _vars(c: FixContext) -> dict:
         "init_std": f"{worst.std:.3g}" if worst else "?", "init_he": f"{worst.he:.3g}" if worst else "?",
         "init_call": worst.call if worst else "nn.init.kaiming_normal_(layer.weight, a=0.2)",
         "init_flagged": ", ".join(flagged[:6]) + (f" and {len(flagged) - 6} more" if len(flagged) > 6 else "") or "none",
-        "collapse_at": collapse_at,
+        "collapse_at": collapse_at, **_culprit_vars(c),
     }
+
+
+_OP_SNIPPETS = {
+    "exp": "y = torch.exp(x.float())            # or: x = x - x.amax(dim, keepdim=True) before exp",
+    "softmax": "p = torch.softmax(logits, dim=-1, dtype=torch.float32)   # or scale q by 1/sqrt(d) first",
+    "_softmax": "p = torch.softmax(logits, dim=-1, dtype=torch.float32)   # or scale q by 1/sqrt(d) first",
+    "log_softmax": "p = torch.log_softmax(logits, dim=-1, dtype=torch.float32)",
+    "_log_softmax": "p = torch.log_softmax(logits, dim=-1, dtype=torch.float32)",
+    "rsqrt": "y = x * torch.rsqrt(x.float().pow(2).mean(dim=1, keepdim=True) + 1e-8).to(x.dtype)",
+    "sqrt": "n = torch.sqrt(s.float() + 1e-12)",
+}
+
+
+def _culprit_vars(c: FixContext) -> dict:
+    cul = c.culprit
+    end = c.end()
+    target = cul if cul is not None and cul.nonfinite else end
+    op = target.op if target is not None else "the op"
+    if target is not None and target.nonfinite and op in ("exp", "exp_", "softmax", "_softmax"):
+        why = f"its input is above log({'65504' if target.dtype == 'float16' else '3.4e38'}) and it overflows"
+    elif _eps_failed(c):
+        eps = next(x.lost_eps for x in c.chain if x.lost_eps is not None)
+        why = f"the eps {eps:g} meant to keep it away from 0 rounds to 0 in {target.dtype if target else 'fp16'}"
+    else:
+        why = "it leaves the dtype's range"
+    snippet = _OP_SNIPPETS.get(op, f"y = torch.{op.rstrip('_')}(x.float())   # then .to(x.dtype) if needed")
+    return {"culprit_op": op, "culprit_why": why, "culprit_snippet": snippet}
 
 
 def _typed(c: FixContext) -> dict:
@@ -430,7 +635,7 @@ def adapt(fix_id: str, **values: str) -> FixSuggestion:
 
 def rank(c: FixContext, limit: int = 5) -> tuple[FixSuggestion, ...]:
     """The fixes the finding points at, best first, adapted to it."""
-    if c.issue is None and c.nonfinite is None and c.collapse is None:
+    if c.issue is None and c.nonfinite is None and c.collapse is None and c.error is None:
         return ()
     scored = []
     for i, fix in enumerate(CATALOGUE):

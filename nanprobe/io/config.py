@@ -5,9 +5,9 @@ import difflib
 import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
-from nanprobe.enums import Mode, Policy, Precision
+from nanprobe.enums import Kernels, Mode, Policy, Precision
 from nanprobe.errors import ConfigError
 
 LOSS_KINDS = ("wgan-gp", "r1", "hinge", "non-saturating")
@@ -104,6 +104,8 @@ class PrecisionConfig:
     """Precisions replayed; fp32 is always replayed first as the reference."""
     policy: Policy = Policy.CUDA
     """cuda: a CPU replay casts each op as CUDA autocast would; native: the device's own autocast."""
+    kernels: Kernels = Kernels.EMULATED
+    """emulated: a CPU replay computes fp16/bf16 ops in fp32 and rounds each output, as GPU kernels do; native: the CPU's own kernels (CUDA: always its own)."""
     fp32_modules: tuple = ()
     """Module paths (critic.net.6) run outside autocast on fp32 inputs, with fp32 weights in half mode."""
 
@@ -148,7 +150,21 @@ class Config:
     """The YAML file this config was loaded from, if any."""
 
 
-# ---- value checks: each takes (value, dotted key) and returns the clean value or raises ConfigError
+# ---- value checks: each takes (value, dotted key) and returns the clean value or raises ConfigError.
+# Each also says what it accepts, in words (`expects`, and `choices` for a fixed set): schema() hands
+# them to the generated config reference, so the checks stay the one source of the rules.
+
+_Check = TypeVar("_Check", bound=Callable)
+
+
+def _expects(text: str, choices: tuple = ()) -> Callable[[_Check], _Check]:
+    def mark(check: _Check) -> _Check:
+        # setattr: a function type declares no attributes, so plain assignment fails the type check
+        setattr(check, "expects", text)  # noqa: B010
+        setattr(check, "choices", tuple(choices))  # noqa: B010
+        return check
+
+    return mark
 
 
 def _type_name(v: Any) -> str:
@@ -159,6 +175,7 @@ def _fail(key: str, expected: str, value: Any) -> ConfigError:
     return ConfigError(f"{key}: expected {expected}, got {value!r} ({_type_name(value)})")
 
 
+@_expects("a non-empty string")
 def _str(v, key):
     if not isinstance(v, str) or not v.strip():
         raise _fail(key, "a non-empty string", v)
@@ -177,7 +194,7 @@ def _choice(*options: str) -> Callable:
             raise ConfigError(f"{key}: must be one of {', '.join(options)}, got {v!r}{extra}")
         return v
 
-    return check
+    return _expects("one of " + ", ".join(options), options)(check)
 
 
 def _number(lo: float | None = None, hi: float | None = None, lo_open=False) -> Callable:
@@ -194,7 +211,8 @@ def _number(lo: float | None = None, hi: float | None = None, lo_open=False) -> 
             raise ConfigError(f"{key}: must be <= {hi}, got {v}")
         return float(v)
 
-    return check
+    return _expects("a number" + (f" {'>' if lo_open else '>='} {lo:g}" if lo is not None else "")
+                    + (f", <= {hi:g}" if hi is not None else ""))(check)
 
 
 def _int(lo: int | None = None, hi: int | None = None) -> Callable:
@@ -207,15 +225,18 @@ def _int(lo: int | None = None, hi: int | None = None) -> Callable:
             raise ConfigError(f"{key}: must be <= {hi}, got {v}")
         return v
 
-    return check
+    return _expects("an integer" + (f" from {lo} to {hi}" if lo is not None and hi is not None else
+                                    f" >= {lo}" if lo is not None else ""))(check)
 
 
+@_expects("true or false")
 def _bool(v, key):
     if not isinstance(v, bool):
         raise _fail(key, "true or false", v)
     return v
 
 
+@_expects("a mapping of argument names to values")
 def check_mapping(v, key):
     if v is None:
         return {}
@@ -235,7 +256,8 @@ def check_shape(min_len: int = 1) -> Callable:
                 raise ConfigError(f"{key}: every dimension must be a positive integer, got {list(v)}")
         return tuple(v)
 
-    return check
+    return _expects("a positive integer or a list of them" if min_len <= 1
+                    else f"a list of at least {min_len} positive integers")(check)
 
 
 def _pair(v, key):
@@ -245,6 +267,7 @@ def _pair(v, key):
     return a, b
 
 
+@_expects("[low, high]: two numbers, low below high")
 def _range(v, key):
     lo, hi = _pair(v, key)
     if lo >= hi:
@@ -252,6 +275,7 @@ def _range(v, key):
     return lo, hi
 
 
+@_expects("[beta1, beta2]: two numbers, each in [0, 1)")
 def _betas(v, key):
     a, b = _pair(v, key)
     for x in (a, b):
@@ -260,6 +284,7 @@ def _betas(v, key):
     return a, b
 
 
+@_expects("\"file.py:Name\" (relative to the config) or \"package.module:Name\"; from Python, the object itself")
 def _model_ref(v, key):
     if v is None or isinstance(v, str):
         return _opt_str(v, key)
@@ -269,6 +294,7 @@ def _model_ref(v, key):
     return v
 
 
+@_expects("one of z, [z]; from Python, also a function (generator, z) -> fakes", ("z", "[z]"))
 def _generator_call(v, key):
     if callable(v):
         return v
@@ -292,21 +318,37 @@ def _tensor_or_path(what: str) -> Callable:
             return v
         return _path(v, key)  # the YAML's own message
 
-    return check
+    return _expects("a path to a .npy or .pt file, or null; from Python, a tensor or array" if what == "tensor"
+                    else "a path to a .pt file, or null; from Python, the object itself")(check)
 
 
+@_expects("null (the file's own shape, or [3, 64, 64] when synthetic) or a list of "
+          "positive integers [C, H, W]")
+def _opt_shape(v, key):
+    return None if v is None else check_shape(1)(v, key)
+
+
+@_expects("a number > 0, or null")
 def check_clip(v, key):
     return None if v is None else _number(0.0, lo_open=True)(v, key)
 
 
+@_expects("one of " + ", ".join(m.value for m in Mode), tuple(m.value for m in Mode))
 def _mode(v, key):
     return Mode(_choice(*(m.value for m in Mode))(v.value if isinstance(v, Mode) else v, key))
 
 
+@_expects("one of " + ", ".join(p.value for p in Policy), tuple(p.value for p in Policy))
 def _policy(v, key):
     return Policy(_choice(*(p.value for p in Policy))(v.value if isinstance(v, Policy) else v, key))
 
 
+@_expects("one of " + ", ".join(k.value for k in Kernels), tuple(k.value for k in Kernels))
+def _kernels(v, key):
+    return Kernels(_choice(*(k.value for k in Kernels))(v.value if isinstance(v, Kernels) else v, key))
+
+
+@_expects("a list of " + ", ".join(p.value for p in Precision), tuple(p.value for p in Precision))
 def check_dtypes(v, key):
     if isinstance(v, (str, Precision)):
         v = [v]
@@ -319,6 +361,7 @@ def check_dtypes(v, key):
     return tuple(dict.fromkeys(out))
 
 
+@_expects("a list of module paths that start with critic or generator, as the report names them")
 def _module_paths(v, key):
     if isinstance(v, str):
         v = [v]
@@ -339,7 +382,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Callable]]] = {
         "init": _choice("default", "he"),
     }),
     "data": (DataConfig, {
-        "source": _choice("synthetic", "file"), "path": _tensor_or_path("tensor"), "shape": lambda v, k: None if v is None else check_shape(1)(v, k),
+        "source": _choice("synthetic", "file"), "path": _tensor_or_path("tensor"), "shape": _opt_shape,
         "range": _range, "batch_size": _int(1, 65536),
     }),
     "loss": (LossConfig, {
@@ -353,6 +396,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Callable]]] = {
         "grad_scaler": _bool, "grad_clip": check_clip,
     }),
     "precision": (PrecisionConfig, {"mode": _mode, "dtypes": check_dtypes, "policy": _policy,
+                                    "kernels": _kernels,
                                     "fp32_modules": _module_paths}),
     "state": (StateConfig, {"z": _tensor_or_path("tensor"), "rng": _tensor_or_path("dict"),
                             "optimizer": _tensor_or_path("dict"), "scaler": _tensor_or_path("dict")}),
@@ -383,7 +427,7 @@ def _section(name: str, raw: Any):
 def from_dict(raw: Any, base_dir: Path | None = None, source: Path | None = None) -> Config:
     """Build a checked Config from a parsed YAML document (or any mapping)."""
     if raw is None:
-        raise ConfigError("the config is empty; it needs at least model.critic (see the README's config reference)")
+        raise ConfigError("the config is empty; it needs at least model.critic (every key: docs/reference/config.md)")
     if not isinstance(raw, dict):
         raise ConfigError(f"the config must be a YAML mapping of sections, got {_type_name(raw)}")
     valid = list(SECTIONS) + list(TOP)
@@ -459,7 +503,7 @@ def load(path: str | Path) -> Config:
             problem += f" ({context} that starts at line {start.line + 1}, column {start.column + 1})"
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
     if raw is None:
-        raise ConfigError(f"{path} is empty; it needs at least model.critic (see the README's config reference)")
+        raise ConfigError(f"{path} is empty; it needs at least model.critic (every key: docs/reference/config.md)")
     return from_dict(raw, base_dir=path.parent, source=path)
 
 
@@ -468,7 +512,7 @@ def resolve(config: Config, p: Path) -> Path:
     return p if p.is_absolute() else config.base_dir / p
 
 
-_OVERRIDE_SECTIONS = {"dtypes": "precision", "mode": "precision", "policy": "precision", "steps": "train"}
+_OVERRIDE_SECTIONS = {"dtypes": "precision", "mode": "precision", "policy": "precision", "kernels": "precision", "steps": "train"}
 
 
 def with_overrides(config: Config, **overrides: Any) -> Config:
@@ -508,7 +552,7 @@ def to_dict(config: Config) -> dict:
             return f"<state_dict of {len(v)} entries>"
         if callable(v):  # a module, class or function passed from Python
             return f"<{getattr(v, '__qualname__', type(v).__name__)}>"
-        if isinstance(v, (Mode, Policy, Precision)):
+        if isinstance(v, (Kernels, Mode, Policy, Precision)):
             return v.value
         if isinstance(v, tuple):
             return [plain(x) for x in v]
@@ -525,3 +569,38 @@ def to_dict(config: Config) -> dict:
     out["device"] = config.device
     out["seed"] = config.seed
     return out
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One key of the YAML config, as the generated config reference shows it."""
+
+    key: str
+    """The dotted key ("train.lr"; "seed" at the top level), as overrides name it."""
+    section: str
+    """The section it sits in ("train"), or "" for a top-level key."""
+    name: str
+    """The key within its section ("lr")."""
+    owner: type
+    """The dataclass that holds it (TrainConfig; Config for a top-level key), whose field docstring describes it."""
+    default: Any
+    """Its value when the config leaves it out."""
+    expects: str
+    """What its check accepts, in words ("a number > 0")."""
+    choices: tuple = ()
+    """The allowed values, when the key is a fixed choice."""
+
+
+def schema() -> tuple[KeySpec, ...]:
+    """Every key a config accepts, section by section, with the check that loads it (docs/reference/config.md)."""
+    out: list[KeySpec] = []
+    for section, (cls, checks) in SECTIONS.items():
+        defaults = cls()
+        for name, check in checks.items():
+            out.append(KeySpec(f"{section}.{name}", section, name, cls, getattr(defaults, name),
+                               getattr(check, "expects", ""), getattr(check, "choices", ())))
+    top_defaults = Config()
+    for name, check in TOP.items():
+        out.append(KeySpec(name, "", name, Config, getattr(top_defaults, name),
+                           getattr(check, "expects", ""), getattr(check, "choices", ())))
+    return tuple(out)
