@@ -284,6 +284,8 @@ def init(
     found = f"critic {result.critic.name}" + (f", generator {g.name}" if g else ", no generator")
     shape = "x".join(map(str, (g or result.critic).shape))
     typer.echo(f"nanprobe: wrote {output} ({found}, samples {shape}); run: nanprobe diagnose {output}", err=True)
+    for line in result.rejected if g is None else ():  # why no candidate was taken as the generator
+        typer.echo(f"  not the generator: {line}", err=True)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ FULL_DOC = {
         "generator": "models.py:TinyGenerator",
         "generator_args": {"latent_dim": 16},
         "latent_dim": [16, 1, 1],
+        "generator_call": "[z]",
         "checkpoint": "ckpt/critic.pt",
         "init": "he",
     },
@@ -76,6 +77,7 @@ def test_load_full_config(tmp_path):
     assert c.model.generator == "models.py:TinyGenerator"
     assert c.model.generator_args == {"latent_dim": 16}
     assert c.model.latent_dim == (16, 1, 1)
+    assert c.model.generator_call == "[z]"
     assert c.model.checkpoint == Path("ckpt/critic.pt")
     assert cfg.resolve(c, c.model.checkpoint) == tmp_path.resolve() / "ckpt" / "critic.pt"
     assert c.data == cfg.DataConfig("file", Path("data/real.npy"), (3, 8, 8), (0.0, 1.0), 2)
