@@ -56,7 +56,7 @@ def test_only_the_failing_rank_dumps_and_rank_0_writes_the_report(ranks):
     assert Path(results[1]["dump"]) == dumps / "rank-1" / f"step-{FAULT_STEP:06d}"
     (report,) = dumps.glob("report-step-*.txt")
     text = report.read_text()
-    assert f"on rank 1 of 2" in text and f"rank 1: {dumps / 'rank-1'}" in text
+    assert "on rank 1 of 2" in text and f"rank 1: {dumps / 'rank-1'}" in text
     assert results[1]["replayed"] and "Replayed under the probe: fp16 (amp): nan" in results[1]["message"]
 
 
