@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from tests.conftest import base_doc, merge, ref
 from nanprobe import ConfigError
 from nanprobe.io import config as cfg
-from nanprobe.enums import Mode, Policy, Precision
+from nanprobe.enums import Kernels, Mode, Policy, Precision
 
 # Every documented key, each set to a value other than its default.
 FULL_DOC = {
@@ -50,7 +50,7 @@ FULL_DOC = {
         "grad_scaler": True,
         "grad_clip": 1.5,
     },
-    "precision": {"mode": "half", "dtypes": ["fp16", "bf16"], "policy": "native", "fp32_modules": ["critic.net.2"]},
+    "precision": {"mode": "half", "dtypes": ["fp16", "bf16"], "policy": "native", "kernels": "native", "fp32_modules": ["critic.net.2"]},
     "state": {"z": "dump/z.pt", "rng": "dump/rng.pt", "optimizer": "dump/optimizer.pt", "scaler": "dump/scaler.pt"},
     "device": "cpu",
     "seed": 7,
@@ -84,7 +84,8 @@ def test_load_full_config(tmp_path):
     assert c.loss == cfg.LossConfig("r1", 5.0, "fp32", "vector_norm", "steps.py:critic_step")
     assert c.train == cfg.TrainConfig("adamw", 2e-4, (0.5, 0.99), 1e-6, 0.01, 3, True, 1.5)
     assert c.model.init == "he"
-    assert c.precision == cfg.PrecisionConfig(Mode.HALF, (Precision.FP16, Precision.BF16), Policy.NATIVE, ("critic.net.2",))
+    assert c.precision == cfg.PrecisionConfig(Mode.HALF, (Precision.FP16, Precision.BF16), Policy.NATIVE, Kernels.NATIVE,
+                                              ("critic.net.2",))
     assert c.state == cfg.StateConfig(*(Path(f"dump/{n}.pt") for n in ("z", "rng", "optimizer", "scaler")))
     assert c.device == "cpu"
     assert c.seed == 7
