@@ -181,7 +181,7 @@ def test_none_overrides_are_ignored(base):
     ({"stpes": 3}, "unknown key 'stpes'; did you mean 'steps'?"),
     ({"train.stpes": 3}, "unknown key 'train.stpes'; did you mean 'steps'?"),
     ({"trian.steps": 3}, "unknown key 'trian'; did you mean 'train'?"),
-    ({"zzz": 1}, "unknown key 'zzz'; valid keys: dtypes, mode, policy, steps, device, seed, model.KEY"),
+    ({"zzz": 1}, "unknown key 'zzz'; valid keys: dtypes, mode, policy, kernels, steps, device, seed, model.KEY"),
     ({"dtype": "fp16"}, "unknown key 'dtype'; did you mean 'dtypes'?"),
     ({"steps": 0}, "train.steps: must be >= 1, got 0"),
     ({"dtypes": ["fp64"]}, "precision.dtypes: must be one of fp32, fp16, bf16, got 'fp64'"),
