@@ -15,7 +15,9 @@ from typing import Any, Callable
 import torch
 
 from nanprobe.config import Config, resolve
+from nanprobe.engine.precisions import TorchPrecision
 from nanprobe.errors import ConfigError, UserCodeError
+from nanprobe.io import keras as keras_io
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,12 @@ class Loaded:
     """The optimizer's state_dict before the first step (state.optimizer)."""
     scaler_state: dict | None = None
     """The GradScaler's state_dict before the first step (state.scaler)."""
+    precisions: Any = None
+    """How the replay enters a precision for these models (engine.precisions.PrecisionStrategy)."""
+
+    def __post_init__(self):
+        if self.precisions is None:  # built by hand (tests, benchmarks): PyTorch models
+            object.__setattr__(self, "precisions", TorchPrecision(self.critic, self.generator))
 
 
 @contextmanager
@@ -145,6 +153,23 @@ def resolve_ref(config: Config, ref: str, key: str) -> tuple[Any, str]:
 
 def build_module(config: Config, ref: Any, args: dict, key: str) -> tuple[torch.nn.Module, str]:
     """A class or factory reference (or a ready module) to an nn.Module."""
+    module, file, _ = _build(config, ref, args, key)
+    return module, file
+
+
+def _build(config: Config, ref: Any, args: dict, key: str):
+    """(module, file, KerasModel or None): a PyTorch module, or a Keras model and how to rebuild it per precision."""
+    role = key.split(".")[-1]
+    if keras_io.is_keras_file(ref):
+        path = resolve(config, Path(ref))
+        if not _exists(path, key):
+            raise ConfigError(f"{key}: file not found: {path}")
+        km = keras_io.load_file(path, key, role)
+        return km.template, "", km
+    if keras_io.is_keras_model(ref):
+        km = keras_io.from_live(ref, role)
+        return km.template, "", km
+    keras_io.select_backend()  # before the user's file is imported: a file that imports keras gets the torch backend
     if isinstance(ref, torch.nn.Module):
         # A module passed from Python is the user's live model: load the checkpoint into a copy, never into it.
         try:
@@ -160,8 +185,15 @@ def build_module(config: Config, ref: Any, args: dict, key: str) -> tuple[torch.
         raise ConfigError(f"{key}: expected 'file.py:Name' or an nn.Module, got {type(ref).__name__}")
     if not callable(obj):
         raise ConfigError(f"{key}: '{ref}' is a {type(obj).__name__}, not a class or factory returning an nn.Module")
+    km = None
     try:
-        module = obj(**args)
+        call = lambda: obj(**args)  # noqa: E731
+        module = keras_io.from_factory(obj, args, role, (file,), call) if "keras" in sys.modules else call()
+        if isinstance(module, keras_io.KerasModel):
+            keras_io.import_keras(key, f"what {getattr(obj, '__name__', ref)} returns")  # the backend check
+            km, module = module, module.template
+    except ConfigError:
+        raise
     except TypeError as exc:
         if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
             # Raised inside their __init__ or factory: a bug in their code, not in {key}_args.
@@ -170,8 +202,10 @@ def build_module(config: Config, ref: Any, args: dict, key: str) -> tuple[torch.
     except Exception as exc:
         raise user_error(f"building {getattr(obj, '__name__', ref)}", exc, (file,)) from None
     if not isinstance(module, torch.nn.Module):
+        if keras_io.is_keras_model(module):  # a Keras model on another backend is not a torch module
+            keras_io.import_keras(key, f"what {getattr(obj, '__name__', ref)} returns")
         raise ConfigError(f"{key}: {getattr(obj, '__name__', ref)} returned a {type(module).__name__}, not an nn.Module")
-    return module, file
+    return module, file, km
 
 
 def load_step(config: Config) -> tuple[Callable | None, str]:
@@ -310,10 +344,11 @@ def _load_state(model: torch.nn.Module, sd: dict, name: str, file: str) -> None:
     model.load_state_dict(sd)
 
 
-def load_data(config: Config) -> tuple[Any, tuple]:
+def load_data(config: Config, model_shape: tuple | None = None) -> tuple[Any, tuple]:
+    """The data and the shape of one sample; model_shape is the sample shape the model declares (Keras)."""
     d = config.data
     if d.source == "synthetic":
-        return None, tuple(d.shape or DEFAULT_SHAPE)
+        return None, tuple(d.shape or model_shape or DEFAULT_SHAPE)
     if not isinstance(d.path, Path):  # a tensor or array passed from Python
         shape = tuple(d.path.shape)
         if len(shape) != 4 or shape[0] == 0:
@@ -369,17 +404,26 @@ DEFAULT_SHAPE = (3, 64, 64)
 def load(config: Config) -> Loaded:
     """Build the models, load the checkpoint and open the data, failing with one clear line."""
     torch.manual_seed(config.seed)
-    critic, cfile = build_module(config, config.model.critic, config.model.critic_args, "model.critic")
-    generator, gfile = (None, "")
+    critic, cfile, kcritic = _build(config, config.model.critic, config.model.critic_args, "model.critic")
+    generator, gfile, kgen = (None, "", None)
     if config.model.generator is not None:
-        generator, gfile = build_module(config, config.model.generator, config.model.generator_args, "model.generator")
-    load_checkpoint(config, critic, generator)
+        generator, gfile, kgen = _build(config, config.model.generator, config.model.generator_args, "model.generator")
+    if (kcritic is None) != (kgen is None) and generator is not None:
+        raise ConfigError("model.generator: the critic and the generator must both be Keras models or both "
+                          "PyTorch modules")
+    if kcritic is not None:
+        keras_io.load_checkpoint(config, kcritic, kgen)
+        strategy = keras_io.KerasPrecision(kcritic, kgen)
+    else:
+        load_checkpoint(config, critic, generator)
+        critic, generator = critic.float(), generator.float() if generator is not None else None
+        strategy = TorchPrecision(critic, generator)
     step_fn, sfile = load_step(config)
-    data, shape = load_data(config)
+    data, shape = load_data(config, keras_io.input_shape(critic) if kcritic is not None else None)
     files = tuple(f for f in (cfile, gfile, sfile) if f)
     state = load_state(config)
-    loaded = Loaded(critic.float(), generator.float() if generator is not None else None, step_fn, data, shape, files,
-                    state["z"], state["rng"], state["optimizer"], state["scaler"])
+    loaded = Loaded(critic, generator, step_fn, data, shape, files,
+                    state["z"], state["rng"], state["optimizer"], state["scaler"], strategy)
     _dry_run(config, loaded)
     return loaded
 

@@ -22,7 +22,6 @@ from nanprobe import updates
 from nanprobe.config import Config, resolve
 from nanprobe.enums import Mode, Phase, Policy, Precision
 from nanprobe.errors import ConfigError, DeviceError, UserCodeError
-from nanprobe.initialisation import reinitialise
 from nanprobe.loading import Loaded, user_error
 from nanprobe.losses import StepContext, builtin
 from nanprobe.probe import OpEvent, OpProbe
@@ -150,19 +149,19 @@ class _Replay:
         self.low = precision.is_low
         self.half = self.low and self.mode is Mode.HALF
         self.progress = progress
-        dtype = precision.torch_dtype
-        self.model_dtype = dtype if self.half else torch.float32
-        critic = reinitialise(copy.deepcopy(loaded.critic), config.model.init, config.seed)
-        self.critic = critic.to(device=device, dtype=self.model_dtype).train()
-        self.generator = None
-        if loaded.generator is not None:
-            self.generator = copy.deepcopy(loaded.generator).to(device=device, dtype=self.model_dtype).train()
-        named = fp32_modules.find({"critic": self.critic, "generator": self.generator}, config.precision.fp32_modules)
+        strategy = loaded.precisions
+        self.strategy = strategy
+        self.model_dtype = strategy.input_dtype(precision, self.mode)
+        self.critic, self.generator = strategy.models(precision, self.mode, config.precision.fp32_modules,
+                                                      config.model.init, config.seed)
+        self.critic.to(device=device)
+        if self.generator is not None:
+            self.generator.to(device=device)
+        models = {"critic": self.critic, "generator": self.generator}
+        named = fp32_modules.find(models, config.precision.fp32_modules, strategy.named_modules)
         self.fp32 = named if self.low else {}  # checked in every precision, applied in the low ones
-        for m in self.fp32.values() if self.half else ():
-            m.float()  # fp32 weights (and optimizer state) for the modules kept in fp32
-        self.params = dict(("critic." + n, p) for n, p in self.critic.named_parameters())
-        self.optimizer = make_optimizer(config, list(self.critic.parameters()))
+        self.params = strategy.named_parameters("critic", self.critic)
+        self.optimizer = make_optimizer(config, list(self.params.values()))
         self.scaler = None
         if config.train.grad_scaler:
             if self.half:
@@ -170,13 +169,8 @@ class _Replay:
                                   "or turn grad_scaler off in half mode")
             self.scaler = torch.amp.GradScaler(device.type)
         self._restore_state()
-        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if self.low and not self.half else nullcontext
-        self.op_lists = nullcontext  # whose autocast op lists the replay follows, set up once per replay
-        if self.low and not self.half and device.type == "cpu" and config.precision.policy is Policy.CUDA:
-            from nanprobe.autocast_policy import cuda_autocast, cuda_op_lists
-
-            self.autocast = lambda: cuda_autocast(dtype)
-            self.op_lists = cuda_op_lists
+        self.autocast = strategy.autocast(precision, self.mode, device, config.precision.policy)
+        self.op_lists = strategy.op_lists(precision, self.mode, device, config.precision.policy)
         self.step_fn = loaded.step_fn or builtin(StepContext(
             config.loss.kind, config.loss.gp_weight, config.loss.gp_precision == "fp32", config.loss.gp_norm,
             device.type, self.scaler))
@@ -184,7 +178,9 @@ class _Replay:
             user_step = loaded.step_fn
             self.step_fn = lambda critic, generator, real, z: user_step(critic, generator, real, z, scaler=self.scaler)
         self.probe = OpProbe({"critic": self.critic, **({"generator": self.generator} if self.generator else {})},
-                             base_dir=str(config.base_dir), on_record=on_record) if probe_on else None
+                             base_dir=str(config.base_dir), on_record=on_record, named=strategy.named_modules,
+                             layer_sources=strategy.layer_sources(), library_dirs=strategy.library_dirs()) \
+            if probe_on else None
         self.trace = Trace(precision, self.mode, self.probe.events if self.probe else [])
 
     def _restore_state(self) -> None:
@@ -214,8 +210,8 @@ class _Replay:
         ctx = self.probe if self.probe is not None else nullcontext()
         watch = RecipeWatch(self.scaler, self._unscaled) if self.scaler is not None and self.probe is not None \
             else nullcontext()
-        with self.op_lists(), ctx, watch, fp32_modules.outside_autocast(self.fp32, self.device.type,
-                                                       self.model_dtype if self.half else None):
+        with self.op_lists(), ctx, watch, self.strategy.fp32_wrapper(self.fp32, self.device, self.precision,
+                                                                     self.mode):
             if self.probe is not None:
                 self.probe.name_params(self.params)
             step = 0
@@ -300,7 +296,7 @@ class _Replay:
         weight_norm = self._weight_norm()
         self._phase(Phase.FORWARD)
         try:
-            with self.autocast():
+            with self.autocast(), self.strategy.training():
                 result = self.step_fn(self.critic, self.generator, real, z)
             loss, extra = _unpack(result)
             self._phase(Phase.BACKWARD)
