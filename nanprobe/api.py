@@ -1,17 +1,16 @@
 """The Python API: the same core the CLI calls."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from nanprobe import config as cfg
-from nanprobe import datacheck, diagnosis, initialisation, loading, replay, verification
+from nanprobe import datacheck, diagnosis, loading, replay, verification
 from nanprobe.enums import FailOn, Precision
 from nanprobe.errors import ConfigError, Interrupted
-from nanprobe.initialisation import he_ratios, reinitialise
+from nanprobe.initialisation import he_ratios
 from nanprobe.report import Report
 
 if TYPE_CHECKING:
@@ -50,9 +49,9 @@ def diagnose(config_or_path: "cfg.Config | str | Path", progress: Callable | Non
     for p in order:
         replay.check_dtype(device, p, config.precision.mode)
     loaded = loading.load(config)
-    critic = loaded.critic if config.model.init == "default" else \
-        reinitialise(copy.deepcopy(loaded.critic), config.model.init, config.seed)  # as the replays see it
-    init = initialisation.check(critic, replay.first_batch(config, loaded))
+    strategy = loaded.precisions
+    critic, _ = strategy.models(Precision.FP32, config.precision.mode, (), config.model.init, config.seed)
+    init = strategy.init_checks(critic, replay.first_batch(config, loaded))  # the critic as the replays see it
     data = datacheck.check_replayed(config, loaded.data)
     ratios = he_ratios(critic, checks=init)
     traces: dict[Precision, replay.Trace] = {}
@@ -104,7 +103,8 @@ def compare_precisions(config_or_path: "cfg.Config | str | Path", progress: Call
     for p in low:
         replay.check_dtype(device, p, config.precision.mode)
     loaded = loading.load(config)
-    return compare(config, loaded, device, (Precision.FP32,) + low, he_ratios(loaded.critic), _device_name(device),
+    ratios = he_ratios(loaded.critic, checks=loaded.precisions.init_checks(loaded.critic, None))
+    return compare(config, loaded, device, (Precision.FP32,) + low, ratios, _device_name(device),
                    progress=progress)
 
 

@@ -20,7 +20,7 @@ from nanprobe import fp32_modules
 from nanprobe import stats as st
 from nanprobe import updates
 from nanprobe.config import Config, resolve
-from nanprobe.enums import Mode, Phase, Policy, Precision
+from nanprobe.enums import Framework, Mode, Phase, Precision
 from nanprobe.errors import ConfigError, DeviceError, UserCodeError
 from nanprobe.loading import Loaded, user_error
 from nanprobe.losses import StepContext, builtin
@@ -44,6 +44,7 @@ class Trace:
     stopped: str | None = None
     lost: dict[int, dict[str, tuple[int, int]]] = field(default_factory=dict)  # step -> param -> (moving, unchanged)
     unscaled_grads: list[tuple[int, str | None]] = field(default_factory=list)  # (step, source) per call
+    framework: Framework = Framework.TORCH  # what the models are written in (the fixes' terms)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -181,7 +182,7 @@ class _Replay:
                              base_dir=str(config.base_dir), on_record=on_record, named=strategy.named_modules,
                              layer_sources=strategy.layer_sources(), library_dirs=strategy.library_dirs()) \
             if probe_on else None
-        self.trace = Trace(precision, self.mode, self.probe.events if self.probe else [])
+        self.trace = Trace(precision, self.mode, self.probe.events if self.probe else [], framework=strategy.framework)
 
     def _restore_state(self) -> None:
         """Optimizer and scaler state captured before the step (state.optimizer, state.scaler), if any."""
