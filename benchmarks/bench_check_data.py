@@ -116,7 +116,7 @@ def main() -> None:
         config.write_text(f"model: {{critic: 'models.py:DCGANCritic'}}\n"
                           f"data: {{source: file, path: {data.name}, shape: {list(SAMPLE)}, range: [-1, 1]}}\n")
         want_bad = sorted(set(bad["nan"]) | set(bad["inf"]))
-        base = subprocess.run([sys.executable, "-c", "import nanprobe.datacheck, nanprobe.cli, nanprobe.render_checks;"
+        base = subprocess.run([sys.executable, "-c", "import nanprobe.analysis.datacheck, nanprobe.cli, nanprobe.formats.checks;"
                                "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"],
                               cwd=ROOT, capture_output=True, text=True, check=True)
         print(f"peak RSS of the interpreter with check-data's modules imported, before any scan: {int(base.stdout) / 1024:.0f} MB")

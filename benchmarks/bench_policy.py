@@ -26,10 +26,10 @@ def main() -> None:
 
     import torch
 
-    from nanprobe import config as cfg
-    from nanprobe import loading
+    from nanprobe.io import config as cfg
+    from nanprobe.io import loading
     from nanprobe.enums import Precision
-    from nanprobe.replay import replay
+    from nanprobe.engine.replay import replay
 
     base = cfg.with_overrides(cfg.load(args.config), device="cpu")
     loaded = loading.load(base)

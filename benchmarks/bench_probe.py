@@ -34,9 +34,8 @@ CONFIG = {
 
 
 def _setup(dtypes=("fp32",)):
-    from nanprobe import config as cfg
-    from nanprobe import loading
-
+    from nanprobe.io import config as cfg
+    from nanprobe.io import loading
     config = cfg.with_overrides(cfg.from_dict(CONFIG), dtypes=list(dtypes))
     return config, loading.load(config)
 
@@ -60,7 +59,7 @@ def overhead(reps: int, precision_name: str) -> dict:
     import torch
 
     from nanprobe.enums import Precision
-    from nanprobe.replay import replay
+    from nanprobe.engine.replay import replay
 
     config, loaded = _setup()
     p = Precision(precision_name)
@@ -83,7 +82,7 @@ def whole(reps: int) -> dict:
 
     from nanprobe import api
     from nanprobe.enums import Precision
-    from nanprobe.replay import replay
+    from nanprobe.engine.replay import replay
 
     config, loaded = _setup(("fp32", "fp16", "bf16"))
     dev = torch.device("cpu")
@@ -100,7 +99,7 @@ sys.argv = ['x']
 import benchmarks.bench_probe as b
 import torch
 from nanprobe.enums import Precision
-from nanprobe.replay import replay
+from nanprobe.engine.replay import replay
 from nanprobe import api
 config, loaded = b._setup(("fp32", "fp16", "bf16"))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

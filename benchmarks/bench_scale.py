@@ -18,9 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 _CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
-from nanprobe import api, config as cfg, loading
+from nanprobe import api
+from nanprobe.io import config as cfg, loading
 from nanprobe.enums import Precision
-from nanprobe.replay import replay, resolve_device
+from nanprobe.engine.replay import replay, resolve_device
 doc = {doc!r}
 from pathlib import Path
 config = cfg.from_dict(doc, base_dir=Path({bench!r}))

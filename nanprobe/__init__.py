@@ -14,23 +14,24 @@ __all__ = [
     "Config", "Report", "OpProbe", "diagnose", "load_config", "check_data", "DataReport", "__version__",
     "Comparison", "compare_precisions",
     "cuda_autocast",
-    "NonFiniteError", "NonFiniteWarning", "watch", "Watch",
+    "NonFiniteError", "NonFiniteWarning", "watch", "Watch", "assert_precision_safe",
 ]
 
 _LAZY = {
-    "Config": ("nanprobe.config", "Config"),
-    "load_config": ("nanprobe.config", "load"),
-    "Report": ("nanprobe.report", "Report"),
-    "OpProbe": ("nanprobe.probe", "OpProbe"),
+    "Config": ("nanprobe.io.config", "Config"),
+    "load_config": ("nanprobe.io.config", "load"),
+    "Report": ("nanprobe.model.report", "Report"),
+    "OpProbe": ("nanprobe.engine.probe", "OpProbe"),
     "diagnose": ("nanprobe.api", "diagnose"),
     # From datacheck, not api: scanning a .npy file needs no torch import (and no torch memory).
-    "check_data": ("nanprobe.datacheck", "check_data"),
-    "DataReport": ("nanprobe.datacheck", "DataReport"),
-    "Comparison": ("nanprobe.comparison", "Comparison"),
+    "check_data": ("nanprobe.analysis.datacheck", "check_data"),
+    "DataReport": ("nanprobe.model.checks", "DataReport"),
+    "Comparison": ("nanprobe.model.comparison", "Comparison"),
     "compare_precisions": ("nanprobe.api", "compare_precisions"),
-    "cuda_autocast": ("nanprobe.autocast_policy", "cuda_autocast"),
-    "watch": ("nanprobe.watching", "watch"),
-    "Watch": ("nanprobe.watching", "Watch"),
+    "cuda_autocast": ("nanprobe.engine.autocast_policy", "cuda_autocast"),
+    "watch": ("nanprobe.integrations.watch", "watch"),
+    "assert_precision_safe": ("nanprobe.integrations.testing", "assert_precision_safe"),
+    "Watch": ("nanprobe.integrations.watch", "Watch"),
 }
 
 

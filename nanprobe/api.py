@@ -6,15 +6,18 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from nanprobe import config as cfg
-from nanprobe import datacheck, diagnosis, loading, replay, verification
+from nanprobe.io import config as cfg
+from nanprobe.analysis import datacheck, diagnosis, initialisation, verification
+from nanprobe.io import loading
+from nanprobe.engine import precisions, replay
 from nanprobe.enums import FailOn, Precision
 from nanprobe.errors import ConfigError, Interrupted
-from nanprobe.initialisation import he_ratios
-from nanprobe.report import Report
+from nanprobe.analysis.initialisation import he_ratios
+from nanprobe.model.report import Report
+from nanprobe.thresholds import MAX_VERIFIED
 
 if TYPE_CHECKING:
-    from nanprobe.comparison import Comparison
+    from nanprobe.model.comparison import Comparison
 
 check_data = datacheck.check_data  # the whole data file, chunk by chunk (also nanprobe.check_data)
 
@@ -33,7 +36,7 @@ def diagnose(config_or_path: "cfg.Config | str | Path", progress: Callable | Non
     """Replay the config in each precision under the probe and diagnose it.
 
     Overrides take dotted or short keys: dtypes=["fp16"], steps=3, device="cpu", mode="half".
-    verify_fix=True replays the first `verify_top` (default verification.MAX_VERIFIED) fixes of each failing
+    verify_fix=True replays the first `verify_top` (default MAX_VERIFIED) fixes of each failing
     run that a config change applies and marks each FixSuggestion verified (True / False / None, with why);
     fail_on (nan | overflow | underflow, as --fail-on) is the status a fixed run must get below.
     Raises nanprobe.ConfigError (or UserCodeError, DeviceError) on bad input.
@@ -49,9 +52,10 @@ def diagnose(config_or_path: "cfg.Config | str | Path", progress: Callable | Non
     for p in order:
         replay.check_dtype(device, p, config.precision.mode)
     loaded = loading.load(config)
-    strategy = loaded.precisions
+    strategy = precisions.for_loaded(loaded)
     critic, _ = strategy.models(Precision.FP32, config.precision.mode, (), config.model.init, config.seed)
-    init = strategy.init_checks(critic, replay.first_batch(config, loaded))  # the critic as the replays see it
+    init = initialisation.check(critic, replay.first_batch(config, loaded),  # the critic as the replays see it
+                                framework=strategy.framework)
     data = datacheck.check_replayed(config, loaded.data)
     ratios = he_ratios(critic, checks=init)
     traces: dict[Precision, replay.Trace] = {}
@@ -75,7 +79,7 @@ def diagnose(config_or_path: "cfg.Config | str | Path", progress: Callable | Non
     if verify_fix:
         try:
             runs = verification.verify(config, loaded, traces, runs, device, progress,
-                                       verify_top or verification.MAX_VERIFIED, fail_on)
+                                       verify_top or MAX_VERIFIED, fail_on)
         except KeyboardInterrupt:
             note = "interrupted (Ctrl-C) while verifying fixes; the fixes are not verified"
             raise Interrupted(_report(config, device, runs, data=data, init=init, interrupted=note)) from None
@@ -95,7 +99,7 @@ def compare_precisions(config_or_path: "cfg.Config | str | Path", progress: Call
     as for `diagnose`, e.g. dtypes=["fp16"], steps=2. Raises nanprobe.ConfigError (or UserCodeError,
     DeviceError) on bad input.
     """
-    from nanprobe.comparison import compare
+    from nanprobe.analysis.comparison import compare
 
     config = _config(config_or_path, overrides)
     low = tuple(p for p in config.precision.dtypes if p.is_low) or (Precision.FP16, Precision.BF16)
@@ -103,7 +107,8 @@ def compare_precisions(config_or_path: "cfg.Config | str | Path", progress: Call
     for p in low:
         replay.check_dtype(device, p, config.precision.mode)
     loaded = loading.load(config)
-    ratios = he_ratios(loaded.critic, checks=loaded.precisions.init_checks(loaded.critic, None))
+    framework = precisions.for_loaded(loaded).framework
+    ratios = he_ratios(loaded.critic, checks=initialisation.check(loaded.critic, None, framework=framework))
     return compare(config, loaded, device, (Precision.FP32,) + low, ratios, _device_name(device),
                    progress=progress)
 

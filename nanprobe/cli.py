@@ -1,12 +1,14 @@
 """The command line: parse, call the core, render. No torch import until a command runs."""
 from __future__ import annotations
 
-from enum import Enum
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
+from nanprobe.enums import Device, FailOn, Mode, OutputFormat
 from nanprobe.errors import Interrupted, NanprobeError
 
 app = typer.Typer(
@@ -14,33 +16,28 @@ app = typer.Typer(
     help="Find the first op that underflows or overflows when a GAN critic goes NaN, and the fix.",
 )
 
-
-class FailOnChoice(str, Enum):
-    nan = "nan"
-    overflow = "overflow"
-    underflow = "underflow"
+_CONFIG_HELP = "YAML config (see the config reference in the docs)."
+_FAIL_ON_HELP = "Exit 1 at this status or worse (overflow also counts nan; error always counts)."
+_POLICY_HELP = "cuda (default: a CPU replay casts each op as CUDA autocast would) or native."
 
 
-class ModeChoice(str, Enum):
-    amp = "amp"
-    half = "half"
-
-
-class FormatChoice(str, Enum):
-    table = "table"
-    json = "json"
-    github = "github"
-
-
-class DeviceChoice(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.echo(f"nanprobe: error: {message}", err=True)
     raise typer.Exit(2)
+
+
+@contextmanager
+def _user_errors(on_error: Optional[Callable[[NanprobeError], None]] = None) -> Iterator[None]:
+    """The one place where the core's errors become the CLI's: one line and exit 2, Ctrl-C exit 130."""
+    try:
+        yield
+    except NanprobeError as exc:
+        if on_error is not None:
+            on_error(exc)
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("nanprobe: interrupted", err=True)
+        raise typer.Exit(130) from None
 
 
 def _write_json(text: str, json_out: Optional[str]) -> None:
@@ -56,13 +53,20 @@ def _write_json(text: str, json_out: Optional[str]) -> None:
         _fail(f"--json: cannot write {json_out}: {exc.strerror or exc}")
 
 
-def _dtypes(value: Optional[str]) -> Optional[list[str]]:
+def _dtypes(value: Optional[str], alias: Optional[str] = None) -> Optional[list[str]]:
+    if value is not None and alias is not None:
+        _fail("--dtypes and --dtype are the same option; give it once")
+    value = value if value is not None else alias
     if value is None:
         return None
     names = [v.strip() for v in value.split(",") if v.strip()]
     if not names:
-        _fail("--dtype: give one or more of fp32, fp16, bf16, separated by commas")
+        _fail("--dtypes: give one or more of fp32, fp16, bf16, separated by commas")
     return names
+
+
+def _exit_code(statuses, fail_on: FailOn) -> int:
+    return 1 if any(fail_on.fails(s) for s in statuses) else 0
 
 
 @app.callback()
@@ -72,23 +76,22 @@ def _root() -> None:
 
 @app.command()
 def diagnose(
-    config: Path = typer.Argument(..., metavar="CONFIG", help="YAML config (see the README's config reference)."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help=_CONFIG_HELP),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the JSON report to PATH ('-' for stdout)."),
-    fail_on: FailOnChoice = typer.Option(FailOnChoice.overflow, "--fail-on",
-                                         help="Exit 1 at this status or worse (overflow also counts nan)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", "--precision", help="Precisions to replay, e.g. fp16,bf16."),
-    mode: Optional[ModeChoice] = typer.Option(None, "--mode", help="amp (autocast) or half (model cast)."),
-    device: Optional[DeviceChoice] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    fail_on: FailOn = typer.Option(FailOn.OVERFLOW, "--fail-on", help=_FAIL_ON_HELP),
+    dtypes: Optional[str] = typer.Option(None, "--dtypes", help="Precisions to replay, e.g. fp16,bf16."),
+    dtype_alias: Optional[str] = typer.Option(None, "--dtype", "--precision", hidden=True),
+    mode: Optional[Mode] = typer.Option(None, "--mode", help="amp (autocast) or half (model cast)."),
+    device: Optional[Device] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     # A plain string, checked by the config, so a bad value is one line naming precision.policy.
-    policy: Optional[str] = typer.Option(
-        None, "--policy", help="cuda (default: a CPU replay casts each op as CUDA autocast would) or native."),
+    policy: Optional[str] = typer.Option(None, "--policy", help=_POLICY_HELP),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Critic steps replayed per precision."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no terminal report (exit code only)."),
     verify_fix: bool = typer.Option(False, "--verify-fix",
                                     help="Replay each failing run with each suggested fix applied; mark it verified."),
     verify_top: Optional[int] = typer.Option(None, "--verify-top", min=1,
                                              help="With --verify-fix: fixes replayed per failing run (default 3)."),
-    output_format: FormatChoice = typer.Option(FormatChoice.table, "--format",
+    output_format: OutputFormat = typer.Option(OutputFormat.TABLE, "--format",
                                                help="stdout: table (terminal report), json, or github "
                                                     "(GitHub Actions ::error/::warning annotations)."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Also write a JUnit XML report to PATH."),
@@ -96,79 +99,71 @@ def diagnose(
     """Replay critic and penalty steps in fp32, fp16 and bf16; name the first op that underflows or overflows."""
     import time
 
-    from nanprobe import render
+    from nanprobe.formats import table
 
-    if json_out == "-" and output_format is not FormatChoice.table:
+    if json_out == "-" and output_format is not OutputFormat.TABLE:
         _fail(f"--json -: stdout already carries --format {output_format.value}; give --json a file path")
     started = time.perf_counter()
+    overrides = {"dtypes": _dtypes(dtypes, dtype_alias), "mode": mode.value if mode else None,
+                 "device": device.value if device else None, "steps": steps, "policy": policy}
 
-    overrides = {"dtypes": _dtypes(dtype), "mode": mode.value if mode else None,
-                 "device": device.value if device else None, "steps": steps,
-                 "policy": policy}
-    to_stdout = json_out == "-"
+    def annotate(exc: NanprobeError) -> None:
+        if output_format is OutputFormat.GITHUB:
+            from nanprobe.formats.github import error
+
+            typer.echo(error(str(exc), str(config)))
+
     try:
-        with render.progress(enabled=not quiet) as on_progress:
+        with _user_errors(annotate), table.progress(enabled=not quiet) as on_progress:
             from nanprobe.api import diagnose as run_diagnose
 
             report = run_diagnose(config, progress=on_progress, verify_fix=verify_fix, verify_top=verify_top,
                                   fail_on=fail_on.value, **overrides)
-    except NanprobeError as exc:
-        if output_format is FormatChoice.github:
-            from nanprobe.github import error
-
-            typer.echo(error(str(exc), str(config)))
-        _fail(str(exc))
     except Interrupted as exc:
         if exc.report is None:
             typer.echo("nanprobe: interrupted before the fp32 replay finished; nothing to report", err=True)
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
         typer.echo("nanprobe: interrupted; reporting what was found so far", err=True)
         report = exc.report
-    except KeyboardInterrupt:
-        typer.echo("nanprobe: interrupted", err=True)
-        raise typer.Exit(130)
     _write_json(report.to_json(), json_out)
     if junit is not None:
-        from nanprobe.junit import junit_xml
+        from nanprobe.formats.junit import junit_xml
 
         try:
             junit.write_text(junit_xml(report, fail_on.value, time.perf_counter() - started), encoding="utf-8")
         except OSError as exc:
             _fail(f"--junit: cannot write {junit}: {exc.strerror or exc}")
-    if output_format is FormatChoice.json:
+    if output_format is OutputFormat.JSON:
         typer.echo(report.to_json())
-    elif output_format is FormatChoice.github:
-        from nanprobe.github import annotations
+    elif output_format is OutputFormat.GITHUB:
+        from nanprobe.formats.github import annotations
 
         for line in annotations(report, fail_on.value):
             typer.echo(line)
-    elif not quiet and not to_stdout:
-        render.report(report)
-    from nanprobe.enums import FailOn
-
+    elif not quiet and json_out != "-":
+        table.report(report)
     if report.interrupted:
         raise typer.Exit(130)
-    raise typer.Exit(1 if any(FailOn(fail_on.value).fails(r.status) for r in report.runs) else 0)
+    raise typer.Exit(_exit_code((r.status for r in report.runs), fail_on))
 
 
 @app.command("compare-precisions")
 def compare_precisions(
-    config: Path = typer.Argument(..., metavar="CONFIG", help="YAML config (see the README's config reference)."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help=_CONFIG_HELP),
     dtypes: Optional[str] = typer.Option(None, "--dtypes", help="Low precisions to compare with fp32, e.g. fp16,bf16."),
+    dtype_alias: Optional[str] = typer.Option(None, "--dtype", "--precision", hidden=True),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Critic steps replayed per precision."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the JSON comparison to PATH ('-' for stdout)."),
     top: int = typer.Option(10, "--top", min=1, help="Rows of the per-module table."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the range view to PATH.png (needs matplotlib)."),
-    fail_on: FailOnChoice = typer.Option(FailOnChoice.overflow, "--fail-on",
-                                         help="Exit 1 at this status or worse (overflow also counts nan)."),
-    mode: Optional[ModeChoice] = typer.Option(None, "--mode", help="amp (autocast) or half (model cast)."),
-    device: Optional[DeviceChoice] = typer.Option(None, "--device", help="auto, cpu or cuda."),
-    policy: Optional[str] = typer.Option(
-        None, "--policy", help="cuda (default: a CPU replay casts each op as CUDA autocast would) or native."),
+    fail_on: FailOn = typer.Option(FailOn.OVERFLOW, "--fail-on", help=_FAIL_ON_HELP),
+    mode: Optional[Mode] = typer.Option(None, "--mode", help="amp (autocast) or half (model cast)."),
+    device: Optional[Device] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    policy: Optional[str] = typer.Option(None, "--policy", help=_POLICY_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no terminal report (exit code only)."),
 ) -> None:
     """Replay the same steps in fp32, fp16 and bf16 and show, per module, where each departs from fp32."""
-    names = None if dtypes is None else [v.strip() for v in dtypes.split(",") if v.strip()]
+    names = _dtypes(dtypes, dtype_alias)
     if plot is not None:
         if plot.suffix.lower() != ".png":
             _fail(f"--plot: {plot} is not a .png path; give e.g. --plot ranges.png")
@@ -176,37 +171,28 @@ def compare_precisions(
             import matplotlib  # noqa: F401
         except ImportError:
             _fail('--plot needs matplotlib, which is not installed: pip install "nanprobe[plot]"')
-    from nanprobe import render, render_compare
+    from nanprobe.formats import compare, table
 
     low = None if names is None else [n for n in names if n != "fp32"]
     if low == []:  # fp32 is the reference, not a precision to compare
         _fail("--dtypes: give fp16, bf16 or both (fp32 is always replayed as the reference)")
     overrides = {"dtypes": low, "mode": mode.value if mode else None,
                  "device": device.value if device else None, "steps": steps, "policy": policy}
-    to_stdout = json_out == "-"
-    try:
-        with render.progress(enabled=not quiet) as on_progress:
-            from nanprobe.api import compare_precisions as run_compare
+    with _user_errors(), table.progress(enabled=not quiet) as on_progress:
+        from nanprobe.api import compare_precisions as run_compare
 
-            result = run_compare(config, progress=on_progress, **overrides)
-    except NanprobeError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        typer.echo("nanprobe: interrupted", err=True)
-        raise typer.Exit(130)
+        result = run_compare(config, progress=on_progress, **overrides)
     _write_json(result.to_json(), json_out)
     if plot is not None:
-        from nanprobe.plot import plot_ranges
+        from nanprobe.formats.plot import plot_ranges
 
         try:
             plot_ranges(result, plot)
         except OSError as exc:
             _fail(f"--plot: cannot write {plot}: {exc.strerror or exc}")
-    if not quiet and not to_stdout:
-        render_compare.comparison(result, top=top)
-    from nanprobe.enums import FailOn
-
-    raise typer.Exit(1 if any(FailOn(fail_on.value).fails(s.status) for s in result.summaries) else 0)
+    if not quiet and json_out != "-":
+        compare.comparison(result, top=top)
+    raise typer.Exit(_exit_code((s.status for s in result.summaries), fail_on))
 
 
 @app.command("check-data")
@@ -217,21 +203,14 @@ def check_data(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no terminal report (exit code only)."),
 ) -> None:
     """Scan the whole data file for NaN/Inf samples, constant images and values outside data.range."""
-    from nanprobe import render_checks
-    from nanprobe.datacheck import check_data as run_check
+    from nanprobe.analysis.datacheck import check_data as run_check
+    from nanprobe.formats import checks
 
-    to_stdout = json_out == "-"
-    try:
-        with render_checks.scan_progress(enabled=not quiet) as on_chunk:
-            rep = run_check(config, progress=on_chunk, chunk_mb=chunk_mb)
-    except NanprobeError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        typer.echo("nanprobe: interrupted", err=True)
-        raise typer.Exit(130)
+    with _user_errors(), checks.scan_progress(enabled=not quiet) as on_chunk:
+        rep = run_check(config, progress=on_chunk, chunk_mb=chunk_mb)
     _write_json(rep.to_json(), json_out)
-    if not quiet and not to_stdout:
-        render_checks.data_report(rep)
+    if not quiet and json_out != "-":
+        checks.data_report(rep)
     raise typer.Exit(0 if rep.ok else 1)
 
 
@@ -250,15 +229,10 @@ def init(
         _fail(f"-o: folder {output.parent} does not exist")
     if output is not None and output.resolve() == models.resolve():
         _fail(f"-o: {output} is the models file itself; write the config to a .yaml file")
-    try:
-        from nanprobe.scaffold import scaffold
+    with _user_errors():
+        from nanprobe.io.scaffold import scaffold
 
         result = scaffold(models, critic=critic, generator=generator, config_path=output)
-    except NanprobeError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        typer.echo("nanprobe: interrupted", err=True)
-        raise typer.Exit(130)
     if output is None:
         typer.echo(result.text, nl=False)
         return

@@ -39,8 +39,24 @@ class Framework(str, Enum):
 class Policy(str, Enum):
     """Whose autocast op lists a CPU replay follows."""
 
-    CUDA = "cuda"  # each op in the dtype CUDA autocast gives it (nanprobe.autocast_policy)
+    CUDA = "cuda"  # each op in the dtype CUDA autocast gives it (nanprobe.engine.autocast_policy)
     NATIVE = "native"  # the device's own autocast
+
+
+class Device(str, Enum):
+    """Where a replay runs."""
+
+    AUTO = "auto"  # cuda when torch sees a GPU, else cpu
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class OutputFormat(str, Enum):
+    """What `diagnose` prints on stdout."""
+
+    TABLE = "table"  # the terminal report
+    JSON = "json"  # the JSON report
+    GITHUB = "github"  # GitHub Actions ::error/::warning annotations
 
 
 class Phase(str, Enum):

@@ -34,7 +34,7 @@ class NonFiniteError(FloatingPointError):
     def __init__(self, message: str, failure=None):
         super().__init__(message)
         self.failure = failure
-        """The nanprobe.watching.Failure: step, reason, report (the diagnosis) and dump folder."""
+        """The nanprobe.integrations.watch.Failure: step, reason, report (the diagnosis) and dump folder."""
 
     @property
     def report(self):

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from nanprobe.cli import app
-from conftest import base_doc, merge, small_gan_doc
+from tests.conftest import base_doc, merge, small_gan_doc
 
 runner = CliRunner()
 

@@ -15,7 +15,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import BROKEN, EXITS, TINY, base_doc, checksums, line_of, merge, ref
+from tests.conftest import BROKEN, EXITS, TINY, base_doc, checksums, line_of, merge, ref
 from nanprobe.cli import app
 
 runner = CliRunner()
@@ -213,8 +213,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], list[str]]] = [
      ["the generator on z of shape [2, 5] (model.latent_dim) raised RuntimeError"]),
     ("critic-wrong-channels", lambda env: env.config(data={"shape": [1, 8, 8]}, model={"generator": None}),
      ["the critic on a batch of shape [2, 1, 8, 8] raised RuntimeError"]),
-    ("cli-empty-dtype", lambda env: env.config() + ["--dtype", " , "], ["--dtype: give one or more of fp32"]),
-    ("cli-bad-dtype", lambda env: env.config() + ["--dtype", "fp64"], ["precision.dtypes: must be one of"]),
+    ("cli-empty-dtype", lambda env: env.config() + ["--dtypes", " , "], ["--dtypes: give one or more of fp32"]),
+    ("cli-bad-dtype", lambda env: env.config() + ["--dtypes", "fp64"], ["precision.dtypes: must be one of"]),
     ("cli-steps-0", lambda env: env.config() + ["--steps", "0"],
      [USAGE, "Invalid value for '--steps'", "greater than or equal to 1"]),
     ("cli-json-unwritable", lambda env: env.config() + ["--json", str(env.tmp / "no" / "such" / "dir.json")],
@@ -295,7 +295,7 @@ def test_help_works():
     assert "diagnose" in result.stdout
     result = runner.invoke(app, ["diagnose", "--help"])
     assert result.exit_code == 0, result.output
-    for option in ("--json", "--fail-on", "--dtype", "--mode", "--device", "--steps", "--quiet"):
+    for option in ("--json", "--fail-on", "--dtypes", "--mode", "--device", "--steps", "--quiet"):
         assert option in result.stdout
 
 
@@ -339,3 +339,13 @@ def test_diagnose_never_writes_to_the_users_folder(tmp_path, monkeypatch, tiny):
     assert checksums(project) == before
     assert sorted(p.name for p in project.rglob("*")) == entries_before
     assert list(elsewhere.iterdir()) == []
+
+
+def test_dtype_is_a_hidden_alias_of_dtypes(env):
+    # Older scripts pass --dtype; both commands now say --dtypes, and help shows only that.
+    assert "--dtype " not in runner.invoke(app, ["diagnose", "--help"]).stdout
+    alias = runner.invoke(app, env.config() + ["--dtype", "fp32", "--json", "-"])
+    assert alias.exit_code == 0, alias.output
+    assert [r["precision"] for r in json.loads(alias.stdout)["runs"]] == ["fp32"]
+    both = runner.invoke(app, env.config() + ["--dtype", "fp32", "--dtypes", "fp32"])
+    assert both.exit_code == 2 and "give it once" in both.output

@@ -9,7 +9,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import nanprobe
-from nanprobe import render
+from nanprobe.formats import table as render
 from nanprobe.cli import app
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -86,7 +86,7 @@ def test_penalty_underflow_points_at_the_penalty_chain():
     assert run.fixes[0].apply == "loss.gp_precision: fp32"
     nonfinite = run.first_nonfinite
     assert nonfinite.node == "SqrtBackward0" and nonfinite.phase.value == "backward"
-    assert nonfinite.source == "nanprobe/losses.py:45" or nonfinite.source.startswith("nanprobe/losses.py:")
+    assert nonfinite.source == "nanprobe/engine/losses.py:45" or nonfinite.source.startswith("nanprobe/engine/losses.py:")
     ops = [c.op for c in run.chain]
     assert run.chain[0].module == run.first_issue.module and ops[-1] == nonfinite.op
     assert run.first_issue.numbers["reference"]["zeros"] == 0
@@ -141,7 +141,7 @@ def test_cli_healthy_exits_0_and_prints_verdicts():
 
 def test_cli_fail_on_threshold_and_json_stdout():
     cfg = str(CONFIGS / "amp_no_loss_scaling.yaml")
-    result = runner.invoke(app, ["diagnose", cfg, "--dtype", "fp16", "--json", "-", "-q"])
+    result = runner.invoke(app, ["diagnose", cfg, "--dtypes", "fp16", "--json", "-", "-q"])
     assert result.exit_code == 0  # underflow is below the default --fail-on overflow
     doc = json.loads(result.stdout)
     assert doc["schema"] == 1 and doc["torch"] and doc["device"] == "cpu"
@@ -151,7 +151,7 @@ def test_cli_fail_on_threshold_and_json_stdout():
     assert run["first_issue"]["phase"] == "backward"
     assert run["fixes"][0]["id"] == "grad-scaler" and run["fixes"][0]["snippet"]
     assert {"loss", "penalty", "grad_norm"} <= set(run["metrics"][0])
-    strict = runner.invoke(app, ["diagnose", cfg, "--dtype", "fp16", "--fail-on", "underflow", "-q"])
+    strict = runner.invoke(app, ["diagnose", cfg, "--dtypes", "fp16", "--fail-on", "underflow", "-q"])
     assert strict.exit_code == 1
 
 

@@ -14,8 +14,7 @@ from tests.conftest import base_doc, merge
 @pytest.fixture
 def interrupt_at(monkeypatch):
     """interrupt_at(precision): Ctrl-C arrives at the start of that precision's first step."""
-    from nanprobe import replay
-
+    from nanprobe.engine import replay
     def arm(precision: Precision):
         real_step = replay._Replay._step
 
@@ -53,8 +52,7 @@ def test_cli_interrupted_during_fp32_reports_its_partial_run(write_config, inter
 
 
 def test_cli_interrupted_while_loading(write_config, monkeypatch):
-    from nanprobe import loading
-
+    from nanprobe.io import loading
     def load(config):
         raise KeyboardInterrupt
 

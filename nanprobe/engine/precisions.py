@@ -3,7 +3,7 @@
 The replay asks one object for its models in a precision, the dtype of their inputs, the autocast
 around the step, how modules and parameters are named and which files are library code. PyTorch
 models are copied, cast (half mode) and run under torch.autocast (amp mode); Keras models are
-rebuilt under Keras's dtype policy (nanprobe.io.keras.KerasPrecision), with no autocast on top.
+rebuilt under Keras's dtype policy (nanprobe.engine.keras.KerasPrecision), with no autocast on top.
 """
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from nanprobe import fp32_modules
+from nanprobe.engine import fp32_modules
+from nanprobe.engine.reinit import reinitialise
 from nanprobe.enums import Framework, Mode, Policy, Precision
-from nanprobe.initialisation import check as init_check
-from nanprobe.initialisation import reinitialise
 
 
 class PrecisionStrategy(Protocol):
@@ -54,9 +53,6 @@ class PrecisionStrategy(Protocol):
     def training(self):
         """The context the step runs in so the models run in training mode."""
 
-    def init_checks(self, model, batch: torch.Tensor | None, root: str = "critic") -> tuple:
-        """initialisation.InitCheck per weight layer."""
-
 
 class TorchPrecision:
     """PyTorch's way: a deep copy, cast to the dtype in half mode, torch.autocast in amp mode."""
@@ -84,14 +80,14 @@ class TorchPrecision:
             return nullcontext
         dtype = precision.torch_dtype
         if device.type == "cpu" and policy is Policy.CUDA:
-            from nanprobe.autocast_policy import cuda_autocast
+            from nanprobe.engine.autocast_policy import cuda_autocast
 
             return lambda: cuda_autocast(dtype)
         return lambda: torch.autocast(device.type, dtype=dtype)
 
     def op_lists(self, precision: Precision, mode: Mode, device: torch.device, policy: Policy) -> Callable:
         if precision.is_low and mode is Mode.AMP and device.type == "cpu" and policy is Policy.CUDA:
-            from nanprobe.autocast_policy import cuda_op_lists
+            from nanprobe.engine.autocast_policy import cuda_op_lists
 
             return cuda_op_lists
         return nullcontext
@@ -115,5 +111,11 @@ class TorchPrecision:
     def training(self):
         return nullcontext()
 
-    def init_checks(self, model, batch: torch.Tensor | None, root: str = "critic") -> tuple:
-        return init_check(model, batch, root)
+
+def for_loaded(loaded) -> PrecisionStrategy:
+    """The strategy for what was loaded: Keras models when the loader found them, else PyTorch modules."""
+    if loaded.keras is not None:
+        from nanprobe.engine.keras import KerasPrecision  # keras is imported only for Keras models
+
+        return KerasPrecision(*loaded.keras)
+    return TorchPrecision(loaded.critic, loaded.generator)

@@ -19,7 +19,7 @@ except ImportError:  # the standalone package
     except ImportError:
         raise ImportError("nanprobe.integrations.lightning needs Lightning: pip install 'nanprobe[lightning]'") from None
 
-from nanprobe.watching import Watch
+from nanprobe.integrations.watch import Watch
 
 
 def _first_tensor(batch: Any):

@@ -1,0 +1,1 @@
+"""The analysis: from replay traces to findings, comparisons, fixes and their verification."""

@@ -1,0 +1,56 @@
+"""Every private torch API nanprobe uses, in one place.
+
+torch does not promise these names across releases. When one moves, this is the only module to
+change; each entry says what it is for. Tested against torch 2.13.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = [
+    "TorchDispatchMode", "OpOverload", "DispatchKeySet", "DispatchKey", "exclude_dispatch_keys",
+    "registrations_for_dispatch_key", "current_autograd_node", "autograd_sequence_nr", "is_view",
+    "foreach_copy_", "scaler_growth_tracker", "GROWTH_TRACKER_KEY",
+]
+
+OpOverload = torch._ops.OpOverload
+"""The type of `torch.ops.aten.<op>.<overload>`, which dispatch modes receive as `func`."""
+DispatchKeySet = torch._C.DispatchKeySet
+DispatchKey = torch._C.DispatchKey
+exclude_dispatch_keys = torch._C._ExcludeDispatchKeyGuard
+"""Context manager that skips the given dispatch keys (autocast kernels calling the next kernel)."""
+GROWTH_TRACKER_KEY = "_growth_tracker"
+"""GradScaler.state_dict's key for the growth tracker."""
+
+
+def registrations_for_dispatch_key(key: str) -> list[str]:
+    """Op names (`aten::mm`, ...) with a kernel registered for a dispatch key, e.g. AutocastCUDA."""
+    return list(torch._C._dispatch_get_registrations_for_dispatch_key(key))
+
+
+def current_autograd_node() -> Any:
+    """The autograd node whose backward is running now, or None outside backward."""
+    return torch._C._current_autograd_node()
+
+
+def autograd_sequence_nr() -> int:
+    """The sequence number the next autograd node created on this thread will get."""
+    return torch._C._autograd._get_sequence_nr()
+
+
+def is_view(t: torch.Tensor) -> bool:
+    """Whether t is a view of another tensor's storage."""
+    return t._is_view()
+
+
+def foreach_copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """Copy a list of tensors into preallocated buffers in one fused call."""
+    torch._foreach_copy_(dst, src)
+
+
+def scaler_growth_tracker(scaler: Any) -> torch.Tensor:
+    """A GradScaler's count of steps since the scale last changed."""
+    return scaler._growth_tracker

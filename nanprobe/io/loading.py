@@ -1,0 +1,405 @@
+"""Loading the user's models, step function, checkpoint and data, with one-line errors."""
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import inspect
+import sys
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from nanprobe.io.config import Config, resolve
+from nanprobe.errors import ConfigError, UserCodeError
+from nanprobe.io import keras as keras_io
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Everything a replay needs, built once and copied per precision."""
+
+    critic: torch.nn.Module
+    """The critic with its checkpoint loaded (fp32, on the CPU; replays copy it)."""
+    generator: torch.nn.Module | None
+    """The generator, or None (fakes are Gaussian noise)."""
+    step_fn: Callable | None
+    """The user's critic step, or None for the built-in loss."""
+    data: Any
+    """The data file as an array or tensor [N, C, H, W] (memory-mapped for .npy), or None for synthetic."""
+    sample_shape: tuple
+    """Shape of one sample."""
+    user_files: tuple
+    """Files of the user's code, for source lines and error messages."""
+    latents: torch.Tensor | None = None
+    """z for the replayed steps (state.z), or None to draw it from the seed."""
+    rng: dict | None = None
+    """RNG state set before the first step (state.rng): {"cpu": tensor, "cuda": tensor or absent}."""
+    optimizer_state: dict | None = None
+    """The optimizer's state_dict before the first step (state.optimizer)."""
+    scaler_state: dict | None = None
+    """The GradScaler's state_dict before the first step (state.scaler)."""
+    keras: tuple | None = None
+    """(critic, generator or None) as io.keras.KerasModel builders when the models are Keras models, else None."""
+
+
+@contextmanager
+def _no_bytecode():
+    # Importing the user's file must not write __pycache__ next to it.
+    old = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    try:
+        yield
+    finally:
+        sys.dont_write_bytecode = old
+
+
+def _user_frame(exc: BaseException, files: tuple) -> str:
+    """file:line of the innermost frame of the user's code in a traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{exc.filename}:{exc.lineno}"
+    wanted = {str(Path(f).resolve()) for f in files}
+    for fr in reversed(frames):
+        if str(Path(fr.filename).resolve()) in wanted:
+            return f"{fr.filename}:{fr.lineno}"
+    for fr in reversed(frames):
+        if "site-packages" not in fr.filename and "/torch/" not in fr.filename and "nanprobe" not in fr.filename:
+            return f"{fr.filename}:{fr.lineno}"
+    return frames[-1].filename + f":{frames[-1].lineno}" if frames else "?"
+
+
+def user_error(what: str, exc: BaseException, files: tuple) -> UserCodeError:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return UserCodeError(f"{what} raised {type(exc).__name__}: {msg} ({_user_frame(exc, files)})")
+
+
+def _exists(path: Path, key: str) -> bool:
+    try:
+        return path.exists()
+    except OSError as exc:  # e.g. a file name too long
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def import_file(path: Path, key: str):
+    if not _exists(path, key):
+        raise ConfigError(f"{key}: file not found: {path}")
+    name = f"nanprobe_user_{abs(hash(str(path.resolve())))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{key}: cannot import {path}; it must be a Python file")
+    module = importlib.util.module_from_spec(spec)
+    folder = str(path.parent.resolve())
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)  # so the user's file can import its neighbours
+    try:
+        sys.modules[name] = module
+        with _no_bytecode():
+            spec.loader.exec_module(module)
+    except SystemExit as exc:  # script code (argparse, sys.exit) run at import
+        sys.modules.pop(name, None)
+        raise UserCodeError(f"importing {path.name} called sys.exit({exc.code!r}) "
+                            f"({_user_frame(exc, (str(path),))}); put its script code under "
+                            "if __name__ == '__main__':") from None
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise user_error(f"importing {path.name}", exc, (str(path),)) from None
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)  # the process's imports are the user's, not nanprobe's, after this
+    return module
+
+
+def resolve_ref(config: Config, ref: str, key: str) -> tuple[Any, str]:
+    """'file.py:Name' or 'package.module:Name' to the object, and the file it came from."""
+    if ":" not in ref:
+        raise ConfigError(f"{key}: '{ref}' must be 'file.py:Name' or 'package.module:Name'")
+    target, _, attr = ref.rpartition(":")
+    if not attr or not target:
+        raise ConfigError(f"{key}: '{ref}' must be 'file.py:Name' or 'package.module:Name'")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = resolve(config, Path(target))
+        module = import_file(path, key)
+    else:
+        try:
+            with _no_bytecode():
+                module = importlib.import_module(target)
+        except ModuleNotFoundError as exc:
+            if exc.name and target.startswith(exc.name):
+                raise ConfigError(f"{key}: no module named '{target}'; use 'file.py:{attr}' for a file next to the config") from None
+            raise user_error(f"importing {target}", exc, ()) from None
+        except Exception as exc:
+            raise user_error(f"importing {target}", exc, ()) from None
+    if not hasattr(module, attr):
+        candidates = [n for n, v in vars(module).items()
+                      if (inspect.isclass(v) and issubclass(v, torch.nn.Module) and v.__module__ == module.__name__)
+                      or (inspect.isfunction(v) and v.__module__ == module.__name__)]
+        hint = f"; it defines {', '.join(candidates)}" if candidates else ""
+        raise ConfigError(f"{key}: '{target}' has no attribute '{attr}'{hint}")
+    return getattr(module, attr), getattr(module, "__file__", "") or ""
+
+
+def build_module(config: Config, ref: Any, args: dict, key: str) -> tuple[torch.nn.Module, str]:
+    """A class or factory reference (or a ready module) to an nn.Module."""
+    module, file, _ = _build(config, ref, args, key)
+    return module, file
+
+
+def _build(config: Config, ref: Any, args: dict, key: str):
+    """(module, file, KerasModel or None): a PyTorch module, or a Keras model and how to rebuild it per precision."""
+    role = key.split(".")[-1]
+    if keras_io.is_keras_file(ref):
+        path = resolve(config, Path(ref))
+        if not _exists(path, key):
+            raise ConfigError(f"{key}: file not found: {path}")
+        km = keras_io.load_file(path, key, role)
+        return km.template, "", km
+    if keras_io.is_keras_model(ref):
+        km = keras_io.from_live(ref, role)
+        return km.template, "", km
+    keras_io.select_backend()  # before the user's file is imported: a file that imports keras gets the torch backend
+    if isinstance(ref, torch.nn.Module):
+        # A module passed from Python is the user's live model: load the checkpoint into a copy, never into it.
+        try:
+            return copy.deepcopy(ref).cpu(), inspect.getsourcefile(type(ref)) or ""
+        except Exception as exc:
+            raise ConfigError(f"{key}: cannot copy the {type(ref).__name__} passed in ({type(exc).__name__}: {exc}); "
+                              "pass its class and arguments instead") from None
+    if isinstance(ref, str):
+        obj, file = resolve_ref(config, ref, key)
+    elif callable(ref):
+        obj, file = ref, inspect.getsourcefile(ref) if inspect.isfunction(ref) or inspect.isclass(ref) else ""
+    else:
+        raise ConfigError(f"{key}: expected 'file.py:Name' or an nn.Module, got {type(ref).__name__}")
+    if not callable(obj):
+        raise ConfigError(f"{key}: '{ref}' is a {type(obj).__name__}, not a class or factory returning an nn.Module")
+    km = None
+    try:
+        call = lambda: obj(**args)  # noqa: E731
+        module = keras_io.from_factory(obj, args, role, (file,), call) if "keras" in sys.modules else call()
+        if isinstance(module, keras_io.KerasModel):
+            keras_io.import_keras(key, f"what {getattr(obj, '__name__', ref)} returns")  # the backend check
+            km, module = module, module.template
+    except ConfigError:
+        raise
+    except TypeError as exc:
+        if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+            # Raised inside their __init__ or factory: a bug in their code, not in {key}_args.
+            raise user_error(f"building {getattr(obj, '__name__', ref)}", exc, (file,)) from None
+        raise ConfigError(f"{key}: calling {getattr(obj, '__name__', obj)}(**{key}_args) failed: {exc}") from None
+    except Exception as exc:
+        raise user_error(f"building {getattr(obj, '__name__', ref)}", exc, (file,)) from None
+    if not isinstance(module, torch.nn.Module):
+        if keras_io.is_keras_model(module):  # a Keras model on another backend is not a torch module
+            keras_io.import_keras(key, f"what {getattr(obj, '__name__', ref)} returns")
+        raise ConfigError(f"{key}: {getattr(obj, '__name__', ref)} returned a {type(module).__name__}, not an nn.Module")
+    return module, file, km
+
+
+def load_step(config: Config) -> tuple[Callable | None, str]:
+    ref = config.loss.step
+    if ref is None:
+        return None, ""
+    fn, file = resolve_ref(config, ref, "loss.step") if isinstance(ref, str) else (ref, _source_file(ref))
+    if not callable(fn):
+        raise ConfigError(f"loss.step: '{ref}' is not a function")
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn, file
+    positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty and p.name != "scaler"]  # nanprobe passes scaler=
+    has_var = any(p.kind is p.VAR_POSITIONAL for p in params.values())
+    if not has_var and (len(positional) < 4 or len(required) > 4):
+        got = ", ".join(params)
+        raise ConfigError(f"loss.step: {fn.__name__}({got}) must take (critic, generator, real, z) "
+                          "and optionally scaler")
+    return fn, file
+
+
+def _source_file(fn) -> str:
+    try:
+        return inspect.getsourcefile(fn) or ""
+    except TypeError:
+        return ""
+
+
+def load_checkpoint(config: Config, critic: torch.nn.Module, generator: torch.nn.Module | None) -> None:
+    if config.model.checkpoint is None:
+        return
+    if isinstance(config.model.checkpoint, dict):  # passed from Python
+        state, path = config.model.checkpoint, Path("the checkpoint dict")
+    else:
+        path = resolve(config, config.model.checkpoint)
+        state = _load_pt(path, "model.checkpoint",
+                         "save the state_dicts only, e.g. torch.save({'critic': critic.state_dict()}, path)")
+    if not isinstance(state, dict):
+        raise ConfigError(f"model.checkpoint: {path.name} holds a {type(state).__name__}, not a state_dict "
+                          "or {'critic': state_dict, 'generator': state_dict}")
+    parts = {"critic": state.get("critic"), "generator": state.get("generator")} if "critic" in state else {"critic": state}
+    for name, sd in parts.items():
+        if sd is None:
+            continue
+        model = critic if name == "critic" else generator
+        if model is None:
+            continue
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            if "critic" not in state:  # a bare state_dict was expected: say what the file holds instead
+                keys = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+                raise ConfigError(f"model.checkpoint: {path.name} is not a state_dict of tensors (not tensors: "
+                                  f"{', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}); save "
+                                  "{'critic': critic.state_dict(), 'generator': generator.state_dict()} "
+                                  "or the critic's bare state_dict")
+            raise ConfigError(f"model.checkpoint: the '{name}' entry of {path.name} is not a state_dict of tensors")
+        _load_state(model, sd, name, path.name)
+
+
+def _load_pt(path: Path, key: str, save_hint: str):
+    if not _exists(path, key):
+        raise ConfigError(f"{key}: file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses pickles that would run code
+        raise torch_load_error(key, path, exc, save_hint) from None
+
+
+def load_state(config: Config) -> dict:
+    """The state section's objects: tensors and dicts from Python, or read from .pt files (weights_only)."""
+    out = {}
+    for name in ("z", "rng", "optimizer", "scaler"):
+        value = getattr(config.state, name)
+        if isinstance(value, Path):
+            value = _load_pt(resolve(config, value), f"state.{name}", "write it with nanprobe.watch(on_nan='dump')")
+        out[name] = value
+    z, rng = out["z"], out["rng"]
+    if z is not None:
+        z = torch.as_tensor(z)
+        if z.dim() < 2 or not z.is_floating_point():
+            raise ConfigError(f"state.z: expected a float tensor [B, *latent_dim], got shape {list(z.shape)} {z.dtype}")
+        if tuple(z.shape[1:]) != tuple(config.model.latent_dim):
+            raise ConfigError(f"state.z: its samples have shape {list(z.shape[1:])} but model.latent_dim is "
+                              f"{list(config.model.latent_dim)}")
+        out["z"] = z
+    if rng is not None and not (isinstance(rng, dict) and isinstance(rng.get("cpu"), torch.Tensor)):
+        raise ConfigError("state.rng: expected {'cpu': torch.get_rng_state(), 'cuda': ...}")
+    for name in ("optimizer", "scaler"):
+        if out[name] is not None and not isinstance(out[name], dict):
+            raise ConfigError(f"state.{name}: expected a state_dict, got {type(out[name]).__name__}")
+    return out
+
+
+def torch_load_error(key: str, path: Path, exc: BaseException, save_hint: str) -> ConfigError:
+    """One line for a file torch.load(weights_only=True) cannot or will not read.
+
+    torch's own message is a multi-line essay (with ANSI codes) whose first line says nothing about
+    this file; the useful part is the 'Unsupported global' or the 'WeightsUnpickler error' detail.
+    """
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    glob = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if glob:
+        return ConfigError(f"{key}: {path.name} holds objects that torch.load(weights_only=True) refused "
+                           f"(it would have to import {glob.group(1)}); no code from it was run: {save_hint}")
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if detail or "weights_only" in text or "pickle" in type(exc).__name__.lower():
+        why = detail.group(1).strip() if detail else type(exc).__name__
+        return ConfigError(f"{key}: cannot read {path.name}: torch.load(weights_only=True) refused it "
+                           f"({why[:160]}); no code from it was run: is it a file written by torch.save?")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    what = f"{type(exc).__name__}: {first[:160]}" if first else type(exc).__name__
+    return ConfigError(f"{key}: cannot read {path.name} ({what}); is it a file written by torch.save?")
+
+
+def _load_state(model: torch.nn.Module, sd: dict, name: str, file: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+
+    def few(xs):
+        return ", ".join(xs[:4]) + (f" and {len(xs) - 4} more" if len(xs) > 4 else "")
+
+    problems = []
+    if missing:
+        problems.append(f"missing keys {few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {few(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shapes {few(wrong)} (checkpoint vs model)")
+    if problems:
+        raise ConfigError(f"model.checkpoint: {file} does not fit the {name}: {'; '.join(problems)}")
+    model.load_state_dict(sd)
+
+
+def load_data(config: Config, model_shape: tuple | None = None) -> tuple[Any, tuple]:
+    """The data and the shape of one sample; model_shape is the sample shape the model declares (Keras)."""
+    from nanprobe.io import datafile
+
+    d = config.data
+    if d.source == "synthetic":
+        return None, tuple(d.shape or model_shape or DEFAULT_SHAPE)
+    if not isinstance(d.path, Path):  # a tensor or array passed from Python
+        datafile.check_samples(config, tuple(d.path.shape), "the tensor passed")
+        return d.path, tuple(d.path.shape[1:])
+    opened = datafile.open_file(config)
+    return opened.array, tuple(opened.array.shape[1:])
+
+
+DEFAULT_SHAPE = (3, 64, 64)
+
+
+def load(config: Config) -> Loaded:
+    """Build the models, load the checkpoint and open the data, failing with one clear line."""
+    torch.manual_seed(config.seed)
+    critic, cfile, kcritic = _build(config, config.model.critic, config.model.critic_args, "model.critic")
+    generator, gfile, kgen = (None, "", None)
+    if config.model.generator is not None:
+        generator, gfile, kgen = _build(config, config.model.generator, config.model.generator_args, "model.generator")
+    if (kcritic is None) != (kgen is None) and generator is not None:
+        raise ConfigError("model.generator: the critic and the generator must both be Keras models or both "
+                          "PyTorch modules")
+    if kcritic is not None:
+        keras_io.load_checkpoint(config, kcritic, kgen)
+    else:
+        load_checkpoint(config, critic, generator)
+        critic, generator = critic.float(), generator.float() if generator is not None else None
+    step_fn, sfile = load_step(config)
+    data, shape = load_data(config, keras_io.input_shape(critic) if kcritic is not None else None)
+    files = tuple(f for f in (cfile, gfile, sfile) if f)
+    state = load_state(config)
+    loaded = Loaded(critic, generator, step_fn, data, shape, files,
+                    state["z"], state["rng"], state["optimizer"], state["scaler"],
+                    (kcritic, kgen) if kcritic is not None else None)
+    _dry_run(config, loaded)
+    return loaded
+
+
+def _dry_run(config: Config, loaded: Loaded) -> None:
+    """A two-sample fp32 forward, so shape mismatches fail here with a clear line, not mid-replay."""
+    n = 2
+    with torch.no_grad():
+        if loaded.generator is not None:
+            z = torch.randn(n, *config.model.latent_dim)
+            try:
+                fake = loaded.generator(z)
+            except Exception as exc:
+                raise user_error(f"the generator on z of shape {list(z.shape)} (model.latent_dim)", exc, loaded.user_files) from None
+            if not isinstance(fake, torch.Tensor) or tuple(fake.shape[1:]) != tuple(loaded.sample_shape):
+                got = list(fake.shape[1:]) if isinstance(fake, torch.Tensor) else type(fake).__name__
+                raise ConfigError(f"model.generator: produces samples of shape {got} but the data's are "
+                                  f"{list(loaded.sample_shape)}; check data.shape and model.latent_dim")
+        x = torch.zeros(n, *loaded.sample_shape)
+        try:
+            out = loaded.critic(x)
+        except Exception as exc:
+            raise user_error(f"the critic on a batch of shape {list(x.shape)}", exc, loaded.user_files) from None
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            raise ConfigError(f"model.critic: returns {type(out).__name__}; it must return a tensor of scores")

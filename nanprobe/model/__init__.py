@@ -1,0 +1,1 @@
+"""The report data model: plain frozen records that the formats render (no torch, no rich)."""

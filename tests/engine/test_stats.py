@@ -1,0 +1,51 @@
+import math
+
+import pytest
+import torch
+
+from nanprobe.engine import stats as st
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_host_and_device_rows_agree(dtype):
+    tiny = torch.finfo(dtype).smallest_normal
+    x = torch.tensor([0.0, 0.0, tiny / 4, -3.0, 2.0, math.inf, -math.inf, math.nan], dtype=dtype)
+    host = st.host_row(x)
+    dev = st.device_row(x).tolist()
+    assert host == pytest.approx(dev, nan_ok=True)
+    assert host[st.NUMEL] == 8 and host[st.ZEROS] == 2 and host[st.SUBNORMAL] == 1
+    assert host[st.POSINF] == 1 and host[st.NEGINF] == 1 and host[st.NAN] == 1
+    assert host[st.MAX_ABS] == 3.0
+    assert host[st.MIN_NONZERO] == pytest.approx(float(torch.tensor(tiny / 4, dtype=dtype)))
+
+
+def test_fast_path_for_normal_finite_tensors():
+    x = torch.tensor([1.5, -2.0, 0.25])
+    assert st.host_row(x) == [3.0, 2.0, 0.25, 0, 0, 0, 0, 0]
+
+
+def test_all_zero_tensor_has_no_min():
+    row = st.host_row(torch.zeros(4, dtype=torch.float16))
+    assert row[st.ZEROS] == 4 and math.isinf(row[st.MIN_NONZERO])
+    assert st.TensorStats.of(row).min_nonzero is None
+
+
+def test_merge_of_outputs():
+    a, b = st.host_row(torch.tensor([1.0, 0.0])), st.host_row(torch.tensor([5.0, math.inf]))
+    m = st.merge([a, b])
+    assert m[st.NUMEL] == 4 and m[st.MAX_ABS] == 5.0 and m[st.ZEROS] == 1 and m[st.POSINF] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("value", [0.0, 1.0, -2.5, 1e-6, 1e-30, math.inf, -math.inf, math.nan])
+def test_constant_row_matches_measured_row(dtype, value):
+    x = torch.full((5,), value, dtype=dtype)
+    held = x[0].item()  # the value as the dtype holds it (1e-30 is 0 in fp16)
+    assert st.constant_row(held, 5, dtype) == pytest.approx(st.device_row(x).tolist(), nan_ok=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_zeros_and_subnormals_counted_on_the_host(dtype):
+    tiny = torch.finfo(dtype).smallest_normal
+    x = torch.tensor([0.0, tiny / 8, tiny / 2, 1.0, -4.0], dtype=dtype)
+    row = st.host_row(x)
+    assert row[st.ZEROS] == 1 and row[st.SUBNORMAL] == 2 and row[st.MAX_ABS] == 4.0
+    assert row[st.MIN_NONZERO] == pytest.approx(float(torch.tensor(tiny / 8, dtype=dtype)))
