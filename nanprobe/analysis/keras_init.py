@@ -69,11 +69,14 @@ def check(model, batch: torch.Tensor | None = None, root: str = "critic") -> tup
     order = [(p, layer) for p, layer in named_layers(model, root)[1:] if not layer._flatten_layers(include_self=False)]
     scales: dict[str, tuple] = {}
     if batch is not None:
-        handles = []
-        for path, layer in order:
-            if getattr(layer, "kernel", None) is not None:
-                handles.append(layer.register_forward_hook(
-                    lambda m, args, out, path=path: scales.setdefault(path, (_std(args[0]) if args else None, _std(out)))))
+        def hook(path):
+            def record(layer, args, out):
+                scales.setdefault(path, (_std(args[0]) if args else None, _std(out)))  # returns None: output kept
+
+            return record
+
+        handles = [layer.register_forward_hook(hook(path)) for path, layer in order
+                   if getattr(layer, "kernel", None) is not None]
         try:
             with torch.no_grad():
                 model(batch.float())

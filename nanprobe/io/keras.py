@@ -203,17 +203,15 @@ def _as_float32(keras, model):
     return fp32
 
 
-def from_factory(factory: Callable, args: dict, role: str, files: tuple, call: Callable) -> KerasModel | None:
-    """Build with the user's factory under the float32 policy; None when it does not return a Keras model.
+def from_factory(factory: Callable, args: dict, role: str, files: tuple) -> Any:
+    """factory(**args) under the float32 policy: a KerasModel when it returns a Keras model, else what it returns.
 
-    `call` runs the factory with nanprobe's error handling (a UserCodeError naming their line).
+    Called once keras is imported (by the user's file); the lines of `files` that build each layer are kept.
     """
-    keras = sys.modules.get("keras")
-    if keras is None:
-        return None
+    keras = sys.modules["keras"]
     lines: dict = {}
     with _global_policy(keras, "float32"), _construction_lines(keras, files, lines):
-        model = call()
+        model = factory(**args)
     if not isinstance(model, keras.Model):
         return model
     paths = {id(layer): path for path, layer in named_layers(model, role)}

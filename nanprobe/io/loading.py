@@ -146,6 +146,14 @@ def resolve_ref(config: Config, ref: str, key: str) -> tuple[Any, str]:
     return getattr(module, attr), getattr(module, "__file__", "") or ""
 
 
+def _raised_here(exc: BaseException) -> bool:
+    """Whether the exception came from nanprobe's own call (wrong arguments), not from inside the user's code."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(str(Path(__file__).resolve().parents[1]))
+
+
 def build_module(config: Config, ref: Any, args: dict, key: str) -> tuple[torch.nn.Module, str]:
     """A class or factory reference (or a ready module) to an nn.Module."""
     module, file, _ = _build(config, ref, args, key)
@@ -168,7 +176,7 @@ def _build(config: Config, ref: Any, args: dict, key: str):
     if isinstance(ref, torch.nn.Module):
         # A module passed from Python is the user's live model: load the checkpoint into a copy, never into it.
         try:
-            return copy.deepcopy(ref).cpu(), inspect.getsourcefile(type(ref)) or ""
+            return copy.deepcopy(ref).cpu(), inspect.getsourcefile(type(ref)) or "", None
         except Exception as exc:
             raise ConfigError(f"{key}: cannot copy the {type(ref).__name__} passed in ({type(exc).__name__}: {exc}); "
                               "pass its class and arguments instead") from None
@@ -182,15 +190,15 @@ def _build(config: Config, ref: Any, args: dict, key: str):
         raise ConfigError(f"{key}: '{ref}' is a {type(obj).__name__}, not a class or factory returning an nn.Module")
     km = None
     try:
-        call = lambda: obj(**args)  # noqa: E731
-        module = keras_io.from_factory(obj, args, role, (file,), call) if "keras" in sys.modules else call()
+        # A file that imported keras may build a Keras model: build it as Keras would, recording its layers' lines.
+        module = keras_io.from_factory(obj, args, role, (file,)) if "keras" in sys.modules else obj(**args)
         if isinstance(module, keras_io.KerasModel):
             keras_io.import_keras(key, f"what {getattr(obj, '__name__', ref)} returns")  # the backend check
             km, module = module, module.template
     except ConfigError:
         raise
     except TypeError as exc:
-        if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+        if not _raised_here(exc):
             # Raised inside their __init__ or factory: a bug in their code, not in {key}_args.
             raise user_error(f"building {getattr(obj, '__name__', ref)}", exc, (file,)) from None
         raise ConfigError(f"{key}: calling {getattr(obj, '__name__', obj)}(**{key}_args) failed: {exc}") from None
