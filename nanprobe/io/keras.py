@@ -134,6 +134,8 @@ class KerasModel:
     """The factory's keyword arguments."""
     lines: dict = field(default_factory=dict)
     """Layer path -> "file:line" where the user's code constructed the layer."""
+    fixed: dict = field(default_factory=dict)
+    """Saved models: layer name -> the policy the user gave it (it differs from the model's prevailing one)."""
 
     @property
     def sources(self) -> dict:
@@ -147,7 +149,7 @@ class KerasModel:
             with _global_policy(keras, policy):
                 model = self.factory(**self.args)
         else:
-            model = _clone_under(keras, self.template, policy)
+            model = _clone_under(keras, self.template, policy, self.fixed, self.role)
         model.set_weights(self.template.get_weights())
         layers = dict(named_layers(model, self.role))
         for path in keep_fp32:
@@ -165,23 +167,36 @@ def _prevailing(model) -> str:
     return max(set(names), key=names.count) if names else "float32"
 
 
-def _clone_under(keras, model, policy: str):
-    """A saved model rebuilt under `policy`: its layers saved with the model's prevailing policy follow it,
-    the others (a layer the user built with dtype="float32") keep theirs."""
+def _fixed(model) -> dict:
+    """Layers whose policy differs from the one most layers have: the user set it (dtype="float32")."""
     usual = _prevailing(model)
+    return {layer.name: layer.dtype_policy.name for _, layer in named_layers(model, "m")[1:]
+            if layer.dtype_policy.name != usual}
+
+
+def _clone_under(keras, model, policy: str, fixed: dict, role: str):
+    """The model rebuilt layer by layer under `policy`, except the layers in `fixed`, which keep theirs."""
 
     def clone(layer):
         config = layer.get_config()
-        if layer.dtype_policy.name == usual and "dtype" in config:
-            config["dtype"] = policy
+        if "dtype" in config:
+            config["dtype"] = fixed.get(layer.name, policy)
         return layer.__class__.from_config(config)
 
     try:
         return keras.models.clone_model(model, clone_function=clone, recursive=True)
     except Exception as exc:
-        raise ConfigError(f"model.critic: cannot rebuild this {type(model).__name__} under the {policy} policy "
+        raise ConfigError(f"model.{role}: cannot rebuild this {type(model).__name__} under the {policy} policy "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); give a 'file.py:factory' that "
-                          "builds it instead of a saved file") from None
+                          "builds it instead") from None
+
+
+def _saved(keras, model, role: str) -> KerasModel:
+    """A built model (loaded from a file, or passed from Python) as a float32 template and its fixed layers."""
+    fixed = _fixed(model)
+    template = _clone_under(keras, model, "float32", fixed, role)  # never the user's own object
+    template.set_weights(model.get_weights())
+    return KerasModel(role, template, None, fixed=fixed)
 
 
 def load_file(path: Path, key: str, role: str) -> KerasModel:
@@ -192,15 +207,7 @@ def load_file(path: Path, key: str, role: str) -> KerasModel:
     except Exception as exc:
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise ConfigError(f"{key}: cannot load {path.name} as a Keras model ({first[:200]})") from None
-    return KerasModel(role, _as_float32(keras, model), None)
-
-
-def _as_float32(keras, model):
-    if _prevailing(model) == "float32":
-        return model
-    fp32 = _clone_under(keras, model, "float32")
-    fp32.set_weights(model.get_weights())
-    return fp32
+    return _saved(keras, model, role)
 
 
 def from_factory(factory: Callable, args: dict, role: str, files: tuple) -> Any:
@@ -221,7 +228,7 @@ def from_factory(factory: Callable, args: dict, role: str, files: tuple) -> Any:
 def from_live(model, role: str) -> KerasModel:
     """A model passed from Python: never changed; the replays use rebuilt copies."""
     keras = import_keras(f"model.{role}", type(model).__name__)
-    return KerasModel(role, _as_float32(keras, model), None)
+    return _saved(keras, model, role)
 
 
 def load_weights(km: KerasModel, path: Path, key: str) -> None:

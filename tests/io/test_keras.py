@@ -170,3 +170,28 @@ def test_help_and_pytorch_runs_never_import_keras():
     code = "import sys, nanprobe.cli, nanprobe.api, nanprobe.io.loading; print('keras' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_a_saved_mixed_model_keeps_its_float32_layer(tmp_path):
+    from nanprobe.engine.keras import policy_name
+    from nanprobe.enums import Mode, Precision
+    from nanprobe.io.keras import load_file, named_layers
+
+    old = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        _models().dcgan_critic(img=8, ch=4).save(tmp_path / "critic.keras")
+    finally:
+        keras.config.set_dtype_policy(old)
+    km = load_file(tmp_path / "critic.keras", "model.critic", "critic")
+    for precision, conv in ((Precision.FP32, "float32"), (Precision.BF16, "mixed_bfloat16")):
+        policies = {p: layer.dtype_policy.name for p, layer in named_layers(km.build(policy_name(precision, Mode.AMP)),
+                                                                               "critic")}
+        assert policies["critic/conv_out"] == conv and policies["critic/score"] == "float32"
+
+
+def test_a_keras_generator_makes_the_fakes():
+    report = nanprobe.diagnose(CONFIGS / "keras_bad_init.yaml", dtypes=["fp32", "bf16"],
+                               **{"model.critic_args": {"img": 8, "ch": 8}, "model.generator": "keras_models.py:dcgan_generator",
+                                  "model.generator_args": {"latent_dim": 16, "img": 8}, "model.latent_dim": [16]})
+    assert [r.status.value for r in report.runs] == ["ok", "ok"]
