@@ -12,7 +12,7 @@ from typing import Callable
 from nanprobe.enums import FindingKind, Framework, Mode, Phase, Precision, Status
 from nanprobe.model.report import Finding, FixSuggestion
 
-from nanprobe.thresholds import DIVERGENCE_GROWTH, INIT_FACTOR, init_off_scale
+from nanprobe.thresholds import DIVERGENCE_GROWTH, INIT_FACTOR, INIT_SMALL_FACTOR, init_off_scale
 
 _NORM_NODES = ("SqrtBackward0", "LinalgVectorNormBackward0", "NormBackward1", "PowBackward0", "RsqrtBackward0")
 _PRECISION_FIXES = frozenset({"gp-fp32", "gp-scaled", "grad-scaler", "bf16", "fp32-module", "master-weights"})
@@ -119,6 +119,8 @@ class Fix:
     """The config change that applies it, or None when it needs a code change."""
     score: Callable[[FixContext], float]
     """How strongly a finding points at this fix (0: not at all)."""
+    when: str = ""
+    """The findings `score` points at, in words (the generated fix catalogue shows it)."""
     variants: dict = field(default_factory=dict)
     """Framework -> Variant for models not written in PyTorch; None: the fix does not exist there."""
 
@@ -249,6 +251,8 @@ CATALOGUE: tuple[Fix, ...] = (
         "x = x[~(bad | constant)]\n"
         "{normalise}",
         None, _data,
+        when="NaN or Inf in the batch (phase data; fp32 fails too), or what check-data finds: non-finite or "
+             "constant samples, values outside data.range",
         variants={Framework.KERAS: Variant(
         "x = np.asarray(batch, dtype=\"float32\")      # channels-last, as Keras has it\n"
         "flat = x.reshape(len(x), -1)\n"
@@ -263,6 +267,7 @@ CATALOGUE: tuple[Fix, ...] = (
         "loss_fake = F.softplus(d_fake).mean()    # = -log(1 - sigmoid(d_fake))\n"
         "# or F.binary_cross_entropy_with_logits(d, target)",
         None, _logits,
+        when="log of a sigmoid gives -inf: sigmoid rounded to exactly 0 or 1 in low precision",
         variants={Framework.KERAS: Variant(
         "loss_real = keras.ops.mean(keras.ops.softplus(-d_real))   # = -log(sigmoid(d_real))\n"
         "loss_fake = keras.ops.mean(keras.ops.softplus(d_fake))    # = -log(1 - sigmoid(d_fake))\n"
@@ -281,6 +286,8 @@ CATALOGUE: tuple[Fix, ...] = (
         "            nn.init.zeros_(m.bias)\n\n"
         "critic.apply(init_weights)",
         Apply((("model.init", "he"),)), _init,
+        when=f"overflow or NaN in the forward, input-grad or backward with a layer's weights "
+             f">= {INIT_FACTOR:g}x the He scale; underflow with weights <= 1/{INIT_SMALL_FACTOR:g} of it",
         variants={Framework.KERAS: Variant(
         "# {init_module}: kernel std {init_std}, He value {init_he} ({init_ratio}x)\n"
         "{init_call}\n"
@@ -293,6 +300,7 @@ CATALOGUE: tuple[Fix, ...] = (
         "eps={eps} rounds to 0 in {low}, so m / (sqrt(v) + eps) divides by zero wherever v is 0 or tiny.",
         "opt = torch.optim.{opt_class}(critic.parameters(), lr={lr}, eps=1e-4)",
         Apply((("train.eps", 1.0e-4),)), _adam_eps,
+        when="a problem in the optimizer step in half mode, with an optimizer eps that rounds to 0 in the dtype",
         variants={Framework.KERAS: Variant(
         "opt = keras.optimizers.{opt_class}(learning_rate={lr}, epsilon=1e-4)",
         title="Use an epsilon that survives the dtype (Adam(epsilon=1e-4) in float16)")}),
@@ -304,6 +312,7 @@ CATALOGUE: tuple[Fix, ...] = (
         "with torch.autocast(\"{device}\", dtype=torch.{dtype}):\n"
         "    loss = critic_loss(critic, real, fake)",
         Apply((("precision.mode", "amp"),)), _master_weights,
+        when="a problem in the optimizer step in half mode: lost updates, optimizer state flushed to 0",
         variants={Framework.KERAS: Variant(
         "keras.config.set_dtype_policy(\"mixed_{dtype}\")   # variables float32, layers compute in {dtype}\n"
         "critic = build_critic()                           # build the models after setting the policy\n"
@@ -318,6 +327,8 @@ CATALOGUE: tuple[Fix, ...] = (
         "# or keep sqrt with an eps that survives {low}:\n"
         "grad_norm = torch.sqrt(grads.flatten(1).float().pow(2).sum(1) + 1e-12)",
         Apply((("loss.gp_norm", "vector_norm"),), builtin_only=True), _safe_norm,
+        when="NaN through the backward of the penalty's norm (SqrtBackward0, a vector-norm, pow or rsqrt "
+             "backward)",
         variants={Framework.KERAS: Variant(
         "flat = keras.ops.reshape(grads, (keras.ops.shape(grads)[0], -1))\n"
         "grad_norm = keras.ops.sqrt(keras.ops.sum(keras.ops.square(keras.ops.cast(flat, \"float32\")), axis=1) + 1e-12)\n"
@@ -331,6 +342,8 @@ CATALOGUE: tuple[Fix, ...] = (
         "    grads = torch.autograd.grad(out, x_hat, torch.ones_like(out), create_graph=True)[0]\n"
         "    gp = lambda_gp * ((grads.flatten(1).norm(2, dim=1) - 1) ** 2).mean()",
         Apply((("loss.gp_precision", "fp32"),), builtin_only=True), _penalty_hit,
+        when="a problem in the penalty's input gradient (phase input-grad) under low-precision autocast, with "
+             "the penalty inside autocast",
         variants={Framework.KERAS: None}),
     Fix("gp-scaled", "Follow the AMP gradient-penalty recipe: scale before autograd.grad, unscale after",
         "Scaling the critic's output by the GradScaler's scale lifts the input gradient out of {low}'s "
@@ -344,6 +357,8 @@ CATALOGUE: tuple[Fix, ...] = (
         "# nanprobe passes its scaler to a custom step that takes one:\n"
         "# def critic_step(critic, generator, real, z, scaler=None)",
         Apply((("train.grad_scaler", True),), builtin_only=True), _gp_scaled,
+        when="the same as gp-fp32; first in fp16 when a GradScaler is on but the step's autograd.grad "
+             "bypasses it (unscaled_penalty)",
         variants={Framework.KERAS: Variant(
         "scale = 2.0 ** 15   # or opt.dynamic_scale of your LossScaleOptimizer\n"
         "with tf.GradientTape() as tape:     # on the torch backend: torch.autograd.grad(out * scale, x_hat, ...)\n"
@@ -367,6 +382,8 @@ CATALOGUE: tuple[Fix, ...] = (
         "if scaler_d.get_scale() < 1.0:   # collapsing: find the op that makes inf\n"
         "    print(\"scale collapsed:\", scaler_d.get_scale())",
         None, _scale_collapse,
+        when="GradScaler's scale collapses: a step still skipped after the retries, every step skipped, or "
+             "the scale below 1",
         variants={Framework.KERAS: Variant(
         "opt_d = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(learning_rate=1e-4))   # the critic's own\n"
         "grads = tape.gradient(opt_d.scale_loss(loss_d), critic.trainable_variables)\n"
@@ -384,6 +401,8 @@ CATALOGUE: tuple[Fix, ...] = (
         "scaler.step(opt)\n"
         "scaler.update()",
         Apply((("train.grad_scaler", True),)), _grad_scaler,
+        when="parameter gradients underflow in the backward under fp16 autocast without loss scaling (also "
+             "suggested, lower, for an input-grad problem)",
         variants={Framework.KERAS: Variant(
         "opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(learning_rate={lr}))\n"
         "# model.compile(...) wraps the optimizer itself under mixed_float16; a custom train_step does:\n"
@@ -403,6 +422,8 @@ CATALOGUE: tuple[Fix, ...] = (
         "{attr} = FP32({attr})\n"
         "# or clamp its output: x = x.clamp(-256, 256)",
         Apply((("precision.fp32_modules", "{module_fp32}"),)), _fp32_module,
+        when="overflow or NaN in a module's forward in a low precision, that module not already in "
+             "precision.fp32_modules",
         variants={Framework.KERAS: Variant(
         "layers.Conv2D(..., dtype=\"float32\", name=\"{layer_name}\")   # where you build {module}\n"
         "# or on the built model (its variables are float32 already under a mixed policy):\n"
@@ -418,6 +439,7 @@ CATALOGUE: tuple[Fix, ...] = (
         "    loss = critic_loss(critic, real, fake)\n"
         "loss.backward()   # no GradScaler needed",
         Apply((("precision.dtypes", ["bf16"]),)), _bf16,
+        when="fp16 fails and bf16 is ok (ranked lower when bf16 was not replayed)",
         variants={Framework.KERAS: Variant(
         "keras.config.set_dtype_policy(\"mixed_bfloat16\")   # before building the models\n"
         "critic = build_critic()\n"
@@ -428,6 +450,8 @@ CATALOGUE: tuple[Fix, ...] = (
         "leave the dtype's range.",
         "opt = torch.optim.{opt_class}(critic.parameters(), lr={lr_low})   # WGAN-GP: Adam, lr 1e-4, betas (0, 0.9)",
         Apply((("train.lr", "{lr_low}"),)), _lower_lr,
+        when=f"an overflow or NaN first found after step 0; first when the weights grew by "
+             f"{DIVERGENCE_GROWTH - 1:.0%} or more by then",
         variants={Framework.KERAS: Variant(
         "opt = keras.optimizers.{opt_class}(learning_rate={lr_low})   # WGAN-GP: Adam, 1e-4, beta_1=0.0, beta_2=0.9\n"
         "# the TensorFlow answer also adds weight_decay=1e-5: it slows the weights' growth, it does not bound a step")}),
@@ -436,6 +460,8 @@ CATALOGUE: tuple[Fix, ...] = (
         "scaler.unscale_(opt)   # if you use a GradScaler\n"
         "torch.nn.utils.clip_grad_norm_(critic.parameters(), max_norm=10.0)",
         Apply((("train.grad_clip", 10.0),)), _grad_clip,
+        when="overflow or NaN with no clipping set, in the backward or the optimizer step (most at later "
+             "steps), or in the forward after step 0",
         variants={Framework.KERAS: Variant(
         "opt = keras.optimizers.{opt_class}(learning_rate={lr}, global_clipnorm=10.0)   # clips after unscaling",
         title="Clip the gradient norm (global_clipnorm)")}),

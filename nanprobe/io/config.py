@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from nanprobe.enums import Mode, Policy, Precision
 from nanprobe.errors import ConfigError
@@ -147,7 +147,21 @@ class Config:
     """The YAML file this config was loaded from, if any."""
 
 
-# ---- value checks: each takes (value, dotted key) and returns the clean value or raises ConfigError
+# ---- value checks: each takes (value, dotted key) and returns the clean value or raises ConfigError.
+# Each also says what it accepts, in words (`expects`, and `choices` for a fixed set): schema() hands
+# them to the generated config reference, so the checks stay the one source of the rules.
+
+_Check = TypeVar("_Check", bound=Callable)
+
+
+def _expects(text: str, choices: tuple = ()) -> Callable[[_Check], _Check]:
+    def mark(check: _Check) -> _Check:
+        # setattr: a function type declares no attributes, so plain assignment fails the type check
+        setattr(check, "expects", text)  # noqa: B010
+        setattr(check, "choices", tuple(choices))  # noqa: B010
+        return check
+
+    return mark
 
 
 def _type_name(v: Any) -> str:
@@ -158,6 +172,7 @@ def _fail(key: str, expected: str, value: Any) -> ConfigError:
     return ConfigError(f"{key}: expected {expected}, got {value!r} ({_type_name(value)})")
 
 
+@_expects("a non-empty string")
 def _str(v, key):
     if not isinstance(v, str) or not v.strip():
         raise _fail(key, "a non-empty string", v)
@@ -176,7 +191,7 @@ def _choice(*options: str) -> Callable:
             raise ConfigError(f"{key}: must be one of {', '.join(options)}, got {v!r}{extra}")
         return v
 
-    return check
+    return _expects("one of " + ", ".join(options), options)(check)
 
 
 def _number(lo: float | None = None, hi: float | None = None, lo_open=False) -> Callable:
@@ -193,7 +208,8 @@ def _number(lo: float | None = None, hi: float | None = None, lo_open=False) -> 
             raise ConfigError(f"{key}: must be <= {hi}, got {v}")
         return float(v)
 
-    return check
+    return _expects("a number" + (f" {'>' if lo_open else '>='} {lo:g}" if lo is not None else "")
+                    + (f", <= {hi:g}" if hi is not None else ""))(check)
 
 
 def _int(lo: int | None = None, hi: int | None = None) -> Callable:
@@ -206,15 +222,18 @@ def _int(lo: int | None = None, hi: int | None = None) -> Callable:
             raise ConfigError(f"{key}: must be <= {hi}, got {v}")
         return v
 
-    return check
+    return _expects("an integer" + (f" from {lo} to {hi}" if lo is not None and hi is not None else
+                                    f" >= {lo}" if lo is not None else ""))(check)
 
 
+@_expects("true or false")
 def _bool(v, key):
     if not isinstance(v, bool):
         raise _fail(key, "true or false", v)
     return v
 
 
+@_expects("a mapping of argument names to values")
 def check_mapping(v, key):
     if v is None:
         return {}
@@ -234,7 +253,8 @@ def check_shape(min_len: int = 1) -> Callable:
                 raise ConfigError(f"{key}: every dimension must be a positive integer, got {list(v)}")
         return tuple(v)
 
-    return check
+    return _expects("a positive integer or a list of them" if min_len <= 1
+                    else f"a list of at least {min_len} positive integers")(check)
 
 
 def _pair(v, key):
@@ -244,6 +264,7 @@ def _pair(v, key):
     return a, b
 
 
+@_expects("[low, high]: two numbers, low below high")
 def _range(v, key):
     lo, hi = _pair(v, key)
     if lo >= hi:
@@ -251,6 +272,7 @@ def _range(v, key):
     return lo, hi
 
 
+@_expects("[beta1, beta2]: two numbers, each in [0, 1)")
 def _betas(v, key):
     a, b = _pair(v, key)
     for x in (a, b):
@@ -259,6 +281,7 @@ def _betas(v, key):
     return a, b
 
 
+@_expects("\"file.py:Name\" (relative to the config) or \"package.module:Name\"; from Python, the object itself")
 def _model_ref(v, key):
     if v is None or isinstance(v, str):
         return _opt_str(v, key)
@@ -285,21 +308,32 @@ def _tensor_or_path(what: str) -> Callable:
             return v
         return _path(v, key)  # the YAML's own message
 
-    return check
+    return _expects("a path to a .npy or .pt file, or null; from Python, a tensor or array" if what == "tensor"
+                    else "a path to a .pt file, or null; from Python, the object itself")(check)
 
 
+@_expects("null (the file's own shape, or [3, 64, 64] when synthetic) or a list of "
+          "positive integers [C, H, W]")
+def _opt_shape(v, key):
+    return None if v is None else check_shape(1)(v, key)
+
+
+@_expects("a number > 0, or null")
 def check_clip(v, key):
     return None if v is None else _number(0.0, lo_open=True)(v, key)
 
 
+@_expects("one of " + ", ".join(m.value for m in Mode), tuple(m.value for m in Mode))
 def _mode(v, key):
     return Mode(_choice(*(m.value for m in Mode))(v.value if isinstance(v, Mode) else v, key))
 
 
+@_expects("one of " + ", ".join(p.value for p in Policy), tuple(p.value for p in Policy))
 def _policy(v, key):
     return Policy(_choice(*(p.value for p in Policy))(v.value if isinstance(v, Policy) else v, key))
 
 
+@_expects("a list of " + ", ".join(p.value for p in Precision), tuple(p.value for p in Precision))
 def check_dtypes(v, key):
     if isinstance(v, (str, Precision)):
         v = [v]
@@ -312,6 +346,7 @@ def check_dtypes(v, key):
     return tuple(dict.fromkeys(out))
 
 
+@_expects("a list of module paths that start with critic or generator, as the report names them")
 def _module_paths(v, key):
     if isinstance(v, str):
         v = [v]
@@ -331,7 +366,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Callable]]] = {
         "init": _choice("default", "he"),
     }),
     "data": (DataConfig, {
-        "source": _choice("synthetic", "file"), "path": _tensor_or_path("tensor"), "shape": lambda v, k: None if v is None else check_shape(1)(v, k),
+        "source": _choice("synthetic", "file"), "path": _tensor_or_path("tensor"), "shape": _opt_shape,
         "range": _range, "batch_size": _int(1, 65536),
     }),
     "loss": (LossConfig, {
@@ -375,7 +410,7 @@ def _section(name: str, raw: Any):
 def from_dict(raw: Any, base_dir: Path | None = None, source: Path | None = None) -> Config:
     """Build a checked Config from a parsed YAML document (or any mapping)."""
     if raw is None:
-        raise ConfigError("the config is empty; it needs at least model.critic (see the README's config reference)")
+        raise ConfigError("the config is empty; it needs at least model.critic (every key: docs/reference/config.md)")
     if not isinstance(raw, dict):
         raise ConfigError(f"the config must be a YAML mapping of sections, got {_type_name(raw)}")
     valid = list(SECTIONS) + list(TOP)
@@ -451,7 +486,7 @@ def load(path: str | Path) -> Config:
             problem += f" ({context} that starts at line {start.line + 1}, column {start.column + 1})"
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
     if raw is None:
-        raise ConfigError(f"{path} is empty; it needs at least model.critic (see the README's config reference)")
+        raise ConfigError(f"{path} is empty; it needs at least model.critic (every key: docs/reference/config.md)")
     return from_dict(raw, base_dir=path.parent, source=path)
 
 
@@ -517,3 +552,38 @@ def to_dict(config: Config) -> dict:
     out["device"] = config.device
     out["seed"] = config.seed
     return out
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One key of the YAML config, as the generated config reference shows it."""
+
+    key: str
+    """The dotted key ("train.lr"; "seed" at the top level), as overrides name it."""
+    section: str
+    """The section it sits in ("train"), or "" for a top-level key."""
+    name: str
+    """The key within its section ("lr")."""
+    owner: type
+    """The dataclass that holds it (TrainConfig; Config for a top-level key), whose field docstring describes it."""
+    default: Any
+    """Its value when the config leaves it out."""
+    expects: str
+    """What its check accepts, in words ("a number > 0")."""
+    choices: tuple = ()
+    """The allowed values, when the key is a fixed choice."""
+
+
+def schema() -> tuple[KeySpec, ...]:
+    """Every key a config accepts, section by section, with the check that loads it (docs/reference/config.md)."""
+    out: list[KeySpec] = []
+    for section, (cls, checks) in SECTIONS.items():
+        defaults = cls()
+        for name, check in checks.items():
+            out.append(KeySpec(f"{section}.{name}", section, name, cls, getattr(defaults, name),
+                               getattr(check, "expects", ""), getattr(check, "choices", ())))
+    top_defaults = Config()
+    for name, check in TOP.items():
+        out.append(KeySpec(name, "", name, Config, getattr(top_defaults, name),
+                           getattr(check, "expects", ""), getattr(check, "choices", ())))
+    return tuple(out)

@@ -125,8 +125,6 @@ def _open_npy(path: Path) -> DataFile:
 def _open_pt(path: Path) -> DataFile:
     import torch
 
-    from nanprobe.io.loading import torch_load_error
-
     notes: tuple[str, ...] = ()
     try:
         try:
@@ -193,3 +191,26 @@ def _madvise():
                 fn = None
         _libc.append(fn)
     return _libc[0]
+
+
+def torch_load_error(key: str, path: Path, exc: BaseException, save_hint: str) -> ConfigError:
+    """One line for a file torch.load(weights_only=True) cannot or will not read.
+
+    torch's own message is a multi-line essay (with ANSI codes) whose first line says nothing about
+    this file; the useful part is the 'Unsupported global' or the 'WeightsUnpickler error' detail.
+    """
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    glob = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if glob:
+        return ConfigError(f"{key}: {path.name} holds objects that torch.load(weights_only=True) refused "
+                           f"(it would have to import {glob.group(1)}); no code from it was run: {save_hint}")
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if detail or "weights_only" in text or "pickle" in type(exc).__name__.lower():
+        why = detail.group(1).strip() if detail else type(exc).__name__
+        return ConfigError(f"{key}: cannot read {path.name}: torch.load(weights_only=True) refused it "
+                           f"({why[:160]}); no code from it was run: is it a file written by torch.save?")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    what = f"{type(exc).__name__}: {first[:160]}" if first else type(exc).__name__
+    return ConfigError(f"{key}: cannot read {path.name} ({what}); is it a file written by torch.save?")

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from nanprobe.io import datafile
 from nanprobe.io.config import Config, resolve
 from nanprobe.errors import ConfigError, UserCodeError
 from nanprobe.io import keras as keras_io
@@ -275,7 +276,7 @@ def _load_pt(path: Path, key: str, save_hint: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses pickles that would run code
-        raise torch_load_error(key, path, exc, save_hint) from None
+        raise datafile.torch_load_error(key, path, exc, save_hint) from None
 
 
 def load_state(config: Config) -> dict:
@@ -303,29 +304,6 @@ def load_state(config: Config) -> dict:
     return out
 
 
-def torch_load_error(key: str, path: Path, exc: BaseException, save_hint: str) -> ConfigError:
-    """One line for a file torch.load(weights_only=True) cannot or will not read.
-
-    torch's own message is a multi-line essay (with ANSI codes) whose first line says nothing about
-    this file; the useful part is the 'Unsupported global' or the 'WeightsUnpickler error' detail.
-    """
-    import re
-
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    glob = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if glob:
-        return ConfigError(f"{key}: {path.name} holds objects that torch.load(weights_only=True) refused "
-                           f"(it would have to import {glob.group(1)}); no code from it was run: {save_hint}")
-    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
-    if detail or "weights_only" in text or "pickle" in type(exc).__name__.lower():
-        why = detail.group(1).strip() if detail else type(exc).__name__
-        return ConfigError(f"{key}: cannot read {path.name}: torch.load(weights_only=True) refused it "
-                           f"({why[:160]}); no code from it was run: is it a file written by torch.save?")
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    what = f"{type(exc).__name__}: {first[:160]}" if first else type(exc).__name__
-    return ConfigError(f"{key}: cannot read {path.name} ({what}); is it a file written by torch.save?")
-
-
 def _load_state(model: torch.nn.Module, sd: dict, name: str, file: str) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -348,9 +326,8 @@ def _load_state(model: torch.nn.Module, sd: dict, name: str, file: str) -> None:
 
 
 def load_data(config: Config, model_shape: tuple | None = None) -> tuple[Any, tuple]:
-    """The data and the shape of one sample; model_shape is the sample shape the model declares (Keras)."""
-    from nanprobe.io import datafile
-
+    """The data set (None for synthetic samples) and the shape of one sample, by datafile's one rule;
+    model_shape is the sample shape a Keras model declares (channels-last), used when data.shape is unset."""
     d = config.data
     if d.source == "synthetic":
         return None, tuple(d.shape or model_shape or DEFAULT_SHAPE)

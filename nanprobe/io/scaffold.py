@@ -292,7 +292,7 @@ def _render(models: Path, found: dict, c: Guess, g: Guess | None, named_c, named
     lines = [
         f"# Written by `nanprobe init {models}`. Check the lines marked 'guessed', then run:",
         f"#   nanprobe diagnose {config_path if config_path is not None else 'THIS.yaml'}",
-        f"# Paths are relative to {where}; every key is described in the README's config reference.",
+        f"# Paths are relative to {where}; every key is described in docs/reference/config.md.",
         "model:",
         f"  # The critic, {_why_critic(c, found, named_c is not None)}.",
         f"  critic: {ref}:{c.name}",

@@ -183,7 +183,7 @@ class Critic(nn.Module):
      "-o: {tmp}/needs_args.py is the models file itself; write the config to a .yaml file"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
-    from conftest import line_of
+    from tests.conftest import line_of
 
     (tmp_path / "models.txt").write_text("", encoding="utf-8")
     (tmp_path / "needs_args.py").write_text(NEEDS_ARGS, encoding="utf-8")
