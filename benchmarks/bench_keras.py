@@ -65,8 +65,8 @@ def replays(reps: int) -> dict:
     for fw, (c, loaded) in setups.items():
         for p in (Precision.FP32, Precision.FP16):
             for probe in (False, True):
-                fns[(fw, p.value, probe)] = (lambda c=c, l=loaded, p=p, probe=probe:
-                                             replay(c, l, p, dev, probe=probe))
+                fns[(fw, p.value, probe)] = (lambda c=c, ld=loaded, p=p, probe=probe:
+                                             replay(c, ld, p, dev, probe=probe))
     t = _interleaved(fns, reps)
     out = {}
     for p in ("fp32", "fp16"):

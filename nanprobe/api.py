@@ -1,18 +1,19 @@
 """The Python API: the same core the CLI calls."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from nanprobe.io import config as cfg
 from nanprobe.analysis import datacheck, diagnosis, initialisation, verification
-from nanprobe.io import loading
+from nanprobe.analysis.initialisation import he_ratios
 from nanprobe.engine import precisions, replay
 from nanprobe.enums import FailOn, Precision
 from nanprobe.errors import ConfigError, Interrupted
-from nanprobe.analysis.initialisation import he_ratios
+from nanprobe.io import config as cfg
+from nanprobe.io import loading
 from nanprobe.model.report import Report
 from nanprobe.thresholds import MAX_VERIFIED
 
@@ -31,8 +32,8 @@ def _config(config_or_path, overrides: dict) -> cfg.Config:
     return cfg.with_overrides(config, **overrides) if overrides else config
 
 
-def diagnose(config_or_path: "cfg.Config | str | Path", progress: Callable | None = None, verify_fix: bool = False,
-             verify_top: int | None = None, fail_on: "FailOn | str" = "overflow", **overrides) -> Report:
+def diagnose(config_or_path: cfg.Config | str | Path, progress: Callable | None = None, verify_fix: bool = False,
+             verify_top: int | None = None, fail_on: FailOn | str = "overflow", **overrides) -> Report:
     """Replay the config in each precision under the probe and diagnose it.
 
     Overrides take dotted or short keys: dtypes=["fp16"], steps=3, device="cpu", mode="half".
@@ -91,8 +92,8 @@ def _report(config: cfg.Config, device: torch.device, runs: tuple, **extra) -> R
                   torch=torch.__version__, runs=runs, settings=cfg.to_dict(config), **extra)
 
 
-def compare_precisions(config_or_path: "cfg.Config | str | Path", progress: Callable | None = None,
-                       **overrides) -> "Comparison":
+def compare_precisions(config_or_path: cfg.Config | str | Path, progress: Callable | None = None,
+                       **overrides) -> Comparison:
     """Replay fp32 and the low precisions on the same steps and compare them op by op, per module.
 
     The low precisions are those in precision.dtypes (fp16 and bf16 when it lists none); overrides

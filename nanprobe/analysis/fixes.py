@@ -6,12 +6,11 @@ strongly the finding points at it. A new failure mode is one new entry here.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from nanprobe.enums import FindingKind, Framework, Mode, Phase, Precision, Status
 from nanprobe.model.report import Finding, FixSuggestion
-
 from nanprobe.thresholds import DIVERGENCE_GROWTH, INIT_FACTOR, INIT_SMALL_FACTOR, init_off_scale
 
 _NORM_NODES = ("SqrtBackward0", "LinalgVectorNormBackward0", "NormBackward1", "PowBackward0", "RsqrtBackward0")
@@ -331,7 +330,8 @@ CATALOGUE: tuple[Fix, ...] = (
              "backward)",
         variants={Framework.KERAS: Variant(
         "flat = keras.ops.reshape(grads, (keras.ops.shape(grads)[0], -1))\n"
-        "grad_norm = keras.ops.sqrt(keras.ops.sum(keras.ops.square(keras.ops.cast(flat, \"float32\")), axis=1) + 1e-12)\n"
+        "sq = keras.ops.square(keras.ops.cast(flat, \"float32\"))\n"
+        "grad_norm = keras.ops.sqrt(keras.ops.sum(sq, axis=1) + 1e-12)\n"
         "# the eps keeps sqrt's gradient finite at 0 (tf.norm's gradient there is NaN too)")}),
     Fix("gp-fp32", "Compute the gradient penalty outside autocast, in fp32",
         "Under {low} autocast the critic's input gradient is computed in {low} without loss scaling; values "
@@ -366,7 +366,8 @@ CATALOGUE: tuple[Fix, ...] = (
         "    out = critic(x_hat, training=True)\n"
         "    scaled = out * scale\n"
         "grads = tape.gradient(scaled, x_hat) / scale\n"
-        "gp = lambda_gp * keras.ops.mean((keras.ops.norm(keras.ops.reshape(grads, (len(grads), -1)), axis=1) - 1) ** 2)",
+        "norm = keras.ops.norm(keras.ops.reshape(grads, (len(grads), -1)), axis=1)\n"
+        "gp = lambda_gp * keras.ops.mean((norm - 1) ** 2)",
         title="Scale the penalty's gradient as LossScaleOptimizer scales the loss, then unscale it",
         why="LossScaleOptimizer scales the loss, not the tape gradient the penalty takes of the critic's output; "
             "that gradient is computed by the {low} layers unscaled and values below {tiny} flush to 0. Scaling "
@@ -454,7 +455,8 @@ CATALOGUE: tuple[Fix, ...] = (
              f"{DIVERGENCE_GROWTH - 1:.0%} or more by then",
         variants={Framework.KERAS: Variant(
         "opt = keras.optimizers.{opt_class}(learning_rate={lr_low})   # WGAN-GP: Adam, 1e-4, beta_1=0.0, beta_2=0.9\n"
-        "# the TensorFlow answer also adds weight_decay=1e-5: it slows the weights' growth, it does not bound a step")}),
+        "# the TensorFlow answer also adds weight_decay=1e-5:\n"
+        "# it slows the weights' growth, it does not bound a step")}),
     Fix("grad-clip", "Clip the gradient norm (after unscaling)",
         "A single large gradient makes a huge update; clipping bounds the step while the cause is fixed.",
         "scaler.unscale_(opt)   # if you use a GradScaler\n"

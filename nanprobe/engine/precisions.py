@@ -8,8 +8,9 @@ rebuilt under Keras's dtype policy (nanprobe.engine.keras.KerasPrecision), with 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 

@@ -12,15 +12,15 @@ import os
 import re
 import sys
 import sysconfig
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from nanprobe.engine import stats as st
 from nanprobe.engine import compat
+from nanprobe.engine import stats as st
 from nanprobe.engine.compat import TorchDispatchMode
 from nanprobe.enums import Phase
 
@@ -145,7 +145,7 @@ class _SourceFinder:
 
 
 class _ProbeMode(TorchDispatchMode):
-    def __init__(self, probe: "OpProbe"):
+    def __init__(self, probe: OpProbe):
         super().__init__()
         self.probe = probe
 
@@ -228,7 +228,7 @@ class OpProbe:
         self._train_modes: dict[torch.nn.Module, bool] = {}
 
     # -- context manager
-    def __enter__(self) -> "OpProbe":
+    def __enter__(self) -> OpProbe:
         try:
             for root, model in self.modules.items():
                 self._train_modes.update({m: m.training for m in model.modules()})

@@ -8,25 +8,24 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
-from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from nanprobe.engine import fp32_modules, precisions
+from nanprobe.engine import fp32_modules, precisions, updates
 from nanprobe.engine import stats as st
-from nanprobe.engine import updates
-from nanprobe.io.config import Config, resolve
-from nanprobe.enums import Framework, Mode, Phase, Precision
-from nanprobe.errors import ConfigError, DeviceError, UserCodeError
-from nanprobe.io.loading import Loaded, user_error
 from nanprobe.engine.losses import StepContext, builtin
 from nanprobe.engine.probe import OpEvent, OpProbe
-from nanprobe.model.report import StepMetrics
 from nanprobe.engine.scaling import RecipeWatch, takes_scaler
+from nanprobe.enums import Framework, Mode, Phase, Precision
+from nanprobe.errors import ConfigError, DeviceError, UserCodeError
+from nanprobe.io.config import Config, resolve
+from nanprobe.io.loading import Loaded, user_error
+from nanprobe.model.report import StepMetrics
 
 MAX_SCALER_RETRIES = 24  # GradScaler halves per skip: 65536 * 2**-24 ~ 4e-3, far below any useful scale
 PERSISTENT_REPEATS = 4  # the same op making the same number of infs after this many halvings: no scale helps

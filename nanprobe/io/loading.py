@@ -7,17 +7,18 @@ import importlib.util
 import inspect
 import sys
 import traceback
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from nanprobe.io import datafile
-from nanprobe.io.config import Config, resolve
 from nanprobe.errors import ConfigError, UserCodeError
+from nanprobe.io import datafile
 from nanprobe.io import keras as keras_io
+from nanprobe.io.config import Config, resolve
 
 
 @dataclass(frozen=True)

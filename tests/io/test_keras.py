@@ -15,9 +15,10 @@ from nanprobe.io.keras import select_backend
 select_backend()  # before keras is imported: its torch backend, as nanprobe uses it
 keras = pytest.importorskip("keras")
 
+from typer.testing import CliRunner  # noqa: E402
+
 import nanprobe  # noqa: E402
 from nanprobe.cli import app  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 runner = CliRunner()
@@ -191,7 +192,7 @@ def test_a_saved_mixed_model_keeps_its_float32_layer(tmp_path):
 
 
 def test_a_keras_generator_makes_the_fakes():
-    report = nanprobe.diagnose(CONFIGS / "keras_bad_init.yaml", dtypes=["fp32", "bf16"],
-                               **{"model.critic_args": {"img": 8, "ch": 8}, "model.generator": "keras_models.py:dcgan_generator",
-                                  "model.generator_args": {"latent_dim": 16, "img": 8}, "model.latent_dim": [16]})
+    overrides = {"model.critic_args": {"img": 8, "ch": 8}, "model.generator": "keras_models.py:dcgan_generator",
+                 "model.generator_args": {"latent_dim": 16, "img": 8}, "model.latent_dim": [16]}
+    report = nanprobe.diagnose(CONFIGS / "keras_bad_init.yaml", dtypes=["fp32", "bf16"], **overrides)
     assert [r.status.value for r in report.runs] == ["ok", "ok"]
