@@ -7,9 +7,8 @@ fp32, the layer computing in fp16), casting inputs and weights itself, so a repl
 model under that policy (nanprobe.engine.keras) and applies no torch autocast on top.
 
 keras is imported only here, and only when a config names a Keras model: ``nanprobe --help`` and
-PyTorch runs never import it. ``select_backend`` sets ``KERAS_BACKEND=torch`` in this process's
-environment before any user file is imported, so a model file that imports keras gets the torch
-backend.
+PyTorch runs never import it. ``torch_backend`` sets ``KERAS_BACKEND=torch`` while the user's files
+are imported, so a model file that imports keras gets the torch backend.
 """
 from __future__ import annotations
 
@@ -42,16 +41,37 @@ def is_keras_model(obj: Any) -> bool:
 
 
 def select_backend() -> None:
-    """Make a later `import keras` (nanprobe's or the user's file's) use the torch backend, in this process only."""
+    """Make a later `import keras` use the torch backend, in this process only (tests, scripts)."""
     if "keras" not in sys.modules:
         os.environ["KERAS_BACKEND"] = "torch"
 
 
+@contextmanager
+def torch_backend():
+    """A keras imported inside (by nanprobe or by the user's model file) gets the torch backend.
+
+    KERAS_BACKEND is restored on exit: called from Python, nanprobe runs in the user's own process, and a
+    keras they import later, after a PyTorch-only diagnosis, keeps the backend they chose.
+    """
+    if "keras" in sys.modules:
+        yield
+        return
+    old = os.environ.get("KERAS_BACKEND")
+    os.environ["KERAS_BACKEND"] = "torch"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("KERAS_BACKEND", None)
+        else:
+            os.environ["KERAS_BACKEND"] = old
+
+
 def import_keras(key: str, what: str):
     """keras on the torch backend, or a ConfigError saying what to install or change."""
-    select_backend()
     try:
-        import keras
+        with torch_backend():
+            import keras
     except ImportError:
         raise ConfigError(f"{key}: {what} is a Keras model and Keras 3 is not installed; run: {INSTALL}") from None
     version = getattr(keras, "__version__", "0")

@@ -164,6 +164,11 @@ def build_module(config: Config, ref: Any, args: dict, key: str) -> tuple[torch.
 
 def _build(config: Config, ref: Any, args: dict, key: str):
     """(module, file, KerasModel or None): a PyTorch module, or a Keras model and how to rebuild it per precision."""
+    with keras_io.torch_backend():  # a model file that imports keras gets its torch backend
+        return _build_model(config, ref, args, key)
+
+
+def _build_model(config: Config, ref: Any, args: dict, key: str):
     role = key.split(".")[-1]
     if keras_io.is_keras_file(ref):
         path = resolve(config, Path(ref))
@@ -174,7 +179,6 @@ def _build(config: Config, ref: Any, args: dict, key: str):
     if keras_io.is_keras_model(ref):
         km = keras_io.from_live(ref, role)
         return km.template, "", km
-    keras_io.select_backend()  # before the user's file is imported: a file that imports keras gets the torch backend
     if isinstance(ref, torch.nn.Module):
         # A module passed from Python is the user's live model: load the checkpoint into a copy, never into it.
         try:

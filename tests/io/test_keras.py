@@ -168,9 +168,15 @@ def test_keras_on_another_backend_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_help_and_pytorch_runs_never_import_keras():
-    code = "import sys, nanprobe.cli, nanprobe.api, nanprobe.io.loading; print('keras' in sys.modules)"
+    # and the user's KERAS_BACKEND is theirs again once nanprobe has imported their files
+    code = ("import os, sys, nanprobe.cli, nanprobe.api, nanprobe.io.loading\n"
+            "from nanprobe.io.keras import torch_backend\n"
+            "os.environ['KERAS_BACKEND'] = 'jax'\n"
+            "with torch_backend():\n"
+            "    inside = os.environ['KERAS_BACKEND']\n"
+            "print('keras' in sys.modules, inside, os.environ['KERAS_BACKEND'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.strip() == "False", out.stdout + out.stderr
+    assert out.stdout.strip() == "False torch jax", out.stdout + out.stderr
 
 
 def test_a_saved_mixed_model_keeps_its_float32_layer(tmp_path):
