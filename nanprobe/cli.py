@@ -19,6 +19,8 @@ app = typer.Typer(
 _CONFIG_HELP = "YAML config (see the config reference in the docs)."
 _FAIL_ON_HELP = "Exit 1 at this status or worse (overflow also counts nan; error always counts)."
 _POLICY_HELP = "cuda (default: a CPU replay casts each op as CUDA autocast would) or native."
+_KERNELS_HELP = ("emulated (default on the CPU: fp16/bf16 ops computed in fp32, each output rounded, as a GPU does) "
+                 "or native (the CPU's own fp16/bf16 kernels, ~20x slower); a CUDA replay runs its own.")
 
 
 def _fail(message: str) -> NoReturn:
@@ -85,6 +87,7 @@ def diagnose(
     device: Optional[Device] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     # A plain string, checked by the config, so a bad value is one line naming precision.policy.
     policy: Optional[str] = typer.Option(None, "--policy", help=_POLICY_HELP),
+    kernels: Optional[str] = typer.Option(None, "--kernels", help=_KERNELS_HELP),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Critic steps replayed per precision."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no terminal report (exit code only)."),
     verify_fix: bool = typer.Option(False, "--verify-fix",
@@ -105,7 +108,8 @@ def diagnose(
         _fail(f"--json -: stdout already carries --format {output_format.value}; give --json a file path")
     started = time.perf_counter()
     overrides = {"dtypes": _dtypes(dtypes, dtype_alias), "mode": mode.value if mode else None,
-                 "device": device.value if device else None, "steps": steps, "policy": policy}
+                 "device": device.value if device else None, "steps": steps, "policy": policy,
+                 "kernels": kernels}
 
     def annotate(exc: NanprobeError) -> None:
         if output_format is OutputFormat.GITHUB:
@@ -160,6 +164,7 @@ def compare_precisions(
     mode: Optional[Mode] = typer.Option(None, "--mode", help="amp (autocast) or half (model cast)."),
     device: Optional[Device] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     policy: Optional[str] = typer.Option(None, "--policy", help=_POLICY_HELP),
+    kernels: Optional[str] = typer.Option(None, "--kernels", help=_KERNELS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no terminal report (exit code only)."),
 ) -> None:
     """Replay the same steps in fp32, fp16 and bf16 and show, per module, where each departs from fp32."""
@@ -177,7 +182,8 @@ def compare_precisions(
     if low == []:  # fp32 is the reference, not a precision to compare
         _fail("--dtypes: give fp16, bf16 or both (fp32 is always replayed as the reference)")
     overrides = {"dtypes": low, "mode": mode.value if mode else None,
-                 "device": device.value if device else None, "steps": steps, "policy": policy}
+                 "device": device.value if device else None, "steps": steps, "policy": policy,
+                 "kernels": kernels}
     with _user_errors(), table.progress(enabled=not quiet) as on_progress:
         from nanprobe.api import compare_precisions as run_compare
 

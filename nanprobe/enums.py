@@ -43,6 +43,13 @@ class Policy(str, Enum):
     NATIVE = "native"  # the device's own autocast
 
 
+class Kernels(str, Enum):
+    """How a CPU replay computes its fp16/bf16 ops (a CUDA replay always runs the GPU's own kernels)."""
+
+    EMULATED = "emulated"  # in fp32, each output rounded to fp16/bf16, as GPU kernels do (nanprobe.engine._emulate)
+    NATIVE = "native"  # the CPU's own fp16/bf16 kernels (about 20 times slower)
+
+
 class Device(str, Enum):
     """Where a replay runs."""
 

@@ -309,7 +309,8 @@ def compare(config: Config, loaded: Loaded, device: torch.device, precisions: tu
             overflow_ops=kinds.get(FindingKind.OVERFLOW, 0), underflow_ops=kinds.get(FindingKind.UNDERFLOW, 0),
             nan_ops=kinds.get(FindingKind.NAN, 0),
             headroom_max=_min(h[0] for h in heads), headroom_normal=_min(h[1] for h in heads),
-            departs_at=m.get("departs_at"), ops=len(live), aligned=m.get("aligned", len(live)), fixes=run.fixes))
+            departs_at=m.get("departs_at"), ops=len(live), aligned=m.get("aligned", len(live)), fixes=run.fixes,
+            kernels=trace.kernels))
     summaries = tuple(summaries)
     return Comparison(
         config=str(config.source) if config.source else None, device=device_name, torch=torch.__version__,

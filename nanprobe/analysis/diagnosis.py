@@ -394,7 +394,8 @@ def build_run(trace: Trace, found: dict, context: dict) -> RunReport:
         first_issue=issue, first_nonfinite=nonfinite, chain=chain, fixes=fx.rank(ctx),
         metrics=tuple(trace.metrics), skipped=_skips(trace), ops=found["ops"], findings=found["count"],
         notes=tuple(notes), failed_step=first.step if first is not None else None,
-        lost_updates=lost_updates(trace), scale_collapse=collapse, unscaled_penalty=unscaled)
+        lost_updates=lost_updates(trace), scale_collapse=collapse, unscaled_penalty=unscaled,
+        kernels=trace.kernels)
 
 
 def fix_settings(config: Config, init_ratios: dict, device: str, init_checks: tuple = ()) -> dict:

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 __all__ = [
     "TorchDispatchMode", "OpOverload", "DispatchKeySet", "DispatchKey", "exclude_dispatch_keys",
     "registrations_for_dispatch_key", "current_autograd_node", "autograd_sequence_nr", "is_view",
-    "foreach_copy_", "scaler_growth_tracker", "GROWTH_TRACKER_KEY",
+    "foreach_copy_", "scaler_growth_tracker", "GROWTH_TRACKER_KEY", "op_schema",
 ]
 
 OpOverload = torch._ops.OpOverload
@@ -29,6 +29,11 @@ GROWTH_TRACKER_KEY = "_growth_tracker"
 def registrations_for_dispatch_key(key: str) -> list[str]:
     """Op names (`aten::mm`, ...) with a kernel registered for a dispatch key, e.g. AutocastCUDA."""
     return list(torch._C._dispatch_get_registrations_for_dispatch_key(key))
+
+
+def op_schema(func: Any) -> Any:
+    """An OpOverload's schema: its arguments and returns, with alias info (which ones it writes or views)."""
+    return func._schema
 
 
 def current_autograd_node() -> Any:

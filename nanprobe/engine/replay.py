@@ -18,10 +18,11 @@ import torch
 
 from nanprobe.engine import fp32_modules, precisions, updates
 from nanprobe.engine import stats as st
+from nanprobe.engine._emulate import emulated_kernels
 from nanprobe.engine.losses import StepContext, builtin
 from nanprobe.engine.probe import OpEvent, OpProbe
 from nanprobe.engine.scaling import RecipeWatch, takes_scaler
-from nanprobe.enums import Framework, Mode, Phase, Precision
+from nanprobe.enums import Framework, Kernels, Mode, Phase, Precision
 from nanprobe.errors import ConfigError, DeviceError, UserCodeError
 from nanprobe.io.config import Config, resolve
 from nanprobe.io.loading import Loaded, user_error
@@ -44,6 +45,7 @@ class Trace:
     lost: dict[int, dict[str, tuple[int, int]]] = field(default_factory=dict)  # step -> param -> (moving, unchanged)
     unscaled_grads: list[tuple[int, str | None]] = field(default_factory=list)  # (step, source) per call
     framework: Framework = Framework.TORCH  # what the models are written in (the fixes' terms)
+    kernels: Kernels = Kernels.NATIVE  # how the low-precision ops were computed
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,6 +73,13 @@ def check_dtype(device: torch.device, precision: Precision, mode: Mode) -> None:
     except Exception as exc:
         raise DeviceError(f"precision.dtypes: {precision.value} is not supported on {device.type} "
                           f"in {mode.value} mode ({str(exc).splitlines()[0][:120]}); drop it from precision.dtypes") from None
+
+
+def kernels_for(config: Config, precision: Precision, device: torch.device) -> Kernels:
+    """The kernels a replay runs: emulated only for a low precision on the CPU when the config asks for it."""
+    if precision.is_low and device.type == "cpu" and config.precision.kernels is Kernels.EMULATED:
+        return Kernels.EMULATED
+    return Kernels.NATIVE
 
 
 def make_optimizer(config: Config, params) -> torch.optim.Optimizer:
@@ -181,7 +190,9 @@ class _Replay:
                              base_dir=str(config.base_dir), on_record=on_record, named=strategy.named_modules,
                              layer_sources=strategy.layer_sources(), library_dirs=strategy.library_dirs()) \
             if probe_on else None
-        self.trace = Trace(precision, self.mode, self.probe.events if self.probe else [], framework=strategy.framework)
+        self.trace = Trace(precision, self.mode, self.probe.events if self.probe else [],
+                           framework=strategy.framework, kernels=kernels_for(config, precision, device))
+        self.kernels = emulated_kernels if self.trace.kernels is Kernels.EMULATED else nullcontext
 
     def _restore_state(self) -> None:
         """Optimizer and scaler state captured before the step (state.optimizer, state.scaler), if any."""
@@ -210,8 +221,9 @@ class _Replay:
         ctx = self.probe if self.probe is not None else nullcontext()
         watch = RecipeWatch(self.scaler, self._unscaled) if self.scaler is not None and self.probe is not None \
             else nullcontext()
-        with self.op_lists(), ctx, watch, self.strategy.fp32_wrapper(self.fp32, self.device, self.precision,
-                                                                     self.mode):
+        # The kernels' mode is entered before (under) the probe's, so the probe records rounded outputs.
+        with self.op_lists(), self.kernels(), ctx, watch, self.strategy.fp32_wrapper(self.fp32, self.device,
+                                                                                     self.precision, self.mode):
             if self.probe is not None:
                 self.probe.name_params(self.params)
             step = 0

@@ -14,3 +14,12 @@ def num(x: float | None) -> str:
     if x != x:
         return "nan"
     return f"{x:.4g}"
+
+
+def kernels_note(runs) -> str:
+    """", fp16/bf16 kernels emulated" when a low precision ran on emulated kernels (the CPU's default)."""
+    low = [r for r in runs if r.precision.is_low]
+    if not low:
+        return ""
+    kinds = sorted({r.kernels.value for r in low})
+    return f", {'/'.join(r.precision.value for r in low)} kernels {'+'.join(kinds)}"

@@ -11,7 +11,7 @@ from rich.text import Text
 from nanprobe.model.comparison import Comparison, Departure, DtypeRange, ModuleDivergence
 from nanprobe.thresholds import DEPARTURE
 from nanprobe.enums import Phase, Precision
-from nanprobe.formats._style import STYLE, num
+from nanprobe.formats._style import STYLE, kernels_note, num
 
 RANGE_ROWS = 32
 """Rows of the range view; when there are more, those whose largest values are nearest fp16's edges."""
@@ -218,7 +218,8 @@ def comparison(c: Comparison, console: Console | None = None, top: int = 10) -> 
     """Print the summary, the departures, the per-module table, the range view and the recommendation."""
     console = console or Console()
     console.print(Text.assemble(("nanprobe compare-precisions ", "bold"), c.config or "",
-                                (f"  ({c.device}, torch {c.torch}, {c.steps} step{'s' if c.steps != 1 else ''})", "dim")))
+                                (f"  ({c.device}, torch {c.torch}, {c.steps} step{'s' if c.steps != 1 else ''}"
+                                 f"{kernels_note(c.summaries)})", "dim")))
     console.print(summary_table(c))
     for line in _departure_lines(c):
         console.print(line)

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nanprobe.enums import Status
-from nanprobe.formats._style import STYLE, num
+from nanprobe.formats._style import STYLE, kernels_note, num
 from nanprobe.model.report import Finding, FixSuggestion, Report, RunReport
 
 
@@ -195,7 +195,8 @@ def _run_panel(run: RunReport) -> Panel:
 def report(rep: Report, console: Console | None = None) -> None:
     """Print the verdicts first, then a panel per precision with a finding."""
     console = console or Console()
-    console.print(Text.assemble(("nanprobe diagnose ", "bold"), rep.config or "", (f"  ({rep.device}, torch {rep.torch})", "dim")))
+    console.print(Text.assemble(("nanprobe diagnose ", "bold"), rep.config or "",
+                                (f"  ({rep.device}, torch {rep.torch}{kernels_note(rep.runs)})", "dim")))
     console.print(_summary_table(rep))
     if rep.interrupted:
         console.print(Text(rep.interrupted, style="bold yellow"))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from nanprobe.enums import Mode, Policy, Precision
+from nanprobe.enums import Kernels, Mode, Policy, Precision
 from nanprobe.errors import ConfigError
 
 LOSS_KINDS = ("wgan-gp", "r1", "hinge", "non-saturating")
@@ -102,6 +102,8 @@ class PrecisionConfig:
     """Precisions replayed; fp32 is always replayed first as the reference."""
     policy: Policy = Policy.CUDA
     """cuda: a CPU replay casts each op as CUDA autocast would; native: the device's own autocast."""
+    kernels: Kernels = Kernels.EMULATED
+    """emulated: a CPU replay computes fp16/bf16 ops in fp32 and rounds each output, as GPU kernels do; native: the CPU's own kernels (CUDA: always its own)."""
     fp32_modules: tuple = ()
     """Module paths (critic.net.6) run outside autocast on fp32 inputs, with fp32 weights in half mode; for a Keras
     model, layer paths (critic/conv32), built with the float32 dtype policy."""
@@ -333,6 +335,11 @@ def _policy(v, key):
     return Policy(_choice(*(p.value for p in Policy))(v.value if isinstance(v, Policy) else v, key))
 
 
+@_expects("one of " + ", ".join(k.value for k in Kernels), tuple(k.value for k in Kernels))
+def _kernels(v, key):
+    return Kernels(_choice(*(k.value for k in Kernels))(v.value if isinstance(v, Kernels) else v, key))
+
+
 @_expects("a list of " + ", ".join(p.value for p in Precision), tuple(p.value for p in Precision))
 def check_dtypes(v, key):
     if isinstance(v, (str, Precision)):
@@ -380,6 +387,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Callable]]] = {
         "grad_scaler": _bool, "grad_clip": check_clip,
     }),
     "precision": (PrecisionConfig, {"mode": _mode, "dtypes": check_dtypes, "policy": _policy,
+                                    "kernels": _kernels,
                                     "fp32_modules": _module_paths}),
     "state": (StateConfig, {"z": _tensor_or_path("tensor"), "rng": _tensor_or_path("dict"),
                             "optimizer": _tensor_or_path("dict"), "scaler": _tensor_or_path("dict")}),
@@ -495,7 +503,7 @@ def resolve(config: Config, p: Path) -> Path:
     return p if p.is_absolute() else config.base_dir / p
 
 
-_OVERRIDE_SECTIONS = {"dtypes": "precision", "mode": "precision", "policy": "precision", "steps": "train"}
+_OVERRIDE_SECTIONS = {"dtypes": "precision", "mode": "precision", "policy": "precision", "kernels": "precision", "steps": "train"}
 
 
 def with_overrides(config: Config, **overrides: Any) -> Config:
@@ -535,7 +543,7 @@ def to_dict(config: Config) -> dict:
             return f"<state_dict of {len(v)} entries>"
         if callable(v):  # a module, class or function passed from Python
             return f"<{getattr(v, '__qualname__', type(v).__name__)}>"
-        if isinstance(v, (Mode, Policy, Precision)):
+        if isinstance(v, (Kernels, Mode, Policy, Precision)):
             return v.value
         if isinstance(v, tuple):
             return [plain(x) for x in v]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from nanprobe.enums import Mode, Phase, Precision, Status
+from nanprobe.enums import Kernels, Mode, Phase, Precision, Status
 from nanprobe.model.common import FixSuggestion, plain
 from nanprobe.model.report import Finding, StepMetrics
 
@@ -135,6 +135,8 @@ class PrecisionSummary:
     """Ops aligned with an fp32 op (all of them for fp32)."""
     fixes: tuple[FixSuggestion, ...] = ()
     """Fixes from the catalogue for its issue, best first."""
+    kernels: Kernels = Kernels.NATIVE
+    """emulated (fp16/bf16 ops computed in fp32 on the CPU, each output rounded, as GPU kernels do) | native."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from nanprobe.enums import FindingKind, Mode, Phase, Precision, Status
+from nanprobe.enums import FindingKind, Kernels, Mode, Phase, Precision, Status
 
 from nanprobe.model.checks import DataReport, InitCheck
 from nanprobe.model.common import FixSuggestion, plain
@@ -148,6 +148,8 @@ class RunReport:
     """The op that kept making inf while GradScaler's scale fell (every step skipped, or a skip that never recovers)."""
     unscaled_penalty: Finding | None = None
     """A torch.autograd.grad call on outputs the GradScaler did not scale (the penalty skips the AMP recipe)."""
+    kernels: Kernels = Kernels.NATIVE
+    """emulated (fp16/bf16 ops computed in fp32 on the CPU, each output rounded, as GPU kernels do) | native."""
 
 
 @dataclass(frozen=True)
