@@ -5,7 +5,8 @@
 The same DCGAN-style WGAN-GP critic (configs/models.py:DCGANCritic against
 configs/keras_models.py:dcgan_critic: strided 4x4 convs, LeakyReLU(0.2), a 3x3 conv per stage, the
 same shapes; the Keras one is channels-last and has zero biases), one critic step at batch 16,
-64x64 images, on the CPU. Medians of --reps interleaved repetitions, in this one process:
+--img sized images (32 by default), on the CPU, with the config's default (emulated) kernels.
+Medians of --reps interleaved repetitions, in this one process:
 
 - the replay with the probe (what `nanprobe diagnose` runs per precision) and without it, in fp32
   and fp16 (PyTorch: CUDA-list autocast; Keras: the mixed_float16 policy), Keras over PyTorch;
@@ -25,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ARGS = {"img": 64, "ch": 32, "extra": 1, "init_std": 0.02}
+ARGS = {"img": 32, "ch": 32, "extra": 1, "init_std": 0.02}
 
 
 def config(framework: str):
@@ -33,7 +34,8 @@ def config(framework: str):
 
     critic = "keras_models.py:dcgan_critic" if framework == "keras" else "models.py:DCGANCritic"
     raw = {"model": {"critic": critic, "critic_args": ARGS},
-           "data": {"shape": [64, 64, 3] if framework == "keras" else [3, 64, 64], "batch_size": 16},
+           "data": {"shape": [ARGS["img"], ARGS["img"], 3] if framework == "keras" else [3, ARGS["img"], ARGS["img"]],
+                    "batch_size": 16},
            "loss": {"kind": "wgan-gp"}, "train": {"steps": 1}, "device": "cpu"}
     return cfg.from_dict(raw, base_dir=ROOT / "configs")
 
@@ -68,6 +70,7 @@ def replays(reps: int) -> dict:
                 fns[(fw, p.value, probe)] = (lambda c=c, ld=loaded, p=p, probe=probe:
                                              replay(c, ld, p, dev, probe=probe))
     t = _interleaved(fns, reps)
+    print(json.dumps({" ".join(map(str, k)): round(v, 3) for k, v in t.items()}), flush=True)
     out = {}
     for p in ("fp32", "fp16"):
         for probe in (False, True):
@@ -93,10 +96,12 @@ def loading_cost(reps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--img", type=int, default=ARGS["img"])
     args = ap.parse_args()
-    result = {"reps": args.reps, "critic": ARGS, "batch": 16, "replays": replays(args.reps),
-              **loading_cost(max(1, args.reps // 2))}
-    print(json.dumps(result, indent=2))
+    ARGS["img"] = args.img
+    result = {"reps": args.reps, "critic": ARGS, "batch": 16, "replays": replays(args.reps)}
+    print(json.dumps(result, indent=2), flush=True)
+    print(json.dumps(loading_cost(max(1, args.reps // 2))), flush=True)
 
 
 if __name__ == "__main__":
