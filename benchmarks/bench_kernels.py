@@ -18,15 +18,35 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_probe import CONFIG, _interleaved  # noqa: E402
+from benchmarks.bench_probe import CONFIG  # noqa: E402
 
 STEP = {**CONFIG, "train": {"steps": 1, "grad_scaler": False}, "loss": {"kind": "wgan-gp", "gp_precision": "autocast"}}
+
+
+def _interleaved(fns: dict, reps: int) -> dict:
+    """{name: (median wall s, median CPU s)}, each function run in turn every repetition after one warm-up.
+
+    CPU time (this process, all its threads) is what a busy machine distorts least: wall time
+    there also counts the time the process waited for a core.
+    """
+    for fn in fns.values():
+        fn()
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
 
 
 def _configs():
@@ -81,14 +101,13 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, "
           f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}; medians of {args.reps} interleaved runs")
     t = step_times(args.reps)
-    print("\nDCGAN-64 critic step + gradient penalty, batch 16, autocast (cuda op lists), no probe:")
-    print(f"| {'variant':<14} | {'median s':>8} | {'x fp32':>6} |\n|{'-' * 16}|{'-' * 10}:|{'-' * 8}:|")
-    for k, v in t.items():
-        print(f"| {k:<14} | {v:>8.3f} | {v / t['fp32']:>6.2f} |")
-    w = whole(max(1, args.reps // 2 + 1))
-    plain, diag = w["plain fp32 replay"], w["diagnose fp32+fp16+bf16 (emulated)"]
-    print(f"\nwhole diagnose (fp32+fp16+bf16, emulated, probe and analysis): {diag:.2f}s vs one plain fp32 replay "
-          f"{plain:.3f}s = {diag / plain:.2f}x")
+    w = whole(args.reps)
+    t.update(w)
+    print("\nDCGAN-64 critic step + gradient penalty, batch 16, autocast (cuda op lists), no probe; then a whole diagnose:")
+    print("| variant | median wall s | x fp32 | median CPU s | x fp32 |\n|---|---:|---:|---:|---:|")
+    for k, (wall, cpu) in t.items():
+        ref = t["fp32"] if k in ("fp32",) or k[:4] in ("fp16", "bf16") else t["plain fp32 replay"]
+        print(f"| {k} | {wall:.3f} | {wall / ref[0]:.2f} | {cpu:.3f} | {cpu / ref[1]:.2f} |")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 

@@ -47,6 +47,12 @@ def diagnose(config_or_path: cfg.Config | str | Path, progress: Callable | None 
         fail_on = FailOn(fail_on)
     except ValueError:
         raise cfg.ConfigError(f"fail_on: must be one of nan, overflow, underflow, got {fail_on!r}") from None
+    with replay.caller_random_state():  # the replays seed every generator; the caller's are left as they were
+        return _diagnose(config, progress, verify_fix, verify_top, fail_on)
+
+
+def _diagnose(config: cfg.Config, progress: Callable | None, verify_fix: bool, verify_top: int | None,
+              fail_on: FailOn) -> Report:
     device = replay.resolve_device(config.device)
     requested = tuple(config.precision.dtypes)
     order = (Precision.FP32,) + tuple(p for p in requested if p is not Precision.FP32)
@@ -62,11 +68,13 @@ def diagnose(config_or_path: cfg.Config | str | Path, progress: Callable | None 
     traces: dict[Precision, replay.Trace] = {}
     try:
         for p in order:
-            traces[p] = replay.replay(config, loaded, p, device, probe=True, progress=progress)
+            traces[p] = diagnosis.replay_measured(config, loaded, p, device, progress, traces.get(Precision.FP32))
+            if p is Precision.FP32:
+                traces[p].trace.raise_error()  # it fails without any low precision: the step's bug, exit 2
     except KeyboardInterrupt as exc:
         partial = getattr(exc, "trace", None)
         if partial is not None and partial.precision not in traces:
-            traces[partial.precision] = partial
+            traces[partial.precision] = diagnosis.unmeasured(partial)
         left = [p.value for p in order if p not in traces]
         where = f"during the {partial.precision.value} replay" if partial is not None else "before the replays"
         note = f"interrupted (Ctrl-C) {where}" + (f"; not replayed: {', '.join(left)}" if left else "")
@@ -107,11 +115,12 @@ def compare_precisions(config_or_path: cfg.Config | str | Path, progress: Callab
     device = replay.resolve_device(config.device)
     for p in low:
         replay.check_dtype(device, p, config.precision.mode)
-    loaded = loading.load(config)
-    framework = precisions.for_loaded(loaded).framework
-    ratios = he_ratios(loaded.critic, checks=initialisation.check(loaded.critic, None, framework=framework))
-    return compare(config, loaded, device, (Precision.FP32,) + low, ratios, _device_name(device),
-                   progress=progress)
+    with replay.caller_random_state():
+        loaded = loading.load(config)
+        framework = precisions.for_loaded(loaded).framework
+        ratios = he_ratios(loaded.critic, checks=initialisation.check(loaded.critic, None, framework=framework))
+        return compare(config, loaded, device, (Precision.FP32,) + low, ratios, _device_name(device),
+                       progress=progress)
 
 
 def _device_name(device: torch.device) -> str:

@@ -29,7 +29,7 @@ def _fail(message: str) -> NoReturn:
 
 
 @contextmanager
-def _user_errors(on_error: Optional[Callable[[NanprobeError], None]] = None) -> Iterator[None]:
+def _user_errors(on_error: Optional[Callable[[NanprobeError], None]] = None, partial: bool = False) -> Iterator[None]:
     """The one place where the core's errors become the CLI's: one line and exit 2, Ctrl-C exit 130."""
     try:
         yield
@@ -37,6 +37,11 @@ def _user_errors(on_error: Optional[Callable[[NanprobeError], None]] = None) -> 
         if on_error is not None:
             on_error(exc)
         _fail(str(exc))
+    except Interrupted:
+        if partial:
+            raise  # carries the report of what was found so far: the command prints it
+        typer.echo("nanprobe: interrupted", err=True)
+        raise typer.Exit(130) from None
     except KeyboardInterrupt:
         typer.echo("nanprobe: interrupted", err=True)
         raise typer.Exit(130) from None
@@ -118,7 +123,7 @@ def diagnose(
             typer.echo(error(str(exc), str(config)))
 
     try:
-        with _user_errors(annotate), table.progress(enabled=not quiet) as on_progress:
+        with _user_errors(annotate, partial=True), table.progress(enabled=not quiet) as on_progress:
             from nanprobe.api import diagnose as run_diagnose
 
             report = run_diagnose(config, progress=on_progress, verify_fix=verify_fix, verify_top=verify_top,

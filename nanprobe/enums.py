@@ -95,10 +95,11 @@ class Status(str, Enum):
     UNDERFLOW = "underflow"
     OVERFLOW = "overflow"
     NAN = "nan"
+    ERROR = "error"  # the user's step raised in this precision (e.g. an op autocast refuses)
 
     @property
     def severity(self) -> int:
-        return {"ok": 0, "underflow": 1, "overflow": 2, "nan": 3}[self.value]
+        return {"ok": 0, "underflow": 1, "overflow": 2, "nan": 3, "error": 4}[self.value]
 
     @classmethod
     def of(cls, kind: FindingKind | None) -> "Status":
@@ -113,8 +114,9 @@ class FailOn(str, Enum):
     UNDERFLOW = "underflow"
 
     def fails(self, status: Status) -> bool:
+        """An error fails at every level: that precision's training would crash."""
         threshold = {"nan": 3, "overflow": 2, "underflow": 1}[self.value]
-        return status.severity >= threshold
+        return status is Status.ERROR or status.severity >= threshold
 
 
 class DataProblem(str, Enum):

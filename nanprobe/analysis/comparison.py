@@ -2,9 +2,10 @@
 
 Each precision replays the same steps (same seed, same data) under the probe, and its ops are
 aligned with fp32's by the diagnosis's key (step, phase, module, source line, op, occurrence), so
-the casts autocast inserts do not shift the pairing. The probe keeps statistics only; for the
-element-wise error a fixed sample of each op's first floating output (SAMPLE values at a fixed
-stride, as float32) is kept too, and so is a sample of each parameter's gradient per step.
+the casts autocast inserts do not shift the pairing. The replays, their alignment with fp32 and
+their effect come from the same pipeline as `diagnose` (diagnosis.replay_measured); "departs at" is
+the op diagnose names as the first issue, and the recommendation ranks the safe precisions by their
+measured error on the loss, the penalty and the parameter gradients.
 
 Relative error is norm-wise over the sample: ||x - x_ref||_2 / ||x_ref||_2. A tensor flushed to
 zero gives exactly 1.0 (a per-element ratio would blow up on its smallest values instead), a
@@ -20,17 +21,15 @@ from typing import Callable
 
 import torch
 
-from nanprobe.analysis import diagnosis
-
-from nanprobe.engine import replay
+from nanprobe.analysis import diagnosis, raised
+from nanprobe.analysis.alignment import Alignment, Recorder, flushed_share, relative_error, sample  # noqa: F401
 from nanprobe.engine import stats as st
 from nanprobe.io.config import Config, to_dict
 from nanprobe.enums import FindingKind, Phase, Precision, Status
 from nanprobe.io.loading import Loaded
 from nanprobe.engine.probe import OpEvent
-from nanprobe.thresholds import DEPARTURE
 from nanprobe.model.comparison import (OUTSIDE, DtypeRange, RangeSpan, ModuleDivergence, Departure, PrecisionSummary, Recommendation, Comparison)
-
+from nanprobe.model.report import Finding
 from nanprobe.thresholds import SAMPLE
 
 _VALUES = {Phase.DATA: "data", Phase.FORWARD: "outputs", Phase.INPUT_GRAD: "gradients",
@@ -44,54 +43,6 @@ def dtype_range(precision: Precision) -> DtypeRange:
     # The smallest subnormal is the smallest normal times eps (one unit in the last mantissa place).
     return DtypeRange(precision, math.log2(info.max), math.log2(info.smallest_normal),
                       math.log2(info.smallest_normal) + math.log2(info.eps))
-
-
-def sample(t: torch.Tensor) -> torch.Tensor:
-    """SAMPLE values of t at a fixed stride, as a float32 copy (the same positions for the same shape)."""
-    flat = t.detach().reshape(-1)
-    stride = max(1, flat.numel() // SAMPLE)
-    return flat[::stride][:SAMPLE].to(torch.float32, copy=True)
-
-
-def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float | None:
-    """||x - ref|| / ||ref|| over the positions where ref is finite; inf when x is not finite there,
-    None when ref is all zero (or nowhere finite)."""
-    x, ref = x.double().cpu(), ref.double().cpu()
-    keep = torch.isfinite(ref)
-    x, ref = x[keep], ref[keep]
-    if ref.numel() == 0:
-        return None
-    if not bool(torch.isfinite(x).all()):
-        return math.inf
-    den = float(torch.linalg.vector_norm(ref))
-    if den == 0.0:
-        return None  # fp32 is exactly 0 there: no scale to be relative to
-    return float(torch.linalg.vector_norm(x - ref)) / den
-
-
-def flushed_share(x: torch.Tensor, ref: torch.Tensor, tiny: float) -> float:
-    """Share of values that are 0 in x where ref is non-zero and below tiny (the low dtype's smallest normal).
-
-    A zero where fp32 holds a larger value is rounding noise (a cancellation), not a flush.
-    """
-    x, ref = x.cpu(), ref.cpu()
-    a = ref.abs()
-    lost = (x == 0) & (a > 0) & (a < tiny)
-    return float(lost.sum()) / max(x.numel(), 1)
-
-
-class Recorder:
-    """Keeps a sample of each recorded op's output and of each step's parameter gradients."""
-
-    def __init__(self):
-        self.samples: dict[int, torch.Tensor] = {}
-        self.grads: dict[int, dict[str, torch.Tensor]] = {}
-
-    def on_record(self, event: OpEvent, outs: list[torch.Tensor]) -> None:
-        self.samples[event.index] = sample(outs[0])
-
-    def on_grads(self, step: int, grads: dict[str, torch.Tensor]) -> None:
-        self.grads[step] = {name: sample(g) for name, g in grads.items()}
 
 
 @dataclass
@@ -126,56 +77,9 @@ def _live(events: list[OpEvent]) -> list[OpEvent]:
     return [e for e in events if not e.skipped and e.row is not None]
 
 
-def _deltas(low: list[OpEvent], events: list[OpEvent], aligned: dict[int, OpEvent], precision: Precision,
-            rec: Recorder, ref: Recorder) -> dict[int, _OpDelta]:
-    """Each aligned op's error against fp32, and the part of it the op adds to its inputs' error.
-
-    Ops that fp32 does not have (autocast's casts) pass their inputs' error on. Sums and differences
-    that cancel in fp32 are left out: their large relative error is rounding noise of the inputs.
-    """
-    info = torch.finfo(precision.torch_dtype)
-    eps, tiny = info.eps, info.smallest_normal
-    out: dict[int, _OpDelta] = {}
-    carried: dict[int, float] = {}
-    for e in low:
-        inherited = max((carried.get(p, 0.0) for p in e.producers), default=0.0)
-        r = aligned.get(e.index)
-        x, y = rec.samples.get(e.index), (ref.samples.get(r.index) if r is not None else None)
-        if x is None or y is None or x.shape != y.shape:
-            carried[e.index] = inherited
-            continue
-        rel = relative_error(x, y)
-        carried[e.index] = inherited if rel is None else max(rel, inherited)
-        if diagnosis.cancelled(e, r, events, eps):
-            continue  # its error flows on, but is not blamed on it
-        added = 0.0 if rel is None or inherited == math.inf else max(0.0, rel - inherited)
-        out[e.index] = _OpDelta(rel, added, flushed_share(x, y, tiny))
-    return out
-
-
-def _grad_error(rec: Recorder, ref: Recorder) -> float | None:
-    worst = None
-    for step, grads in rec.grads.items():
-        ref_grads = ref.grads.get(step, {})
-        names = [n for n in grads if n in ref_grads and grads[n].shape == ref_grads[n].shape]
-        if not names:
-            continue
-        err = relative_error(torch.cat([grads[n] for n in names]), torch.cat([ref_grads[n] for n in names]))
-        if err is not None:
-            worst = err if worst is None else max(worst, err)
-    return worst
-
-
-def _scalar_error(metrics, ref_metrics, attr: str) -> float | None:
-    worst = None
-    ref_by_step = {m.step: getattr(m, attr) for m in ref_metrics}
-    for m in metrics:
-        v, r = getattr(m, attr), ref_by_step.get(m.step)
-        if v is None or r is None or not math.isfinite(r):
-            continue
-        err = math.inf if not math.isfinite(v) else (abs(v - r) / abs(r) if r != 0 else (0.0 if v == 0 else math.inf))
-        worst = err if worst is None else max(worst, err)
-    return worst
+def _deltas(alignment: Alignment) -> dict[int, _OpDelta]:
+    """Each compared op's error against fp32 and the part it adds, from the alignment (cancelling sums left out)."""
+    return {i: _OpDelta(d.rel_error, d.added, d.flushed) for i, d in alignment.deltas.items() if not d.cancelled}
 
 
 def _row_key(e: OpEvent) -> tuple[str, Phase]:
@@ -203,12 +107,19 @@ def _spans(precision: Precision, events: list[OpEvent], deltas: dict[int, _OpDel
     return out
 
 
-def _departure(low: list[OpEvent], deltas: dict[int, _OpDelta], eps: float) -> Departure | None:
-    for e in low:
-        d = deltas.get(e.index)
-        if d is not None and d.added > DEPARTURE * eps and e.phase is not Phase.DATA:
-            return Departure(e.module or OUTSIDE, e.phase, e.step, e.op, e.source, d.rel, d.added, d.flushed)
-    return None
+def _departure(issue: Finding | None, deltas: dict[int, _OpDelta]) -> Departure | None:
+    """Where the precision departs: the op diagnose names as the first issue (None when nothing has an effect)."""
+    if issue is None or issue.kind is None or issue.phase is Phase.DATA:
+        return None
+    d = deltas.get(issue.index)
+    return Departure(issue.module or OUTSIDE, issue.phase, issue.step, issue.op, issue.source,
+                     d.rel if d is not None and d.rel is not None else math.nan,
+                     d.added if d is not None else math.nan, d.flushed if d is not None else 0.0)
+
+
+def measured_error(s: PrecisionSummary) -> float:
+    """The worst measured error on what training sees: loss, penalty and parameter gradients (None counts as 0)."""
+    return max((v for v in (s.loss_rel_error, s.penalty_rel_error, s.grad_rel_error) if v is not None), default=0.0)
 
 
 def _modules(order: dict[tuple, int], spans: dict[Precision, dict[tuple, RangeSpan]]) -> tuple[ModuleDivergence, ...]:
@@ -229,8 +140,8 @@ def recommend(summaries: tuple[PrecisionSummary, ...]) -> Recommendation:
     by = {s.precision: s for s in summaries}
     fp32 = by.get(Precision.FP32)
     low = [s for s in summaries if s.precision.is_low]
-    safe = sorted((s for s in low if s.status is Status.OK),
-                  key=lambda s: (s.grad_rel_error is None, s.grad_rel_error or 0.0, s.precision.value))
+    # Ranked by measured error on the loss, the penalty and the parameter gradients, never by habit.
+    safe = sorted((s for s in low if s.status is Status.OK), key=lambda s: (measured_error(s), s.precision.value))
     use = safe[0].precision if safe else None
     fp16 = by.get(Precision.FP16)
     fix = None
@@ -250,8 +161,10 @@ def recommend(summaries: tuple[PrecisionSummary, ...]) -> Recommendation:
         parts.append("no low precision is safe as configured")
     for s in low:
         if s.status is not Status.OK:
-            i = s.first_issue
+            i, e = s.first_issue, s.error
             first = f"; first issue: {i.kind.value} in {i.phase.value} at {i.module or OUTSIDE}" if i and i.kind else ""
+            if e is not None:
+                first = f": {e.exception} at {e.op or e.source or 'its step'}"
             parts.append(f"{s.precision.value} is not ({s.status.value}{first})")
     if fix is not None:
         how = f" [{fix.apply}]" if fix.apply else ""
@@ -265,52 +178,48 @@ def compare(config: Config, loaded: Loaded, device: torch.device, precisions: tu
             init_ratios: dict, device_name: str, progress: Callable | None = None) -> Comparison:
     """Replay fp32 and each low precision, line them up, and measure how far each departs from fp32.
 
-    Only fp32's samples and one low precision's are held at a time.
+    The same pipeline as `diagnose` (diagnosis.replay_measured, analyse_trace, build_run); only fp32's samples
+    are held across precisions.
     """
     low = tuple(p for p in precisions if p.is_low)
-    ref_rec = Recorder()
-    traces = {Precision.FP32: replay.replay(config, loaded, Precision.FP32, device, probe=True, progress=progress,
-                                            on_record=ref_rec.on_record, on_grads=ref_rec.on_grads)}
-    ref_live = _live(traces[Precision.FP32].events)
+    ref = diagnosis.replay_measured(config, loaded, Precision.FP32, device, progress)
+    ref.trace.raise_error()  # the step fails without any low precision: exit 2
+    measured = {Precision.FP32: ref}
+    ref_live = _live(ref.trace.events)
     order: dict[tuple, int] = {}
     for e in ref_live:
         order.setdefault(_row_key(e), e.index)
-    spans = {Precision.FP32: _spans(Precision.FP32, ref_live, None)}
-    measured = {}
     for p in low:
-        replay_rec = Recorder()
-        trace = replay.replay(config, loaded, p, device, probe=True, progress=progress,
-                              on_record=replay_rec.on_record, on_grads=replay_rec.on_grads)
-        traces[p] = trace
-        live = _live(trace.events)
-        aligned = diagnosis.align(trace.events, traces[Precision.FP32].events)
-        eps = torch.finfo(p.torch_dtype).eps
-        deltas = _deltas(live, trace.events, aligned, p, replay_rec, ref_rec)
-        spans[p] = _spans(p, live, deltas)
-        measured[p] = {"departs_at": _departure(live, deltas, eps), "aligned": len(aligned),
-                       "grad_rel_error": _grad_error(replay_rec, ref_rec)}
-        del replay_rec  # this precision's samples are no longer needed
-    ref = traces[Precision.FP32]
-    found = {p: diagnosis.analyse_trace(t, ref) for p, t in traces.items()}
-    context = {"fp32_status": found[Precision.FP32]["status"], "statuses": {p: f["status"] for p, f in found.items()},
-               "fix_settings": diagnosis.fix_settings(config, init_ratios, device.type)}
+        measured[p] = diagnosis.replay_measured(config, loaded, p, device, progress, ref)
+    analyses = {p: diagnosis.analyse_trace(m, ref) for p, m in measured.items() if m.trace.error is None}
+    status_of = raised.statuses({p: m.trace for p, m in measured.items()}, {p: a.status for p, a in analyses.items()})
+    ctx = {"fp32_status": status_of[Precision.FP32], "statuses": status_of,
+           "fix_settings": diagnosis.fix_settings(config, init_ratios, device.type)}
+    spans = {Precision.FP32: _spans(Precision.FP32, ref_live, None)}
     summaries = []
-    for p, trace in traces.items():
-        run = diagnosis.build_run(trace, found[p], context)
+    for p, m in measured.items():
+        trace = m.trace
+        a = analyses.get(p)
+        # a replay that raised: no departure to measure, the error is the finding
+        run = raised.errored_run(trace, status_of, ctx["fix_settings"]) if a is None else diagnosis.build_run(a, ctx)
         live = _live(trace.events)
+        deltas = _deltas(m.alignment) if m.alignment is not None else {}
+        if p.is_low:
+            spans[p] = _spans(p, live, deltas)
         heads = [_headroom(e) for e in live]
-        kinds = found[p]["kinds"]
-        m = measured.get(p, {})
+        kinds = a.kinds if a is not None else {}
+        eff = m.effect if a is not None else None
         summaries.append(PrecisionSummary(
             precision=p, mode=trace.mode, status=run.status, first_issue=run.first_issue, metrics=run.metrics,
-            loss_rel_error=_scalar_error(trace.metrics, ref.metrics, "loss") if p.is_low else None,
-            penalty_rel_error=_scalar_error(trace.metrics, ref.metrics, "penalty") if p.is_low else None,
-            grad_rel_error=m.get("grad_rel_error"),
+            loss_rel_error=eff.loss.rel_error if eff is not None and eff.loss is not None else None,
+            penalty_rel_error=eff.penalty.rel_error if eff is not None and eff.penalty is not None else None,
+            grad_rel_error=eff.grad_rel_error if eff is not None else None,
             overflow_ops=kinds.get(FindingKind.OVERFLOW, 0), underflow_ops=kinds.get(FindingKind.UNDERFLOW, 0),
             nan_ops=kinds.get(FindingKind.NAN, 0),
             headroom_max=_min(h[0] for h in heads), headroom_normal=_min(h[1] for h in heads),
-            departs_at=m.get("departs_at"), ops=len(live), aligned=m.get("aligned", len(live)), fixes=run.fixes,
-            kernels=trace.kernels))
+            departs_at=_departure(run.first_issue, deltas) if p.is_low and a is not None else None, ops=len(live),
+            aligned=a.aligned if a is not None else len(live), fixes=run.fixes, kernels=trace.kernels,
+            error=run.error))
     summaries = tuple(summaries)
     return Comparison(
         config=str(config.source) if config.source else None, device=device_name, torch=torch.__version__,

@@ -1,21 +1,32 @@
-"""From replay traces to verdicts: the first op that underflows or overflows, the first non-finite
-value, the chain between them, and the fixes.
+"""From replay traces to verdicts: one typed pipeline for diagnose, compare-precisions, --verify-fix and watch.
 
-Underflow is judged against the fp32 replay of the same step. Ops are aligned on
-(step, phase, module, source line, op, occurrence), not on their index, because autocast adds
-casts that fp32 does not have. An op underflows when at least UNDERFLOW_SHARE of its values are
-non-zero in fp32 but zero or subnormal in the low precision, and the fp32 values reach down into
-the low dtype's subnormal range. A sum or difference whose fp32 result is below one low-precision
-ulp of its inputs has cancelled, not underflowed (D(fake) - D(real) of a critic at init), and is
-not a finding.
+    replay_measured  -> Measured   (a replay, its alignment with fp32 and its effect; alignment.py, effect.py)
+    analyse_trace    -> Analysis   (root cause by provenance, status, notes; provenance.py)
+    build_run        -> RunReport  (with the fixes ranked on the root cause's chain; fixes.py)
+
+A low-precision op departs from fp32 when its output is non-finite, zero where fp32's is not, or off
+by more than thresholds.DEPARTURE. A non-finite run is explained by walking back from the first
+op that made inf or NaN from finite inputs (provenance.py). An underflow that leaves the run finite is a
+finding only when it changes what training sees (effect.py); subnormals with no measurable effect are
+notes and never raise the status.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
+from nanprobe import thresholds as th
+from nanprobe.analysis import alignment as al
 from nanprobe.analysis import fixes as fx
+from nanprobe.analysis import raised
+from nanprobe.analysis.alignment import Alignment, Recorder
+from nanprobe.analysis.effect import Effect, measure
+from nanprobe.analysis.provenance import (RootCause, inputs_nonfinite, lost_eps, makes_nonfinite, nonfinite_cause,
+                                          surviving_eps, underflow_cause)
 from nanprobe.engine import stats as st
 from nanprobe.io.config import Config
 from nanprobe.enums import FindingKind, Phase, Precision, Status
@@ -23,17 +34,6 @@ from nanprobe.engine.probe import OpEvent
 from nanprobe.engine.replay import Trace
 from nanprobe.model.report import ChainLink, Finding, LostUpdates, RunReport, SkippedAttempt
 from nanprobe.engine.stats import TensorStats
-
-UNDERFLOW_SHARE = 0.05
-"""Share of an op's values lost to zero or subnormals that makes an underflow finding."""
-UNDERFLOW_RANGE = 2.0
-"""The fp32 reference's smallest non-zero |x| must be below this many smallest normals of the low dtype."""
-CHAIN_MAX = 8
-"""Longer chains keep their first three and last four links."""
-LOST_UPDATE_SHARE = 0.25
-"""Share of a parameter's moving elements left unchanged by the optimizer step that makes an underflow finding."""
-SCALE_FLOOR = 1.0
-"""A GradScaler scale below this shrinks gradients instead of protecting them: the scale has collapsed."""
 
 _LOW_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # Why some backward nodes make inf or NaN from finite inputs.
@@ -46,79 +46,117 @@ _NODE_WHY = {
     "ReciprocalBackward0": "d (1/x)/dx is infinite at x = 0",
 }
 _DIVIDING = frozenset({"div", "div_", "addcdiv", "addcdiv_"})
-_ADDITIVE = frozenset({"add", "add_", "sub", "sub_", "rsub", "sum", "mean", "addcmul", "addcmul_", "lerp", "lerp_"})
+NOTES_MAX = 3
+"""Underflow candidates with no effect listed by name in a run's notes (the rest are counted)."""
 
 
-def _key_events(events: list[OpEvent]) -> dict[tuple, OpEvent]:
-    seen: dict[tuple, int] = defaultdict(int)
-    keyed = {}
-    for e in events:
-        base = (e.step, e.phase, e.module, e.source, e.op)
-        keyed[base + (seen[base],)] = e
-        seen[base] += 1
-    return keyed
+@dataclass(frozen=True)
+class Measured:
+    """One precision's replay with what was measured against fp32 (both None for fp32 itself)."""
+
+    trace: Trace
+    """The replay."""
+    alignment: Alignment | None = None
+    """Its ops lined up with fp32's, with each op's departure."""
+    effect: Effect | None = None
+    """What training sees against fp32."""
+    recorder: Recorder | None = None
+    """fp32's samples, kept to measure the other precisions against (None for a low precision once measured)."""
+    grad_ops: dict = field(default_factory=dict)
+    """step -> parameter -> index of the op that produced its gradient (where the effect walk starts)."""
+
+    @property
+    def precision(self) -> Precision:
+        return self.trace.precision
 
 
-def _aligned(events: list[OpEvent], ref: dict[tuple, OpEvent]) -> dict[int, OpEvent]:
-    seen: dict[tuple, int] = defaultdict(int)
-    out = {}
-    for e in events:
-        base = (e.step, e.phase, e.module, e.source, e.op)
-        hit = ref.get(base + (seen[base],))
-        seen[base] += 1
-        if hit is not None and hit.shape == e.shape:
-            out[e.index] = hit
-    return out
+@dataclass(frozen=True)
+class Analysis:
+    """The verdict of one replay before its fixes are ranked."""
+
+    precision: Precision
+    """The replay's precision."""
+    status: Status
+    """ok | underflow | overflow | nan."""
+    cause: RootCause | None
+    """Root cause (None when nothing changes what training sees)."""
+    issue: Finding | None
+    """The culprit as the report shows it (the root cause, or the scale collapse)."""
+    nonfinite: Finding | None
+    """The first op whose output holds inf or NaN."""
+    chain: tuple[ChainLink, ...]
+    """The root cause's path, shortened to CHAIN_MAX links."""
+    kinds: dict
+    """FindingKind -> ops with that finding (non-finite made from finite inputs; underflows on the cause's path)."""
+    ops: int
+    """Ops recorded (attempts that count)."""
+    aligned: int
+    """Ops paired with an fp32 op."""
+    collapse: Finding | None
+    """GradScaler's scale collapse, if any."""
+    notes: tuple[str, ...] = ()
+    """Underflows with no measurable effect, and the effect measured."""
+    measured: Measured | None = None
+    """The replay and its measurements."""
+
+    @property
+    def count(self) -> int:
+        return sum(self.kinds.values())
+
+
+def measure_against(trace: Trace, rec: Recorder | None, ref: Measured | None) -> Measured:
+    """A replay lined up with fp32's and its effect measured: the one place both are computed."""
+    if ref is None or not trace.precision.is_low:
+        return Measured(trace, recorder=rec)
+    ratios = al.scale_ratios(trace.metrics, ref.trace.metrics, penalty_scaled=not trace.unscaled_grads)
+    alignment = al.align(trace.events, ref.trace.events, rec, ref.recorder, ratios)
+    effect = measure(trace.precision, trace.metrics, ref.trace.metrics, rec, ref.recorder, trace.lost)
+    return Measured(trace, alignment, effect, grad_ops=dict(rec.grad_ops) if rec is not None else {})
+
+
+def replay_measured(config: Config, loaded, precision: Precision, device: torch.device,
+                    progress: Callable | None = None, ref: Measured | None = None) -> Measured:
+    """Replay one precision under the probe, with the samples the alignment and effect need."""
+    from nanprobe.engine import replay as rp
+
+    rec = Recorder()
+    trace = rp.replay(config, loaded, precision, device, probe=True, progress=progress,
+                      on_record=rec.on_record, on_grads=rec.on_grads)
+    return measure_against(trace, rec, ref)
+
+
+def unmeasured(trace: Trace) -> Measured:
+    """A replay with nothing measured (an interrupted one): judged on its statistics only."""
+    return Measured(trace)
 
 
 def align(events: list[OpEvent], ref_events: list[OpEvent]) -> dict[int, OpEvent]:
     """The fp32 op each recorded low-precision op lines up with, by the low op's index (skipped attempts left out)."""
-    def live(evs):
-        return [e for e in evs if not e.skipped and e.row is not None]
+    return {i: ref_events[j] for i, j in al.pair(events, ref_events).items()}
 
-    return _aligned(live(events), _key_events(live(ref_events)))
+
+def cancelled(e: OpEvent, ref: OpEvent, events: list[OpEvent], eps: float) -> bool:
+    """A sum or difference whose fp32 result is below eps times its inputs: cancellation, not precision loss."""
+    return al.cancelled(e, ref, events, eps)
 
 
 def _fmt(x: float | None) -> str:
     return "none" if x is None else f"{x:.3g}"
 
 
-def _underflow(e: OpEvent, r: OpEvent, in_max: float) -> tuple[float, str] | None:
+def _underflow_detail(e: OpEvent, r: OpEvent | None, lost: float) -> str:
     dt = _LOW_DTYPES.get(e.dtype)
-    if dt is None or r.row is None:
-        return None
-    lo, hi = e.row, r.row
-    lost = max(0.0, lo[st.ZEROS] - hi[st.ZEROS]) + lo[st.SUBNORMAL]
-    share = lost / max(lo[st.NUMEL], 1.0)
-    info = torch.finfo(dt)
-    tiny = info.smallest_normal
-    if share < UNDERFLOW_SHARE or hi[st.MIN_NONZERO] >= UNDERFLOW_RANGE * tiny:
-        return None
-    if e.op.split(".")[1] in _ADDITIVE and hi[st.MAX_ABS] < info.eps * in_max:
-        return None
-    name = "fp16" if dt is torch.float16 else "bf16"
-    detail = (f"{share:.0%} of its {int(lo[st.NUMEL])} values are 0 or subnormal in {name} but non-zero in fp32 "
-              f"(fp32 |x| from {_fmt(hi[st.MIN_NONZERO])} to {_fmt(hi[st.MAX_ABS])}; {name}: {int(lo[st.ZEROS])} zeros, "
-              f"{int(lo[st.SUBNORMAL])} subnormals, smallest normal {tiny:.3g})")
-    return share, detail
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dt, e.dtype)
+    tiny = torch.finfo(dt).smallest_normal if dt is not None else 0.0
+    lo = e.row
+    ref = (f"fp32 |x| from {_fmt(r.row[st.MIN_NONZERO])} to {_fmt(r.row[st.MAX_ABS])}; " if r is not None else "")
+    return (f"{lost:.0%} of its {int(lo[st.NUMEL])} values are 0 or subnormal in {name} but non-zero in fp32 "
+            f"({ref}{name}: {int(lo[st.ZEROS])} zeros, {int(lo[st.SUBNORMAL])} subnormals, smallest normal {tiny:.3g})")
 
 
 def _inputs(e: OpEvent, by_index: list[OpEvent]) -> tuple[bool, bool, float]:
-    nan = inf = False
-    mx = 0.0
-    for p in e.producers:
-        row = by_index[p].row
-        if row is None:
-            continue
-        nan |= row[st.NAN] > 0
-        inf |= row[st.POSINF] + row[st.NEGINF] > 0
-        mx = max(mx, row[st.MAX_ABS])
-    return nan, inf, mx
-
-
-def cancelled(e: OpEvent, ref: OpEvent, events: list[OpEvent], eps: float) -> bool:
-    """A sum or difference whose fp32 result is below eps times its inputs: cancellation, not precision loss."""
-    return e.op.split(".")[1] in _ADDITIVE and ref.row[st.MAX_ABS] < eps * _inputs(e, events)[2]
+    nan, inf = inputs_nonfinite(e, by_index)
+    return nan, inf, al.input_max(e, by_index)
 
 
 def _describe_nonfinite(e: OpEvent, in_nan: bool, in_inf: bool, in_max: float) -> str:
@@ -141,7 +179,7 @@ def _describe_nonfinite(e: OpEvent, in_nan: bool, in_inf: bool, in_max: float) -
         src = "the data as loaded" if e.phase is Phase.DATA else "no recorded inputs"
     dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(e.dtype)
     why = _NODE_WHY.get(e.node or "")
-    if why is None and e.phase is Phase.OPTIMIZER and e.op.split(".")[1] in _DIVIDING and not (in_nan or in_inf):
+    if why is None and e.phase is Phase.OPTIMIZER and al.base(e.op) in _DIVIDING and not (in_nan or in_inf):
         why = "the optimizer divides by sqrt(v) + eps, which is 0 where v is 0 unless eps survives " + e.dtype
     if why is None and dt is not None and (r[st.POSINF] or r[st.NEGINF]) and not (in_nan or in_inf):
         why = f"{e.dtype} max is {torch.finfo(dt).max:.6g}"
@@ -149,12 +187,15 @@ def _describe_nonfinite(e: OpEvent, in_nan: bool, in_inf: bool, in_max: float) -
     return f"{made} from {src}{node}" + (f": {why}" if why else "")
 
 
-def _numbers(e: OpEvent, ref: OpEvent | None, by_index: list[OpEvent], share: float | None = None) -> dict:
+def _numbers(e: OpEvent, ref: OpEvent | None, by_index: list[OpEvent], m: Measured | None = None) -> dict:
     d = {"observed": TensorStats.of(e.row).__dict__ if e.row else None,
          "reference": TensorStats.of(ref.row).__dict__ if ref is not None and ref.row else None,
          "producer_ops": [by_index[p].op for p in e.producers]}
-    if share is not None:
-        d["lost_share"] = round(share, 4)
+    delta = m.alignment.delta(e.index) if m is not None and m.alignment is not None else None
+    if delta is not None:
+        d["lost_share"] = round(delta.lost, 4)
+        d["zeroed"] = round(delta.zeroed, 4)
+        d["rel_error"] = delta.rel_error
     if e.info:
         d.update(e.info)
     return d
@@ -164,38 +205,14 @@ def _finding(e: OpEvent, kind: FindingKind | None, detail: str, numbers: dict) -
     return Finding(kind, e.op, e.module, e.phase, e.step, e.source, detail, e.node, e.dtype, numbers, e.index, e.param)
 
 
-def _lost_update(e: OpEvent) -> tuple[float, str] | None:
-    """An optimizer write that left too many of its weights unchanged (the update was rounded away)."""
+def _lost_update_detail(e: OpEvent) -> str | None:
     lost = (e.info or {}).get("lost_updates")
-    if lost is None or e.dtype not in _LOW_DTYPES or lost["share"] < LOST_UPDATE_SHARE:
+    if lost is None or e.dtype not in _LOW_DTYPES:
         return None
     eps = torch.finfo(_LOW_DTYPES[e.dtype]).eps
-    detail = (f"the update of {lost['lost']} of {lost['elements']} elements of {lost['param']} ({lost['share']:.0%}) "
-              f"was lost: below half an ulp of the {e.dtype} weight ({eps / 4:.2g} to {eps / 2:.2g} of |w|), "
-              f"so w + update == w")
-    return lost["share"], detail
-
-
-def _chain(first: OpEvent, last: OpEvent, by_index: list[OpEvent]) -> list[OpEvent]:
-    """The data path from `first` to `last` through producer links (both ends when unlinked)."""
-    if first.index == last.index:
-        return [first]
-    parent: dict[int, int] = {}
-    stack = [last.index]
-    seen = {last.index}
-    while stack:
-        i = stack.pop()
-        if i == first.index:
-            path = [i]
-            while path[-1] != last.index:
-                path.append(parent[path[-1]])
-            return [by_index[j] for j in path]
-        for p in by_index[i].producers:
-            if p >= first.index and p not in seen:
-                seen.add(p)
-                parent[p] = i
-                stack.append(p)
-    return [first, last]
+    return (f"the update of {lost['lost']} of {lost['elements']} elements of {lost['param']} ({lost['share']:.0%}) "
+            f"was lost: below half an ulp of the {e.dtype} weight ({eps / 4:.2g} to {eps / 2:.2g} of |w|), "
+            f"so w + update == w")
 
 
 def _link(e: OpEvent) -> ChainLink:
@@ -206,54 +223,199 @@ def _link(e: OpEvent) -> ChainLink:
 
 
 def _shorten(links: list[ChainLink]) -> tuple[ChainLink, ...]:
-    if len(links) <= CHAIN_MAX:
+    if len(links) <= th.CHAIN_MAX:
         return tuple(links)
     gap = len(links) - 7
     marker = ChainLink("...", "", links[3].phase, links[3].step, f"{gap} ops left out", -1)
     return tuple(links[:3] + [marker] + links[-4:])
 
 
-def analyse_trace(trace: Trace, ref: Trace | None) -> dict:
-    """Findings of one trace (fp32 or low, against fp32)."""
-    by_index = trace.events
-    live = [e for e in by_index if not e.skipped and e.row is not None]
-    aligned = _aligned(live, _key_events([e for e in ref.events if not e.skipped and e.row is not None])) \
-        if ref is not None and trace.precision.is_low else {}
-    first_issue = first_nonfinite = None
-    worst = Status.OK
-    count = 0
+def _short(e: OpEvent) -> str:
+    return f"{e.module or '(outside modules)'} {e.phase.value} {al.base(e.op)}" + (f" ({e.node})" if e.node else "")
+
+
+def _cause_finding(cause: RootCause, m: Measured, ref: Trace | None) -> Finding:
+    events = m.trace.events
+    e = events[cause.culprit]
+    a = m.alignment
+    r = ref.events[a.delta(e.index).ref] if a is not None and ref is not None and a.delta(e.index) else None
+    numbers = _numbers(e, r, events, m)
+    if cause.nonfinite is not None and cause.culprit == cause.nonfinite:
+        in_nan, in_inf, in_max = _inputs(e, events)
+        detail = _describe_nonfinite(e, in_nan, in_inf, in_max)
+    elif cause.guard is not None and cause.culprit == cause.guard:
+        f = events[cause.nonfinite]
+        in_nan, in_inf, in_max = _inputs(f, events)
+        low = f" (fp32 |x| down to {_fmt(r.row[st.MIN_NONZERO])})" if r is not None else ""
+        detail = (f"the eps {cause.eps:g} it adds rounds to 0 in {e.dtype}, so its output is 0 where fp32's is "
+                  f"not{low}; then {_short(f)}: "
+                  f"{_describe_nonfinite(f, in_nan, in_inf, in_max)}")
+    elif cause.kind is FindingKind.UNDERFLOW and _lost_update_detail(e) is not None:
+        detail = _lost_update_detail(e)
+    else:
+        d = a.delta(e.index) if a is not None else None
+        detail = _underflow_detail(e, r, max(d.lost, d.zeroed) if d is not None else 0.0)
+        if cause.nonfinite is not None:
+            f = events[cause.nonfinite]
+            detail += f"; it leads to the non-finite value at {_short(f)}"
+    if cause.guard is not None:
+        g, o = events[cause.guard], events[cause.origin]
+        if cause.culprit != cause.guard:
+            detail += (f"; eps={cause.eps:g} added at {_short(g)} rounds to 0 in {g.dtype}, so nothing keeps the "
+                       f"input away from 0")
+        if cause.origin != cause.guard:
+            detail += f" (the zeros come from {_short(o)}, which flushed)"
+        numbers["eps"] = cause.eps
+        numbers["eps_in_dtype"] = 0.0
+    if m.effect is not None and cause.nonfinite is None:
+        detail += f"; effect: {m.effect.summary()}"
+    if m.effect is not None:
+        numbers["effect"] = {"loss": m.effect.loss.rel_error if m.effect.loss else None,
+                             "penalty": m.effect.penalty.rel_error if m.effect.penalty else None,
+                             "grad": m.effect.grad_rel_error, "tolerance": m.effect.tolerance,
+                             "params_off": [p.param for p in m.effect.off_params]}
+    return _finding(e, cause.kind, detail, numbers)
+
+
+def _notes(m: Measured, cause: RootCause | None) -> list[str]:
+    a, eff = m.alignment, m.effect
+    if a is None or eff is None:
+        return []
+    on_path = set(cause.path) if cause is not None else set()
+    quiet = [i for i, d in sorted(a.deltas.items()) if d.candidate and i not in on_path]
+    if not quiet:
+        return []
+    events = m.trace.events
+    named = ", ".join(f"{_short(events[i])} ({a.delta(i).lost:.0%} 0 or subnormal)" for i in quiet[:NOTES_MAX])
+    more = f" and {len(quiet) - NOTES_MAX} more" if len(quiet) > NOTES_MAX else ""
+    what = "not on the path to the root cause" if cause is not None else "with no measurable effect"
+    return [f"subnormals {what}: {named}{more}; {eff.summary()}"]
+
+
+def masked(trace: Trace) -> bool:
+    """Every step's loss, penalty and gradient norm is finite and no optimizer op made inf or NaN: a non-finite
+    value made along the way was masked before training saw it."""
+    if not trace.metrics or trace.stopped:
+        return False
+    for m in trace.metrics:
+        if m.skipped or any(v is not None and not math.isfinite(v) for v in (m.loss, m.penalty, m.grad_norm)):
+            return False
+    return not any(e.phase is Phase.OPTIMIZER and (e.has_nan or e.has_inf) for e in al.live(trace.events))
+
+
+def analyse_trace(m: "Measured | Trace", ref: "Measured | Trace | None" = None) -> Analysis:
+    """The verdict of one replay (fp32, or a low precision measured against fp32)."""
+    if isinstance(m, Trace):
+        m = unmeasured(m)
+    ref_trace = ref.trace if isinstance(ref, Measured) else ref
+    trace = m.trace
+    events = trace.events
+    live = al.live(events)
     kinds: dict[FindingKind, int] = defaultdict(int)
     for e in live:
-        in_nan, in_inf, in_max = _inputs(e, by_index)
-        kind, detail, share = None, "", None
-        if e.has_nan and not in_nan:
-            kind = FindingKind.NAN
-        elif e.has_inf and not in_inf and not in_nan:
-            kind = FindingKind.OVERFLOW
-        elif e.phase is Phase.OPTIMIZER and not (e.has_nan or e.has_inf) and _lost_update(e) is not None:
-            kind = FindingKind.UNDERFLOW
-            share, detail = _lost_update(e)
-        elif e.index in aligned and not (e.has_nan or e.has_inf):
-            hit = _underflow(e, aligned[e.index], in_max)
-            if hit is not None:
-                kind = FindingKind.UNDERFLOW
-                share, detail = hit
-        if kind is not None and kind is not FindingKind.UNDERFLOW:
-            detail = _describe_nonfinite(e, in_nan, in_inf, in_max)
-        if kind is not None:
-            count += 1
-            kinds[kind] += 1
-            if Status.of(kind).severity > worst.severity:
-                worst = Status.of(kind)
-            if first_issue is None:
-                first_issue = (e, kind, detail, share)
-        if first_nonfinite is None and (e.has_nan or e.has_inf):
-            first_nonfinite = (e, in_nan, in_inf, in_max)
+        k = makes_nonfinite(e, events)
+        if k is not None:
+            kinds[k] += 1
+    cause = nonfinite_cause(events, m.alignment)
+    masked_note = None
+    if cause is not None and masked(trace):
+        f = events[cause.nonfinite]
+        masked_note = (f"{_short(f)} made a non-finite value that nothing training sees inherits (the loss, "
+                       f"the penalty, the gradients and the updates stay finite): masked by a later op, no effect")
+        cause = None
+        kinds.pop(FindingKind.NAN, None)
+        kinds.pop(FindingKind.OVERFLOW, None)
+    if cause is None:
+        cause = underflow_cause(events, m.alignment, m.effect, m.grad_ops)
+    if cause is not None and m.alignment is not None:
+        under = sum(1 for i in cause.path if m.alignment.delta(i) is not None and m.alignment.delta(i).candidate)
+        if cause.kind is FindingKind.UNDERFLOW:
+            under = max(under, 1)
+        if under:
+            kinds[FindingKind.UNDERFLOW] += under
+    worst = Status.OK
+    for k in kinds:
+        if Status.of(k).severity > worst.severity:
+            worst = Status.of(k)
     collapse = scale_collapse(trace)
     if collapse is not None and Status.of(collapse.kind).severity > worst.severity:
         worst = Status.of(collapse.kind)
-    return {"issue": first_issue, "nonfinite": first_nonfinite, "status": worst, "count": count,
-            "kinds": dict(kinds), "aligned": aligned, "ops": len(live), "collapse": collapse}
+    issue = _cause_finding(cause, m, ref_trace) if cause is not None else collapse
+    first_nf = None if masked_note else next((e for e in live if e.has_nan or e.has_inf), None)
+    nonfinite = None
+    if first_nf is not None:
+        in_nan, in_inf, in_max = _inputs(first_nf, events)
+        r = None
+        if m.alignment is not None and ref_trace is not None and m.alignment.delta(first_nf.index) is not None:
+            r = ref_trace.events[m.alignment.delta(first_nf.index).ref]
+        nonfinite = _finding(first_nf, makes_nonfinite(first_nf, events),
+                             _describe_nonfinite(first_nf, in_nan, in_inf, in_max), _numbers(first_nf, r, events, m))
+    chain: tuple[ChainLink, ...] = ()
+    if cause is not None and len(cause.path) > 1:
+        start = cause.path.index(cause.origin) if cause.origin in cause.path else 0
+        chain = _shorten([_link(events[i]) for i in cause.path[start:]])
+    aligned = len(m.alignment.pairs) if m.alignment is not None else len(live)
+    notes = ([masked_note] if masked_note else []) + _notes(m, cause)
+    return Analysis(trace.precision, worst, cause, issue, nonfinite, chain, dict(kinds), len(live), aligned, collapse,
+                    tuple(notes), m)
+
+
+def _chain_ops(cause: RootCause | None, m: Measured) -> tuple[fx.ChainOp, ...]:
+    if cause is None:
+        return ()
+    events = m.trace.events
+    out = []
+    for i in cause.path:
+        e = events[i]
+        d = m.alignment.delta(i) if m.alignment is not None else None
+        out.append(fx.ChainOp(al.base(e.op), e.node, e.dtype, e.phase, e.module, e.scalars,
+                              zeroed=bool(d is not None and (d.zeroed > 0 or d.flushed > 0)) or e.row[st.ZEROS] > 0,
+                              nonfinite=e.has_nan or e.has_inf, cast=al.is_cast(e), lost_eps=lost_eps(e),
+                              kept_eps=surviving_eps(e), index=i))
+    return tuple(out)
+
+
+def _after(cause: RootCause | None, m: Measured, limit: int = 4) -> tuple[fx.ChainOp, ...]:
+    """The ops fed by the culprit's output, nearest first (a forward chain, following the first consumer)."""
+    if cause is None:
+        return ()
+    events = m.trace.events
+    out, cur = [], cause.culprit
+    for e in events[cause.culprit + 1:]:
+        if len(out) >= limit:
+            break
+        if cur in e.producers and not e.skipped and e.row is not None:
+            out.append(fx.ChainOp(al.base(e.op), e.node, e.dtype, e.phase, e.module, e.scalars,
+                                  nonfinite=e.has_nan or e.has_inf, cast=al.is_cast(e), index=e.index))
+            cur = e.index
+    return tuple(out)
+
+
+def _feeds(cause: RootCause | None, m: Measured) -> tuple[fx.ChainOp, ...]:
+    """The origin's inputs' producers, looking through casts (a sigmoid behind autocast's cast)."""
+    if cause is None:
+        return ()
+    events = m.trace.events
+    out, todo, seen = [], list(events[cause.origin].producers), set()
+    while todo and len(out) < 8:
+        i = todo.pop(0)
+        if i in seen:
+            continue
+        seen.add(i)
+        e = events[i]
+        if al.is_cast(e):
+            todo.extend(e.producers)
+            continue
+        out.append(fx.ChainOp(al.base(e.op), e.node, e.dtype, e.phase, e.module, e.scalars,
+                              zeroed=e.row is not None and e.row[st.ZEROS] > 0, index=i))
+    return tuple(out)
+
+
+def penalty_in_fp32(trace: Trace) -> bool:
+    """The penalty's input gradient was computed in fp32 (outside autocast): scaling it would change nothing."""
+    grads = [e for e in al.live(trace.events) if e.phase is Phase.INPUT_GRAD and e.dtype in ("float16", "bfloat16",
+                                                                                               "float32")]
+    return bool(grads) and all(e.dtype == "float32" for e in grads)
 
 
 def _first_bad(trace: Trace, step: int, attempt: int | None) -> OpEvent | None:
@@ -285,7 +447,7 @@ def scale_collapse(trace: Trace) -> Finding | None:
 
     One skipped first step is the scaler finding its level. It has collapsed when a step is still skipped
     after every retry, when every replayed step (two or more) needed a skip, or when the scale fell below
-    SCALE_FLOOR.
+    th.SCALE_FLOOR.
     """
     metrics = trace.metrics
     if not metrics or metrics[0].scale is None:
@@ -294,7 +456,7 @@ def scale_collapse(trace: Trace) -> Finding | None:
     skip_steps = {s for s, _, _ in trace.skipped} | set(persistent)
     tried = [sc for _, _, sc in trace.skipped] + [m.scale for m in metrics]
     every = len(metrics) >= 2 and len(skip_steps) == len(metrics)
-    if not (persistent or every or min(tried) < SCALE_FLOOR):
+    if not (persistent or every or min(tried) < th.SCALE_FLOOR):
         return None
     bad = [_first_bad(trace, s, a) for s, a, _ in trace.skipped] + [_first_bad(trace, s, None) for s in persistent]
     bad = [e for e in bad if e is not None]
@@ -323,8 +485,8 @@ def scale_collapse(trace: Trace) -> Finding | None:
 
 def unscaled_penalty(trace: Trace) -> Finding | None:
     """A torch.autograd.grad call on outputs the GradScaler did not scale, in an fp16 run (bf16 needs no scaling)."""
-    if trace.precision is not Precision.FP16 or not trace.unscaled_grads:
-        return None
+    if trace.precision is not Precision.FP16 or not trace.unscaled_grads or penalty_in_fp32(trace):
+        return None  # a penalty computed in fp32 outside autocast needs no scaling
     step, source = trace.unscaled_grads[0]
     calls = sum(1 for s, src in trace.unscaled_grads if src == source)
     detail = (f"torch.autograd.grad at {source or 'an unknown line'} takes outputs that scaler.scale did not scale "
@@ -353,37 +515,26 @@ def _growth(metrics: tuple, step: int) -> float:
     return norms[step] / norms[0] if step in norms and 0 in norms else 1.0
 
 
-def build_run(trace: Trace, found: dict, context: dict) -> RunReport:
-    """One precision's RunReport from its findings and the context shared by all runs."""
+def build_run(a: Analysis, context: dict) -> RunReport:
+    """One precision's RunReport from its analysis and the context shared by all runs."""
+    m = a.measured
+    trace = m.trace
     by_index = trace.events
-    issue = nonfinite = None
-    chain: tuple[ChainLink, ...] = ()
-    if found["issue"] is not None:
-        e, kind, detail, share = found["issue"]
-        issue = _finding(e, kind, detail, _numbers(e, found["aligned"].get(e.index), by_index, share))
-    if found["nonfinite"] is not None:
-        e, in_nan, in_inf, in_max = found["nonfinite"]
-        kind = FindingKind.NAN if e.has_nan and not in_nan else (FindingKind.OVERFLOW if not (in_inf or in_nan) else None)
-        nonfinite = _finding(e, kind, _describe_nonfinite(e, in_nan, in_inf, in_max),
-                             _numbers(e, found["aligned"].get(e.index), by_index))
-        if found["issue"] is not None:
-            path = _chain(found["issue"][0], e, by_index)
-            chain = _shorten([_link(x) for x in path])
-    status = found["status"]
-    collapse = found["collapse"]
-    issue = issue or collapse
+    status, issue, nonfinite, collapse = a.status, a.issue, a.nonfinite, a.collapse
     unscaled = unscaled_penalty(trace)
     first = issue or nonfinite
     fp32_ok = context["fp32_status"] is Status.OK
-    chain_nodes = tuple(x.node for x in (by_index[c.index] for c in chain if c.index >= 0) if x.node)
+    chain_ops = _chain_ops(a.cause, m)
+    culprit = next((c for c in chain_ops if a.cause is not None and c.index == a.cause.culprit), None)
+    chain_nodes = tuple(x.node for x in (by_index[c.index] for c in a.chain if c.index >= 0) if x.node)
     ctx = fx.FixContext(
         precision=trace.precision, mode=trace.mode, status=status, issue=issue, nonfinite=nonfinite,
-        chain_nodes=chain_nodes, fp32_ok=fp32_ok or not trace.precision.is_low, collapse=collapse,
-        unscaled_penalty=unscaled is not None,
+        chain_nodes=chain_nodes, chain=chain_ops, culprit=culprit, after=_after(a.cause, m), feeds=_feeds(a.cause, m), fp32_ok=fp32_ok or not trace.precision.is_low,
+        collapse=collapse, unscaled_penalty=unscaled is not None, penalty_fp32=penalty_in_fp32(trace),
         weight_growth=_growth(tuple(trace.metrics), first.step) if first is not None else 1.0,
         other={p: s for p, s in context["statuses"].items() if p is not trace.precision}, framework=trace.framework,
         **context["fix_settings"])
-    notes = []
+    notes = list(a.notes)
     if trace.precision.is_low and not fp32_ok and status is not Status.OK:
         notes.append("fp32 fails too: this is not a precision problem")
     if trace.stopped:
@@ -391,8 +542,8 @@ def build_run(trace: Trace, found: dict, context: dict) -> RunReport:
     return RunReport(
         precision=trace.precision, mode=trace.mode, status=status,
         precision_problem=trace.precision.is_low and fp32_ok and status is not Status.OK,
-        first_issue=issue, first_nonfinite=nonfinite, chain=chain, fixes=fx.rank(ctx),
-        metrics=tuple(trace.metrics), skipped=_skips(trace), ops=found["ops"], findings=found["count"],
+        first_issue=issue, first_nonfinite=nonfinite, chain=a.chain, fixes=fx.rank(ctx),
+        metrics=tuple(trace.metrics), skipped=_skips(trace), ops=a.ops, findings=a.count,
         notes=tuple(notes), failed_step=first.step if first is not None else None,
         lost_updates=lost_updates(trace), scale_collapse=collapse, unscaled_penalty=unscaled,
         kernels=trace.kernels)
@@ -406,12 +557,31 @@ def fix_settings(config: Config, init_ratios: dict, device: str, init_checks: tu
             "fp32_modules": tuple(config.precision.fp32_modules)}
 
 
-def analyse(config: Config, traces: dict[Precision, Trace], requested: tuple[Precision, ...],
+def shared_context(config: Config, analyses: dict, init_ratios: dict, device: str, init_checks: tuple = ()) -> dict:
+    """What every run's fix ranking shares: fp32's status, each precision's status, the config's settings."""
+    return {"fp32_status": analyses[Precision.FP32].status,
+            "statuses": {p: x.status for p, x in analyses.items()},
+            "fix_settings": fix_settings(config, init_ratios, device, init_checks)}
+
+
+def analyse_all(measured: dict) -> dict:
+    """Analysis per precision (fp32 is the reference)."""
+    ref = measured[Precision.FP32]
+    return {p: analyse_trace(m, ref) for p, m in measured.items()}
+
+
+def analyse(config: Config, measured: dict, requested: tuple[Precision, ...],
             init_ratios: dict, device: str, init_checks: tuple = ()) -> tuple[RunReport, ...]:
-    """RunReports for the requested precisions (fp32 is the reference whether requested or not)."""
-    ref = traces[Precision.FP32]
-    found = {p: analyse_trace(t, ref) for p, t in traces.items()}
-    context = {"fp32_status": found[Precision.FP32]["status"],
-               "statuses": {p: f["status"] for p, f in found.items()},
-               "fix_settings": fix_settings(config, init_ratios, device, init_checks)}
-    return tuple(build_run(traces[p], found[p], context) for p in requested)
+    """RunReports for the requested precisions (fp32 is the reference whether requested or not).
+
+    `measured` maps each precision to its Measured replay (a bare Trace is judged on its statistics only).
+    A precision whose replay raised gets status `error` (analysis.raised); the others are analysed as usual.
+    """
+    measured = {p: (m if isinstance(m, Measured) else unmeasured(m)) for p, m in measured.items()}
+    ref = measured[Precision.FP32]
+    analyses = {p: analyse_trace(m, ref) for p, m in measured.items() if m.trace.error is None}
+    status_of = raised.statuses({p: m.trace for p, m in measured.items()}, {p: x.status for p, x in analyses.items()})
+    ctx = {"fp32_status": status_of[Precision.FP32], "statuses": status_of,
+           "fix_settings": fix_settings(config, init_ratios, device, init_checks)}
+    return tuple(raised.errored_run(measured[p].trace, status_of, ctx["fix_settings"])
+                 if measured[p].trace.error is not None else build_run(analyses[p], ctx) for p in requested)

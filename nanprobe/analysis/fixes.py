@@ -10,11 +10,41 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nanprobe.enums import FindingKind, Framework, Mode, Phase, Precision, Status
-from nanprobe.model.report import Finding, FixSuggestion
+from nanprobe.model.report import Finding, FixSuggestion, ReplayError
 from nanprobe.thresholds import DIVERGENCE_GROWTH, INIT_FACTOR, INIT_SMALL_FACTOR, init_off_scale
 
 _NORM_NODES = ("SqrtBackward0", "LinalgVectorNormBackward0", "NormBackward1", "PowBackward0", "RsqrtBackward0")
 _PRECISION_FIXES = frozenset({"gp-fp32", "gp-scaled", "grad-scaler", "bf16", "fp32-module", "master-weights"})
+
+
+@dataclass(frozen=True)
+class ChainOp:
+    """One op on the root cause's path, as the fix rules see it."""
+
+    op: str
+    """aten op's base name (sqrt, add_, _to_copy)."""
+    node: str | None
+    """Autograd node (backward ops)."""
+    dtype: str
+    """Output dtype."""
+    phase: Phase
+    """Phase."""
+    module: str
+    """Module path."""
+    scalars: tuple = ()
+    """Python float arguments (an eps, a power)."""
+    zeroed: bool = False
+    """Its output holds zeros where fp32's does not (or zeros at all, without a reference)."""
+    nonfinite: bool = False
+    """Its output holds inf or NaN."""
+    cast: bool = False
+    """A cast, copy or reshape (rules look through it)."""
+    lost_eps: float | None = None
+    """An eps it adds that rounds to 0 in its dtype."""
+    kept_eps: float | None = None
+    """An eps it adds that survives its dtype (a guard already in place)."""
+    index: int = -1
+    """Event index."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +63,16 @@ class FixContext:
     """First non-finite value."""
     chain_nodes: tuple = ()
     """Autograd nodes and ops on the chain."""
+    chain: tuple[ChainOp, ...] = ()
+    """The root cause's path, origin first, end (the non-finite op or the gradient that is off) last."""
+    culprit: ChainOp | None = None
+    """The op the headline names (one of `chain`)."""
+    after: tuple[ChainOp, ...] = ()
+    """The ops that consume the culprit's output, nearest first (what it was feeding)."""
+    feeds: tuple[ChainOp, ...] = ()
+    """The ops whose outputs the chain's origin takes (casts looked through): what it was fed."""
+    penalty_fp32: bool = False
+    """The penalty's input gradient is computed in fp32 outside autocast (scaling it would change nothing)."""
     fp32_ok: bool = True
     """The fp32 replay found nothing."""
     other: dict = field(default_factory=dict)
@@ -67,9 +107,18 @@ class FixContext:
     """Weight norm at the failing step over step 0's."""
     framework: Framework = Framework.TORCH
     """What the models are written in: the snippets are in its terms."""
+    error: ReplayError | None = None
+    """What the replay raised (status error), or None."""
 
     def phases(self) -> set:
         return {f.phase for f in (self.issue, self.nonfinite, self.collapse) if f is not None}
+
+    def path(self) -> tuple[ChainOp, ...]:
+        """The chain with casts, copies and reshapes left out."""
+        return tuple(x for x in self.chain if not x.cast)
+
+    def end(self) -> ChainOp | None:
+        return self.chain[-1] if self.chain else None
 
     def kinds(self) -> set:
         return {f.kind for f in (self.issue, self.nonfinite, self.collapse) if f is not None and f.kind is not None}
@@ -124,20 +173,67 @@ class Fix:
     """Framework -> Variant for models not written in PyTorch; None: the fix does not exist there."""
 
 
+_SINGULAR = frozenset({"sqrt", "rsqrt", "div", "div_", "reciprocal", "pow", "norm", "linalg_vector_norm"})
+_LOGS = frozenset({"log", "log1p", "binary_cross_entropy", "binary_cross_entropy_backward"})
+_SIGN_FLIPS = frozenset({"rsub", "neg", "sub", "mul"})  # 1 - sigmoid(x), -sigmoid(x): still the sigmoid's values
+_EXPS = frozenset({"exp", "exp_", "softmax", "_softmax", "log_softmax", "_log_softmax", "exp2", "expm1"})
+
+
+def _fed_by_sigmoid(c: "FixContext", path: tuple[ChainOp, ...], i: int) -> bool:
+    """The op at path[i] takes sigmoid's values (through casts, 1 - s, -s), on the path or feeding its origin."""
+    j = i - 1
+    while j >= 0 and path[j].op in _SIGN_FLIPS:
+        j -= 1
+    if j >= 0:
+        return path[j].op == "sigmoid"
+    return any(x.op == "sigmoid" for x in c.feeds)
+
+
+def _singular_at_zero(x: ChainOp) -> bool:
+    """An op (or its backward) that is infinite at 0: sqrt, rsqrt, a fractional power, a division, log."""
+    if x.node in _NORM_NODES or x.node in ("DivBackward0", "ReciprocalBackward0"):
+        return True
+    if x.op == "pow":
+        return any(0 < s < 1 for s in x.scalars) or not x.scalars
+    return x.op in _SINGULAR
+
+
+def _eps_failed(c: FixContext) -> bool:
+    """A zero reached an op infinite at 0 while the eps meant to keep it away rounded to 0."""
+    return any(x.lost_eps is not None for x in c.chain)
+
+
+def _eps_kept(c: FixContext) -> bool:
+    return any(x.kept_eps is not None for x in c.chain)
+
+
 def _amp_low(c: FixContext) -> bool:
     return c.precision.is_low and c.mode is Mode.AMP
 
 
 def _penalty_hit(c: FixContext) -> float:
-    if not (_amp_low(c) and not c.gp_fp32 and Phase.INPUT_GRAD in c.phases()):
+    if c.penalty_fp32 or not (_amp_low(c) and not c.gp_fp32 and Phase.INPUT_GRAD in c.phases()):
         return 0.0
     return 92.0
 
 
 def _safe_norm(c: FixContext) -> float:
+    end = c.end()
+    if end is not None and end.phase is Phase.OPTIMIZER:
+        return 0.0  # the optimizer's own eps: adam-eps
+    if c.status not in (Status.NAN, Status.OVERFLOW):
+        return 0.0
+    if end is not None and end.nonfinite and _singular_at_zero(end):
+        if _eps_failed(c):
+            return 97.0  # the eps is there but rounds to 0: one that survives the dtype
+        if _eps_kept(c):
+            return 0.0  # guarded already
+        if any(x.zeroed for x in c.chain + c.feeds) or end.node in _NORM_NODES:
+            return 90.0 if c.fp32_ok else 97.0
+        return 0.0
     hit = any(n in c.chain_nodes for n in _NORM_NODES) or (
         c.nonfinite is not None and (c.nonfinite.node or "") in _NORM_NODES)
-    if not hit or c.status is not Status.NAN:
+    if not hit or c.status is not Status.NAN or _eps_kept(c):
         return 0.0
     return 90.0 if c.fp32_ok else 97.0
 
@@ -153,10 +249,14 @@ def _grad_scaler(c: FixContext) -> float:
 
 def _fp32_module(c: FixContext) -> float:
     i = c.issue
-    if not c.precision.is_low or i is None or i.phase is not Phase.FORWARD or not i.module or i.module == "data":
+    if not c.precision.is_low or i is None or not i.module or i.module == "data" or i.module in c.fp32_modules:
         return 0.0
-    if i.module in c.fp32_modules:
+    if i.phase in (Phase.BACKWARD, Phase.INPUT_GRAD) and i.kind in (FindingKind.OVERFLOW, FindingKind.NAN):
+        return 80.0  # the module's own backward (an InstanceNorm's double backward) overflows: in fp32 it does not
+    if i.phase is not Phase.FORWARD:
         return 0.0
+    if i.kind is FindingKind.UNDERFLOW and _eps_failed(c):
+        return 90.0  # the module's own eps rounds to 0 in the dtype: in fp32 it survives
     return 85.0 if i.kind in (FindingKind.OVERFLOW, FindingKind.NAN) else 0.0
 
 
@@ -166,6 +266,8 @@ def _bf16(c: FixContext) -> float:
     bf16 = c.other.get(Precision.BF16)
     if bf16 is not None and bf16 is not Status.OK:
         return 0.0
+    if c.error is not None and bf16 is not Status.OK:
+        return 0.0  # an op that raises in fp16 (no kernel for the dtype) may well raise in bf16: only a bf16 replay says
     base = 84.0 if FindingKind.OVERFLOW in c.kinds() else 70.0
     return base if bf16 is Status.OK else base - 20
 
@@ -188,6 +290,9 @@ def _eps_lost(c: FixContext) -> bool:
 
 
 def _adam_eps(c: FixContext) -> float:
+    end = c.end()
+    if end is not None and end.phase is Phase.OPTIMIZER and end.op in ("addcdiv", "addcdiv_") and _eps_failed(c):
+        return 95.0
     return 95.0 if Phase.OPTIMIZER in c.phases() and _eps_lost(c) else 0.0
 
 
@@ -205,6 +310,8 @@ def _lower_lr(c: FixContext) -> float:
 
 
 def _gp_scaled(c: FixContext) -> float:
+    if c.penalty_fp32:
+        return 0.0  # the penalty is computed in fp32 outside autocast: nothing to scale
     if c.unscaled_penalty and c.precision is Precision.FP16 and (
             c.collapse is not None or Phase.INPUT_GRAD in c.phases() or c.status is not Status.OK):
         return 96.0  # a scaler is on but the penalty bypasses it: the recipe is the fix
@@ -227,11 +334,45 @@ def _init(c: FixContext) -> float:
     return 0.0
 
 
+def _fp32_op(c: FixContext) -> float:
+    cul = c.culprit
+    if cul is None or not c.precision.is_low or cul.dtype not in ("float16", "bfloat16"):
+        return 0.0
+    if cul.op in _EXPS and cul.nonfinite:
+        return 88.0  # exp / softmax of logits above log(max): in fp32, or scale the logits
+    end = c.end()
+    if end is not None and end.phase is not Phase.OPTIMIZER and end.nonfinite and _singular_at_zero(end) \
+            and _eps_failed(c):
+        return 80.0
+    return 0.0
+
+
 def _data(c: FixContext) -> float:
     return 100.0 if c.issue is not None and c.issue.phase is Phase.DATA else 0.0
 
 
+def _op_name(op: str | None) -> str:
+    """binary_cross_entropy for aten.binary_cross_entropy.default and torch.nn.functional.binary_cross_entropy."""
+    if not op:
+        return ""
+    return op.split(".")[1] if op.startswith("aten.") else op.rsplit(".", 1)[-1]
+
+
 def _logits(c: FixContext) -> float:
+    e = c.error
+    if e is not None and _op_name(e.op) == "binary_cross_entropy" and "autocast" in e.message:
+        return 99.0  # autocast refuses BCE on probabilities (CUDA's lists): the logits form is its own fix
+    path = c.path()
+    for i, x in enumerate(path):
+        if x.op.startswith("binary_cross_entropy") and "with_logits" not in x.op:
+            return 98.0
+        if x.op in _LOGS and _fed_by_sigmoid(c, path, i):
+            return 98.0
+    cul = c.culprit
+    if cul is not None and cul.op in ("exp", "exp_") and cul.nonfinite:
+        nxt = [x.op for x in c.after if not x.cast][:2]
+        if nxt and (nxt[0] in _LOGS or (nxt[0] in ("add", "add_") and len(nxt) > 1 and nxt[1] in _LOGS)):
+            return 98.0  # log(1 + exp(x)) is softplus(x)
     for f in (c.issue, c.nonfinite):
         if f is not None and f.op.startswith("aten.log") and "aten.sigmoid" in f.numbers.get("producer_ops", ()):
             return 98.0
@@ -259,14 +400,18 @@ CATALOGUE: tuple[Fix, ...] = (
         "constant = flat.max(1) == flat.min(1)        # constant images: {constant_samples}\n"
         "x = x[~(bad | constant)]\n"
         "{normalise}")}),
-    Fix("logits-loss", "Use a logits loss (softplus) instead of log(sigmoid(x))",
+    Fix("logits-loss", "Use a logits loss (softplus, BCE-with-logits) instead of log(sigmoid(x)) or BCELoss",
         "sigmoid(x) rounds to exactly 0 or 1 in low precision for |x| above ~17 (fp16), so log gives -inf "
-        "and the gradient NaN; softplus computes the same loss from the logits without the rounding.",
+        "and the gradient NaN, and CUDA autocast refuses nn.BCELoss on probabilities for that reason; softplus "
+        "and BCE-with-logits compute the same loss from the logits without the rounding.",
         "loss_real = F.softplus(-d_real).mean()   # = -log(sigmoid(d_real))\n"
         "loss_fake = F.softplus(d_fake).mean()    # = -log(1 - sigmoid(d_fake))\n"
-        "# or F.binary_cross_entropy_with_logits(d, target)",
+        "# or, in place of nn.BCELoss() on torch.sigmoid(critic(x)):\n"
+        "criterion = nn.BCEWithLogitsLoss()\n"
+        "loss = criterion(critic(x), target)      # the logits, no sigmoid",
         None, _logits,
-        when="log of a sigmoid gives -inf: sigmoid rounded to exactly 0 or 1 in low precision",
+        when="log of a sigmoid gives -inf: sigmoid rounded to exactly 0 or 1 in low precision; or the step raised "
+             "because autocast refuses binary_cross_entropy (nn.BCELoss) on probabilities",
         variants={Framework.KERAS: Variant(
         "loss_real = keras.ops.mean(keras.ops.softplus(-d_real))   # = -log(sigmoid(d_real))\n"
         "loss_fake = keras.ops.mean(keras.ops.softplus(d_fake))    # = -log(1 - sigmoid(d_fake))\n"
@@ -433,6 +578,13 @@ CATALOGUE: tuple[Fix, ...] = (
         title="Run {module} in float32 (or clamp its activations)",
         why="{module} produces values beyond {low}'s max ({max}); a float32 dtype policy for that layer keeps "
             "them finite, and clamping (StyleGAN2-ADA's conv_clamp=256) keeps the rest of the network in range.")}),
+    Fix("fp32-op", "Compute {culprit_op} in fp32 (or scale its input)",
+        "{culprit_op} is computed in {low} here: {culprit_why}. Casting its input to float32 for that op keeps "
+        "the rest of the step in {low}.",
+        "{culprit_snippet}",
+        None, _fp32_op,
+        when="the root cause is one op (exp, pow, a division) whose result leaves the low dtype's range; "
+             "computing that op in fp32 keeps the rest of the step in the low precision"),
     Fix("bf16", "Train in bf16 instead of fp16",
         "bf16 has fp32's exponent range (max 3.4e38, normals down to 1.2e-38), so neither the overflow at "
         "65504 nor the underflow below 6.1e-5 happens, and no loss scaling is needed.",
@@ -502,9 +654,36 @@ def _vars(c: FixContext) -> dict:
         "init_std": f"{worst.std:.3g}" if worst else "?", "init_he": f"{worst.he:.3g}" if worst else "?",
         "init_call": worst.call if worst else "nn.init.kaiming_normal_(layer.weight, a=0.2)",
         "init_flagged": ", ".join(flagged[:6]) + (f" and {len(flagged) - 6} more" if len(flagged) > 6 else "") or "none",
-        "collapse_at": collapse_at, "layer_name": module.rsplit("/", 1)[-1],
+        "collapse_at": collapse_at, **_culprit_vars(c), "layer_name": module.rsplit("/", 1)[-1],
         "layer_attr": parts[0].split("/")[0] + "".join(f'.get_layer("{p}")' for p in module.split("/")[1:]),
     }
+
+
+_OP_SNIPPETS = {
+    "exp": "y = torch.exp(x.float())            # or: x = x - x.amax(dim, keepdim=True) before exp",
+    "softmax": "p = torch.softmax(logits, dim=-1, dtype=torch.float32)   # or scale q by 1/sqrt(d) first",
+    "_softmax": "p = torch.softmax(logits, dim=-1, dtype=torch.float32)   # or scale q by 1/sqrt(d) first",
+    "log_softmax": "p = torch.log_softmax(logits, dim=-1, dtype=torch.float32)",
+    "_log_softmax": "p = torch.log_softmax(logits, dim=-1, dtype=torch.float32)",
+    "rsqrt": "y = x * torch.rsqrt(x.float().pow(2).mean(dim=1, keepdim=True) + 1e-8).to(x.dtype)",
+    "sqrt": "n = torch.sqrt(s.float() + 1e-12)",
+}
+
+
+def _culprit_vars(c: FixContext) -> dict:
+    cul = c.culprit
+    end = c.end()
+    target = cul if cul is not None and cul.nonfinite else end
+    op = target.op if target is not None else "the op"
+    if target is not None and target.nonfinite and op in ("exp", "exp_", "softmax", "_softmax"):
+        why = f"its input is above log({'65504' if target.dtype == 'float16' else '3.4e38'}) and it overflows"
+    elif _eps_failed(c):
+        eps = next(x.lost_eps for x in c.chain if x.lost_eps is not None)
+        why = f"the eps {eps:g} meant to keep it away from 0 rounds to 0 in {target.dtype if target else 'fp16'}"
+    else:
+        why = "it leaves the dtype's range"
+    snippet = _OP_SNIPPETS.get(op, f"y = torch.{op.rstrip('_')}(x.float())   # then .to(x.dtype) if needed")
+    return {"culprit_op": op, "culprit_why": why, "culprit_snippet": snippet}
 
 
 def _typed(c: FixContext) -> dict:
@@ -553,7 +732,7 @@ def adapt(fix_id: str, **values: str) -> FixSuggestion:
 
 def rank(c: FixContext, limit: int = 5) -> tuple[FixSuggestion, ...]:
     """The fixes the finding points at, best first, adapted to it."""
-    if c.issue is None and c.nonfinite is None and c.collapse is None:
+    if c.issue is None and c.nonfinite is None and c.collapse is None and c.error is None:
         return ()
     scored = []
     for i, fix in enumerate(CATALOGUE):

@@ -18,12 +18,11 @@ import torch
 
 from nanprobe.io import config as cfg
 from nanprobe.engine import replay as rp
-from nanprobe.analysis.diagnosis import analyse_trace
+from nanprobe.analysis.diagnosis import Analysis, Measured, analyse_trace, replay_measured, unmeasured
 from nanprobe.enums import FailOn, Precision, Status
 from nanprobe.errors import ConfigError, DeviceError, UserCodeError
 from nanprobe.analysis.fixes import REGISTRY
 from nanprobe.io.loading import Loaded
-from nanprobe.engine.replay import Trace
 from nanprobe.thresholds import MAX_VERIFIED
 from nanprobe.model.report import FixSuggestion, RunReport
 
@@ -48,15 +47,18 @@ class _Replays:
 
     def __init__(self, config: cfg.Config, loaded: Loaded, device: torch.device, traces: dict, progress):
         self.loaded, self.device, self.progress = loaded, device, progress
-        self.cache: dict[str, Trace] = {_key(config, p): t for p, t in traces.items()}
+        self.cache: dict[str, Measured] = {
+            _key(config, p): (t if isinstance(t, Measured) else unmeasured(t)) for p, t in traces.items()}
 
-    def get(self, config: cfg.Config, precision: Precision, label: str) -> Trace:
+    def get(self, config: cfg.Config, precision: Precision, label: str) -> Measured:
+        """The replay measured against the fp32 replay of the same config (the pipeline diagnose uses)."""
         k = _key(config, precision)
         if k not in self.cache:
+            ref = self.get(config, Precision.FP32, label) if precision.is_low else None
             progress = self.progress
             on_step = None if progress is None else (
                 lambda p, step, steps: progress(f"{p.value} + {label}", step, steps))
-            self.cache[k] = rp.replay(config, self.loaded, precision, self.device, probe=True, progress=on_step)
+            self.cache[k] = replay_measured(config, self.loaded, precision, self.device, on_step, ref)
         return self.cache[k]
 
     def cached(self, config: cfg.Config, precision: Precision) -> bool:
@@ -69,10 +71,12 @@ def rank(fixes) -> tuple[FixSuggestion, ...]:
     return tuple(sorted(fixes, key=lambda f: _ORDER[f.verified]))
 
 
-def _issue(found: dict) -> str:
-    e, kind, _, _ = found["issue"]
+def _issue(found: Analysis) -> str:
+    e = found.issue
+    if e is None or e.kind is None:
+        return "no single op"
     where = e.module or e.op.removeprefix("aten.").split(".")[0]
-    return f"{kind.value} in {e.phase.value} at {where}, step {e.step}"
+    return f"{e.kind.value} in {e.phase.value} at {where}, step {e.step}"
 
 
 def _why_not(fix: FixSuggestion, config: cfg.Config) -> str:
@@ -109,13 +113,17 @@ def _replayed(config: cfg.Config, run: RunReport, fix: FixSuggestion, replays: _
         return replace(fix, verified=None, verification=f"not replayed: it cannot be applied to this config ({exc})")
     except UserCodeError as exc:
         return replace(fix, verified=False, verification=f"{line}: the replay failed: {exc}")
+    for t in (ref, trace):
+        if t.error is not None:  # the step raises under the fix: it is no fix
+            return replace(fix, verified=False, verification=(
+                f"{line}: the {t.precision.value} replay raised {t.error.line}"))
     ref_found, found = analyse_trace(ref, None), analyse_trace(trace, ref)
-    status, p = found["status"], target.value
-    if ref_found["status"] is not Status.OK:
+    status, p = found.status, target.value
+    if ref_found.status is not Status.OK:
         return replace(fix, verified=False, verification=(
-            f"{line}: fp32 now fails ({ref_found['status'].value}): {_issue(ref_found)}"))
+            f"{line}: fp32 now fails ({ref_found.status.value}): {_issue(ref_found)}"))
     if status is Status.OK:
-        steps = len(trace.metrics)
+        steps = len(trace.trace.metrics)
         plural = "" if steps == 1 else "s"
         return replace(fix, verified=True, verification=f"{line}: {p} is now ok ({steps} step{plural} replayed)")
     # A run that fails the user's --fail-on passes with a fix that leaves only a milder finding below it.

@@ -19,7 +19,10 @@ faster and closer to the GPU than the CPU's own low-precision kernels.
   as on the GPU.
 - Random ops run natively, so they draw exactly the numbers the native kernels draw (a GPU's
   generator draws other numbers anyway). `native_dropout` draws its mask natively and applies it
-  in fp32 with one rounding, as CUDA's fused dropout kernel does (the CPU's kernel rounds twice).
+  in fp32 with one rounding, as CUDA's fused dropout kernel does. On the CPU `F.dropout` never
+  reaches it: it decomposes above the dispatcher into `bernoulli_`, `div_` and `mul`, so its scale
+  1/(1-p) is rounded to fp16/bf16 before the multiply, as the CPU's native kernels do too (an ulp
+  from CUDA's single rounding, on some elements).
 
 It is a dispatch mode, so it sits below autocast and autograd: autocast still decides each op's
 dtype (`precision.policy`), the backward and double backward dispatch through it like the forward,

@@ -76,6 +76,8 @@ class OpEvent:
     """True when the attempt was skipped by dynamic loss scaling and retried."""
     info: dict | None = None
     """Extra facts for the report (e.g. which samples of the batch are bad)."""
+    scalars: tuple = ()
+    """Python float arguments of the op (an eps added, a power, an addcdiv_ value), as the user passed them."""
 
     @property
     def has_nan(self) -> bool:
@@ -142,6 +144,22 @@ class _SourceFinder:
         if os.path.normcase(filename) == self._allowed:
             return "nanprobe/engine/losses.py"
         return filename
+
+
+def user_source(tb, base_dir: str | None, files: tuple = ()) -> str | None:
+    """file:line of the innermost frame of a traceback in the user's code: the files the config names
+    first, then any file outside torch, nanprobe and the standard library; shown as findings show it."""
+    finder = _SourceFinder(base_dir)
+    frames = []
+    while tb is not None:
+        frames.append((tb.tb_frame.f_code.co_filename, tb.tb_lineno))
+        tb = tb.tb_next
+    named = {os.path.normcase(os.path.abspath(str(f))) for f in files}
+    for pick in (lambda name: os.path.normcase(os.path.abspath(name)) in named, finder._is_user):
+        for name, line in reversed(frames):
+            if not name.startswith("<") and pick(name):
+                return f"{finder.show(name)}:{line}"
+    return None
 
 
 class _ProbeMode(TorchDispatchMode):
@@ -371,8 +389,12 @@ class OpProbe:
             if p is not None and p not in prods:
                 prods.append(p)
         idx = len(self.events)
+        scalars = tuple(v for v in args if type(v) is float)
+        if kwargs:
+            scalars += tuple(v for v in kwargs.values() if type(v) is float)
         self.events.append(OpEvent(idx, self.step, self.attempt, phase, module, name, source, node_name,
-                                   str(outs[0].dtype).replace("torch.", ""), tuple(outs[0].shape), tuple(prods), param))
+                                   str(outs[0].dtype).replace("torch.", ""), tuple(outs[0].shape), tuple(prods), param,
+                                   scalars=scalars))
         if not self._known_row(idx, name, args, inputs, outs):
             self._stat(idx, outs)
         if self.on_record is not None:
@@ -383,6 +405,10 @@ class OpProbe:
                 self._param_of[id(t)] = param
                 if t in self._params:
                     self._writes[param] = idx  # an in-place op on the parameter itself
+
+    def producer(self, tensor: torch.Tensor) -> int | None:
+        """Index of the recorded op that produced `tensor` (views and detached copies included), or None."""
+        return self._producer.get(tensor)
 
     def param_writes(self) -> dict[str, int]:
         """Parameter name -> index of the last optimizer op that wrote it, since `name_params`."""

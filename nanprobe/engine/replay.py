@@ -3,13 +3,20 @@
 Every precision starts from the same weights, seed and batches, so its ops line up with the
 fp32 replay's. A step that GradScaler skips is retried at the lower scale with the same random
 numbers (as training would run the next step), and only a skip that persists counts.
+
+The same random numbers means every global generator a user's step may draw from: torch's (CPU
+and CUDA), numpy's legacy global one (`np.random.uniform`, as PyTorch-GAN's penalty draws alpha)
+and Python's `random`. Each replay starts from the seed's state of all of them and hands the
+caller's own states back when it ends.
 """
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
-from contextlib import nullcontext
+import os
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,16 +27,81 @@ from nanprobe.engine import fp32_modules, precisions, updates
 from nanprobe.engine import stats as st
 from nanprobe.engine._emulate import emulated_kernels
 from nanprobe.engine.losses import StepContext, builtin
-from nanprobe.engine.probe import OpEvent, OpProbe
+from nanprobe.engine.probe import OpEvent, OpProbe, user_source
 from nanprobe.engine.scaling import RecipeWatch, takes_scaler
 from nanprobe.enums import Framework, Kernels, Mode, Phase, Precision
 from nanprobe.errors import ConfigError, DeviceError, UserCodeError
 from nanprobe.io.config import Config, resolve
-from nanprobe.io.loading import Loaded, user_error
-from nanprobe.model.report import StepMetrics
+from nanprobe.io.loading import Loaded
+from nanprobe.model.report import ReplayError, StepMetrics
 
 MAX_SCALER_RETRIES = 24  # GradScaler halves per skip: 65536 * 2**-24 ~ 4e-3, far below any useful scale
 PERSISTENT_REPEATS = 4  # the same op making the same number of infs after this many halvings: no scale helps
+
+
+@dataclass(frozen=True)
+class RandomState:
+    """The state of every global generator a step may draw from, captured at one moment."""
+
+    torch_cpu: torch.Tensor
+    """torch.get_rng_state()."""
+    torch_cuda: tuple | None
+    """torch.cuda.get_rng_state_all(), or None when CUDA was not initialised (nothing drew from it yet)."""
+    numpy: tuple
+    """numpy.random.get_state(): the legacy global generator behind np.random.uniform, np.random.random, ..."""
+    python: tuple
+    """random.getstate()."""
+    seed: int | None = None
+    """The seed the state came from (seeded()), so a CUDA generator initialised later gets it too."""
+
+    @classmethod
+    def capture(cls, seed: int | None = None) -> "RandomState":
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        return cls(torch.get_rng_state(), None if cuda is None else tuple(cuda), np.random.get_state(),
+                   random.getstate(), seed)
+
+    @classmethod
+    def seeded(cls, seed: int) -> "RandomState":
+        """Every generator seeded with `seed` (torch on every device), as captured right after."""
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        random.seed(seed)
+        return cls.capture(seed)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.torch_cpu)
+        if self.torch_cuda is not None:
+            torch.cuda.set_rng_state_all(self.torch_cuda)
+        elif self.seed is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.manual_seed_all(self.seed)
+        np.random.set_state(self.numpy)
+        random.setstate(self.python)
+
+
+@contextmanager
+def caller_random_state() -> Iterator[None]:
+    """Whatever runs inside may seed and draw; the caller's generators are as they were afterwards."""
+    saved = RandomState.capture()
+    try:
+        yield
+    finally:
+        saved.restore()
+
+
+@contextmanager
+def _deterministic_kernels(device: torch.device) -> Iterator[None]:
+    """cuDNN's deterministic algorithms for the replay (its autotuned ones may differ run to run); the
+    caller's settings afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
 
 
 @dataclass
@@ -45,7 +117,50 @@ class Trace:
     lost: dict[int, dict[str, tuple[int, int]]] = field(default_factory=dict)  # step -> param -> (moving, unchanged)
     unscaled_grads: list[tuple[int, str | None]] = field(default_factory=list)  # (step, source) per call
     framework: Framework = Framework.TORCH  # what the models are written in (the fixes' terms)
+    error: ReplayError | None = None  # the user's step raised: the replay stopped there
     kernels: Kernels = Kernels.NATIVE  # how the low-precision ops were computed
+
+    def raise_error(self) -> None:
+        """Raise the recorded error as a UserCodeError (for callers that cannot report a failed precision)."""
+        if self.error is not None:
+            e = self.error
+            raise UserCodeError(f"the {self.precision.value} replay (step {e.step}, {e.phase.value}) raised {e.line}")
+
+
+class _Raised(Exception):
+    """The user's step raised; carries the ReplayError out of the step loop."""
+
+    def __init__(self, error: ReplayError):
+        super().__init__(error.line)
+        self.error = error
+
+
+# torch's own plumbing between a user's call and the function that raised: never named as the op.
+_PLUMBING = tuple(os.path.join(*parts) for parts in (
+    ("torch", "_ops.py"), ("torch", "overrides.py"), ("torch", "_tensor.py"), ("torch", "autograd", "graph.py"),
+    ("torch", "autograd", "__init__.py"), ("torch", "nn", "modules", "module.py"), ("torch", "utils")))
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _raising_op(tb) -> str | None:
+    """The aten op the probe was running when the exception came (aten.mm.default), else the innermost
+    torch function the user's code reached (torch.nn.functional.binary_cross_entropy: autocast refuses
+    some ops before any mode sees them)."""
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for f in reversed(frames):
+        func = f.f_locals.get("func") if f.f_code.co_name == "__torch_dispatch__" else None
+        if func is not None and hasattr(func, "overloadpacket"):
+            return str(func)
+    for f in reversed(frames):
+        path = os.path.abspath(f.f_code.co_filename)
+        if not path.startswith(_TORCH_DIR + os.sep) or any(x in path for x in _PLUMBING):
+            continue
+        name = f.f_code.co_name
+        return name if name.startswith("<") else f"{f.f_globals.get('__name__', 'torch')}.{name}"
+    return None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -211,13 +326,17 @@ class _Replay:
         torch.set_rng_state(rng["cpu"])
         if self.device.type == "cuda" and rng.get("cuda") is not None:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if rng.get("numpy") is not None:  # a dump that captured them too
+            np.random.set_state(rng["numpy"])
+        if rng.get("python") is not None:
+            random.setstate(rng["python"])
 
     def _phase(self, phase: Phase):
         if self.probe is not None:
             self.probe.phase = phase
 
-    def run(self) -> Trace:
-        torch.manual_seed(self.config.seed)
+    def run(self, start: RandomState) -> Trace:
+        start.restore()
         ctx = self.probe if self.probe is not None else nullcontext()
         watch = RecipeWatch(self.scaler, self._unscaled) if self.scaler is not None and self.probe is not None \
             else nullcontext()
@@ -233,6 +352,13 @@ class _Replay:
                         self.progress(self.precision, step, self.config.train.steps)
                     if not self._step(step):
                         break
+            except _Raised as raised:
+                # A finding of this precision (e.g. an op its autocast refuses); the others still run.
+                if self.probe is not None:
+                    self.probe.fetch()
+                self.trace.error = raised.error
+                if step + 1 < self.config.train.steps:
+                    self.trace.stopped = f"the step raised at step {step}; later steps not replayed"
             except KeyboardInterrupt as exc:
                 # Keep what this replay recorded so the caller can report it.
                 if self.probe is not None:
@@ -269,15 +395,12 @@ class _Replay:
         if probe is not None:
             probe.step, probe.attempt = step, -1  # inputs belong to the step, not to one attempt
         real, z = self._inputs(step)
-        rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
+        rng = RandomState.capture()
         last, repeats = None, 0
         for attempt in range(MAX_SCALER_RETRIES + 1):
             if probe is not None:
                 probe.attempt = attempt
-            torch.set_rng_state(rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
+            rng.restore()
             start = len(probe.events) if probe is not None else 0
             metrics, skipped = self._attempt(step, real, z)
             if probe is not None:
@@ -307,17 +430,21 @@ class _Replay:
         self.optimizer.zero_grad(set_to_none=True)
         weight_norm = self._weight_norm()
         self._phase(Phase.FORWARD)
+        phase = Phase.FORWARD
         try:
             with self.autocast(), self.strategy.training():
                 result = self.step_fn(self.critic, self.generator, real, z)
             loss, extra = _unpack(result)
             self._phase(Phase.BACKWARD)
+            phase = Phase.BACKWARD
             (scaler.scale(loss) if scaler is not None else loss).backward()
         except (ConfigError, UserCodeError, KeyboardInterrupt):
             raise
         except Exception as exc:
-            raise user_error(f"the {self.precision.value} replay (step {step}, {self._where()})", exc,
-                             self.loaded.user_files) from None
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            source = user_source(exc.__traceback__, str(self.config.base_dir), self.loaded.user_files)
+            raise _Raised(ReplayError(type(exc).__name__, message, source, _raising_op(exc.__traceback__),
+                                      self.probe.phase if self.probe is not None else phase, step)) from None
         self._phase(Phase.OPTIMIZER)
         scale = scaler.get_scale() if scaler is not None else None
         if scaler is not None:
@@ -385,9 +512,6 @@ class _Replay:
             return metrics.loss is not None and math.isfinite(metrics.loss)
         return first is None or first.phase not in (Phase.DATA, Phase.FORWARD)
 
-    def _where(self) -> str:
-        return self.probe.phase.value if self.probe is not None else "step"
-
     def _grad_norm(self) -> float | None:
         with self.probe.paused() if self.probe is not None else nullcontext():
             grads = [p.grad.detach().float() for p in self.critic.parameters() if p.grad is not None]
@@ -403,6 +527,12 @@ def replay(config: Config, loaded: Loaded, precision: Precision, device: torch.d
     """Replay `config.train.steps` critic steps in one precision; with probe=False, the plain step (benchmarks).
 
     on_record is passed to the OpProbe; on_grads(step, {name: grad}) sees the unscaled parameter
-    gradients of each step before clipping and the optimizer step.
+    gradients of each step before clipping and the optimizer step. Every replay of a config starts
+    from the same state of every global generator (torch, numpy, random), so each precision draws the
+    same numbers; the caller's states are restored afterwards. When the user's step raises, the replay
+    stops there and the trace's `error` says what, where and at which op (trace.raise_error() turns it
+    into a UserCodeError for callers with no use for a failed precision).
     """
-    return _Replay(config, loaded, precision, device, probe, progress, on_record, on_grads).run()
+    with caller_random_state(), _deterministic_kernels(device):
+        start = RandomState.seeded(config.seed)
+        return _Replay(config, loaded, precision, device, probe, progress, on_record, on_grads).run(start)

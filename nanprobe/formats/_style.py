@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from nanprobe.enums import Status
 
-STYLE = {Status.OK: "bold green", Status.UNDERFLOW: "bold yellow", Status.OVERFLOW: "bold red", Status.NAN: "bold red"}
+STYLE = {Status.OK: "bold green", Status.UNDERFLOW: "bold yellow", Status.OVERFLOW: "bold red", Status.NAN: "bold red",
+         Status.ERROR: "bold magenta"}
 """rich style of each status."""
 
 
@@ -23,3 +24,8 @@ def kernels_note(runs) -> str:
         return ""
     kinds = sorted({r.kernels.value for r in low})
     return f", {'/'.join(r.precision.value for r in low)} kernels {'+'.join(kinds)}"
+
+
+def file_line(source: str | None) -> str:
+    """train.py:41 for /long/path/train.py:41, where a table has no room for the path; "-" for None."""
+    return "-" if not source else source.replace("\\", "/").rsplit("/", 1)[-1]

@@ -9,9 +9,9 @@ from rich.table import Table
 from rich.text import Text
 
 from nanprobe.model.comparison import Comparison, Departure, DtypeRange, ModuleDivergence
-from nanprobe.thresholds import DEPARTURE
+from nanprobe.thresholds import EFFECT_TOLERANCE_EPS
 from nanprobe.enums import Phase, Precision
-from nanprobe.formats._style import STYLE, kernels_note, num
+from nanprobe.formats._style import STYLE, file_line, kernels_note, num
 
 RANGE_ROWS = 32
 """Rows of the range view; when there are more, those whose largest values are nearest fp16's edges."""
@@ -81,7 +81,8 @@ def summary_table(c: Comparison) -> Table:
     row("ops over/underflow/nan", lambda s: f"{s.overflow_ops}/{s.underflow_ops}/{s.nan_ops}")
     row("headroom to max (2^k)", lambda s: _room(s.headroom_max))
     row("headroom to min normal", lambda s: _room(s.headroom_normal))
-    row("departs from fp32 at", lambda s: "-" if not s.precision.is_low else _departs(s.departs_at))
+    row("departs from fp32 at", lambda s: "-" if not s.precision.is_low else
+        f"raised {s.error.exception} at {file_line(s.error.source)}" if s.error is not None else _departs(s.departs_at))
     return t
 
 
@@ -201,16 +202,22 @@ def _departure_lines(c: Comparison) -> list[Text]:
     for s in c.summaries:
         if not s.precision.is_low:
             continue
-        d = s.departs_at
+        d, e = s.departs_at, s.error
+        if e is not None:
+            out.append(Text.assemble((f"{s.precision.value}", "bold"), " raised ", (e.exception, STYLE[s.status]),
+                                     f" at {e.op or '-'} ({e.source or 'no source'}, {e.phase.value}, step {e.step}): "
+                                     f"{e.message} Only the ops before it are compared."))
+            continue
         if d is None:
-            out.append(Text.assemble((f"{s.precision.value}", "bold"), f" stays close to fp32: no op adds more than "
-                                     f"{DEPARTURE:g} eps of {s.precision.value} ({_err(DEPARTURE * _eps(s.precision))}) "
-                                     "to the relative error"))
+            out.append(Text.assemble((f"{s.precision.value}", "bold"), " stays close to fp32: nothing training sees "
+                                     f"(loss, penalty, parameter gradients) is off by more than {EFFECT_TOLERANCE_EPS:g} eps of "
+                                     f"{s.precision.value} ({_err(EFFECT_TOLERANCE_EPS * _eps(s.precision))}) through an underflow, "
+                                     "and nothing goes non-finite"))
             continue
         out.append(Text.assemble(
             (f"{s.precision.value}", "bold"), " departs from fp32 at ", (f"{d.module} · {d.phase.value}", "bold"),
-            f" (step {d.step}, {_op(d.op)}{', ' + d.source if d.source else ''}): relative error {_err(d.rel_error)}, "
-            f"{_err(d.added_error)} of it added there, {_pct(d.flushed)} of values flushed to 0"))
+            f" (step {d.step}, {_op(d.op)}{', ' + d.source if d.source else ''}), the op diagnose names: relative error "
+            f"{_err(d.rel_error)}, {_err(d.added_error)} of it added there, {_pct(d.flushed)} of values flushed to 0"))
     return out
 
 

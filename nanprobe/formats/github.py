@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from nanprobe.enums import FailOn, Status
-from nanprobe.model.report import Finding, Report
+from nanprobe.model.report import Finding, ReplayError, Report
 from nanprobe.model.verdict import message
 
 
@@ -32,7 +32,7 @@ def _relative(path: Path, root: Path) -> str | None:
         return None
 
 
-def location(finding: Finding | None, config: str | None, root: Path) -> tuple[str | None, int | None]:
+def location(finding: Finding | ReplayError | None, config: str | None, root: Path) -> tuple[str | None, int | None]:
     """(file relative to root, line) of the finding's source; the config file when the source is not
     a file under root (nanprobe's own loss, the data, a model from an installed package)."""
     base = Path(config).parent if config else Path.cwd()
@@ -56,7 +56,7 @@ def annotations(report: Report, fail_on: FailOn | str = FailOn.OVERFLOW, root: P
     for run in report.runs:
         if run.status is Status.OK:
             continue
-        finding = run.first_issue or run.first_nonfinite
+        finding = run.error or run.first_issue or run.first_nonfinite
         file, line = location(finding, report.config, root)
         level = "error" if threshold.fails(run.status) else "warning"
         title = f"nanprobe {run.precision.value} ({run.mode.value}): {run.status.value}"

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nanprobe.enums import Status
-from nanprobe.formats._style import STYLE, kernels_note, num
+from nanprobe.formats._style import STYLE, file_line, kernels_note, num
 from nanprobe.model.report import Finding, FixSuggestion, Report, RunReport
 
 
@@ -99,6 +99,9 @@ def _summary_table(report: Report) -> Table:
         if run.first_issue is not None:
             f = run.first_issue
             issue = f"{f.kind.value} in {f.phase.value} at {f.module or f.op.removeprefix('aten.').split('.')[0]} (step {f.step})"
+        elif run.error is not None:
+            e = run.error
+            issue = f"{e.exception} in {e.phase.value} at {file_line(e.source)} (step {e.step})"
         t.add_row(run.precision.value, run.mode.value, Text(run.status.value, style=STYLE[run.status]), issue,
                   num(last.loss if last else None), num(last.penalty if last else None),
                   num(last.grad_norm if last else None))
@@ -135,6 +138,11 @@ def _run_panel(run: RunReport) -> Panel:
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
     f = run.first_issue
+    e = run.error
+    if e is not None:
+        grid.add_row("error", Text.assemble((e.exception, STYLE[Status.ERROR]), f": {e.message}"))
+        grid.add_row("source", e.source or "-")
+        grid.add_row("op", f"{e.op or '-'} · {e.phase.value} · step {e.step}")
     if f is not None:
         grid.add_row("first issue", Text.assemble((f"{f.kind.value}", STYLE[Status(f.kind.value)]),
                                                   f" · {f.phase.value} · step {f.step} · {_where(f)}"))
@@ -205,6 +213,9 @@ def report(rep: Report, console: Console | None = None) -> None:
     for run in rep.runs:
         if run.status is Status.OK and run.unscaled_penalty is not None:
             console.print(Text.assemble((f"{run.precision.value}: ", "bold yellow"), run.unscaled_penalty.detail))
+        if run.status is Status.OK:
+            for note in run.notes:  # subnormals with no measurable effect: they do not raise the status
+                console.print(Text.assemble((f"{run.precision.value} note: ", "dim"), note))
     bad = [r for r in rep.runs if r.status is not Status.OK]
     for run in bad:
         console.print(_run_panel(run))

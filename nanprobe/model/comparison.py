@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from nanprobe.enums import Kernels, Mode, Phase, Precision, Status
 from nanprobe.model.common import FixSuggestion, plain
-from nanprobe.model.report import Finding, StepMetrics
+from nanprobe.model.report import Finding, ReplayError, StepMetrics
 
 SCHEMA = 1
 """JSON schema version of a comparison."""
@@ -106,7 +106,7 @@ class PrecisionSummary:
     mode: Mode
     """amp | half."""
     status: Status
-    """ok | underflow | overflow | nan, as `diagnose` judges it."""
+    """ok | underflow | overflow | nan | error (the step raised), as `diagnose` judges it."""
     first_issue: Finding | None
     """The earliest op with a problem, as `diagnose` reports it."""
     metrics: tuple[StepMetrics, ...]
@@ -137,6 +137,8 @@ class PrecisionSummary:
     """Fixes from the catalogue for its issue, best first."""
     kernels: Kernels = Kernels.NATIVE
     """emulated (fp16/bf16 ops computed in fp32 on the CPU, each output rounded, as GPU kernels do) | native."""
+    error: ReplayError | None = None
+    """status error: what the replay raised (the comparison then covers the ops before it)."""
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,29 @@ class SkippedAttempt:
 
 
 @dataclass(frozen=True)
+class ReplayError:
+    """The exception a precision's replay raised in the user's code: a finding, not a crash of nanprobe."""
+
+    exception: str
+    """Exception type, e.g. RuntimeError."""
+    message: str
+    """Its message (first line)."""
+    source: str | None
+    """file:line of the user's code that raised it (innermost frame in their files)."""
+    op: str | None
+    """The op that raised: aten op (aten.mm.default) or torch function (torch.nn.functional.binary_cross_entropy)."""
+    phase: Phase
+    """Where in the step: forward (the step function) or backward (the loss's backward)."""
+    step: int
+    """Critic step (0-based)."""
+
+    @property
+    def line(self) -> str:
+        """'RuntimeError: <message> (train.py:41)'."""
+        return f"{self.exception}: {self.message}" + (f" ({self.source})" if self.source else "")
+
+
+@dataclass(frozen=True)
 class RunReport:
     """The verdict of one precision."""
 
@@ -119,7 +142,7 @@ class RunReport:
     mode: Mode
     """amp | half."""
     status: Status
-    """ok | underflow | overflow | nan: the worst outcome."""
+    """ok | underflow | overflow | nan: the worst outcome; error when the user's step raised."""
     precision_problem: bool
     """False when fp32 fails too: the cause is not the precision."""
     first_issue: Finding | None
@@ -150,6 +173,8 @@ class RunReport:
     """A torch.autograd.grad call on outputs the GradScaler did not scale (the penalty skips the AMP recipe)."""
     kernels: Kernels = Kernels.NATIVE
     """emulated (fp16/bf16 ops computed in fp32 on the CPU, each output rounded, as GPU kernels do) | native."""
+    error: ReplayError | None = None
+    """status error: what the replay raised, where in the user's code, and at which op."""
 
 
 @dataclass(frozen=True)

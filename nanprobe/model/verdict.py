@@ -3,7 +3,7 @@ GitHub annotations and JUnit reports (no rich, no torch)."""
 from __future__ import annotations
 
 from nanprobe.enums import FailOn, Precision, Status
-from nanprobe.model.report import Finding, Report, RunReport
+from nanprobe.model.report import Finding, ReplayError, Report, RunReport
 
 
 def failing(report: Report, fail_on: FailOn | str = FailOn.OVERFLOW) -> tuple[RunReport, ...]:
@@ -24,15 +24,25 @@ def where(f: Finding) -> str:
     return f"{kind}{f.phase.value} at {module} · {_op(f)}, step {f.step}{source}"
 
 
+def raised(e: ReplayError) -> str:
+    """'RuntimeError in forward at torch.nn.functional.binary_cross_entropy, step 0, train.py:41: <message>'."""
+    source = f", {e.source}" if e.source else ""
+    return f"{e.exception} in {e.phase.value} at {e.op or '(unknown op)'}, step {e.step}{source}: {e.message}"
+
+
 def headline(run: RunReport) -> str:
     """One line: 'fp16 (amp): nan, underflow in input-grad at critic.net.23 · ..., step 0, models.py:34'."""
     head = f"{run.precision.value} ({run.mode.value}): {run.status.value}"
+    if run.error is not None:
+        return f"{head}, {raised(run.error)}"
     return f"{head}, {where(run.first_issue)}" if run.first_issue is not None else head
 
 
 def message(run: RunReport) -> str:
     """The verdict, the culprit (module, phase, step, source line, numbers) and the top fix, in plain text."""
     lines = [f"{run.precision.value} ({run.mode.value}): {run.status.value}"]
+    if run.error is not None:
+        lines.append(f"error: {raised(run.error)}")
     f = run.first_issue
     if f is not None:
         lines.append(f"first issue: {where(f)}")

@@ -106,10 +106,12 @@ def test_fp16_departs_at_the_penalty_input_gradient_while_bf16_stays_close(gan):
     assert (s["fp32"].status.value, s["fp16"].status.value, s["bf16"].status.value) == ("ok", "nan", "ok")
     d = s["fp16"].departs_at
     assert d is not None and d.phase is Phase.INPUT_GRAD and d.module.startswith("critic.net.")
-    assert d.flushed > 0 and d.rel_error > 0.05
+    # The same op diagnose names: where the input gradient first holds zeros that fp32 does not.
+    issue = s["fp16"].first_issue
+    assert (d.module, d.phase, d.op, d.step) == (issue.module, issue.phase, issue.op, issue.step)
+    assert d.flushed > 0
     assert s["bf16"].departs_at is None
     row = next(m for m in gan.modules if (m.module, m.phase) == (d.module, d.phase))
-    assert row.span(Precision.BF16).rel_error < 0.05 < row.span(Precision.FP16).rel_error
     assert row.span(Precision.FP16).flushed > 0 and row.span(Precision.BF16).flushed == 0
     # Headroom below the smallest normal is negative where fp16 holds subnormals.
     assert row.span(Precision.FP16).headroom_normal < 0 < row.span(Precision.BF16).headroom_normal

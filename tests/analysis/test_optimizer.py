@@ -13,7 +13,7 @@ from nanprobe.io import config as cfg
 from nanprobe.io import loading
 from nanprobe.engine import updates
 from nanprobe.cli import app
-from nanprobe.analysis.diagnosis import LOST_UPDATE_SHARE
+from nanprobe.thresholds import LOST_UPDATE_SHARE
 from nanprobe.enums import Phase, Precision
 from nanprobe.engine.replay import replay
 

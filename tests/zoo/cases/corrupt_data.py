@@ -1,5 +1,4 @@
 """A small conv critic; the batch comes from a file with a broken decode (NaN pixels)."""
-import torch
 from torch import nn
 
 

@@ -1,6 +1,5 @@
 """A DCGAN WGAN-GP critic trained under bf16 autocast, the penalty inside autocast (no scaler needed:
 bf16 has fp32's exponent range)."""
-import torch
 from torch import nn
 
 

@@ -6,7 +6,7 @@ from torch import nn
 
 def make_critic(width=4, depth=1, std=0.01):
     layers, c = [], 3
-    for stage in range(2):
+    for _ in range(2):
         layers += [nn.Conv2d(c, width, 4, 2, 1), nn.LeakyReLU(0.2)]
         for _ in range(depth):
             layers += [nn.Conv2d(width, width, 3, 1, 1), nn.LeakyReLU(0.2)]

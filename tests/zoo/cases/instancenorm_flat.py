@@ -1,5 +1,6 @@
 """A CycleGAN-style PatchGAN critic (InstanceNorm after every conv but the first and last, as in
-CycleGAN's NLayerDiscriminator) trained as a WGAN-GP critic on sky crops: nearly flat images, as the generator's are at first."""
+CycleGAN's NLayerDiscriminator) trained as a WGAN-GP critic on sky crops: nearly flat images, as the
+generator's are at first."""
 import torch
 from torch import nn
 

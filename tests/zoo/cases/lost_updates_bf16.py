@@ -1,5 +1,4 @@
 """A WGAN-GP critic at PyTorch's default init, cast to bf16 with .to(torch.bfloat16)."""
-import torch
 from torch import nn
 
 

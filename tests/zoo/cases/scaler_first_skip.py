@@ -1,8 +1,8 @@
 """A plain DCGAN-ish critic with a hinge loss, fp16 autocast and a GradScaler at its default
 initial scale (65536): the textbook AMP loop."""
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class Disc(nn.Module):

@@ -1,0 +1,256 @@
+"""Alignment: each low-precision op paired with its fp32 op, and how far its output departs from fp32's.
+
+Computed once per low-precision replay and shared by `diagnose`, `compare-precisions`, `--verify-fix`
+and `watch`. Ops are paired on (step, phase, module, source line, op, occurrence), not on their index,
+because autocast adds casts that fp32 does not have. A cast with no fp32 counterpart is compared with
+its input's fp32 op (casts and views carry their input's values), so a flush made by the cast itself is
+seen at the cast.
+
+An op departs from fp32 when its output holds inf or NaN where fp32's is finite, holds zeros where
+fp32's values are non-zero, or has a relative error above DEPARTURE of its dtype. Sums and
+differences that cancel in fp32 (result below one low-precision eps of their inputs) depart only by
+their zeros or non-finite values: their large relative error is the inputs' rounding.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from nanprobe.engine import stats as st
+from nanprobe import thresholds as th
+from nanprobe.engine.probe import OpEvent
+from nanprobe.enums import Phase
+
+_LOW = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+_CASTS = frozenset({"_to_copy", "clone", "copy_", "to", "contiguous", "_unsafe_view", "view", "reshape", "expand",
+                    "_reshape_alias", "t", "transpose", "permute", "squeeze", "unsqueeze", "flatten"})
+ADDITIVE = frozenset({"add", "add_", "sub", "sub_", "rsub", "sum", "mean", "addcmul", "addcmul_", "lerp", "lerp_"})
+
+
+def base(op: str) -> str:
+    """'aten.add_.Tensor' -> 'add_'."""
+    parts = op.split(".")
+    return parts[1] if len(parts) >= 3 or (len(parts) == 2 and parts[0] == "aten") else parts[0]
+
+
+def is_cast(e: OpEvent) -> bool:
+    """A cast, copy or reshape: it carries its input's values (the rules and the walk look through it)."""
+    return base(e.op) in _CASTS
+
+
+def sample(t: torch.Tensor) -> torch.Tensor:
+    """th.SAMPLE values of t at a fixed stride, as a float32 copy (the same positions for the same shape)."""
+    flat = t.detach().reshape(-1)
+    stride = max(1, flat.numel() // th.SAMPLE)
+    return flat[::stride][:th.SAMPLE].to(torch.float32, copy=True)
+
+
+def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float | None:
+    """||x - ref|| / ||ref|| over the positions where ref is finite; inf when x is not finite there,
+    None when ref is all zero (or nowhere finite)."""
+    x, ref = x.double().cpu(), ref.double().cpu()
+    keep = torch.isfinite(ref)
+    x, ref = x[keep], ref[keep]
+    if ref.numel() == 0:
+        return None
+    if not bool(torch.isfinite(x).all()):
+        return math.inf
+    den = float(torch.linalg.vector_norm(ref))
+    if den == 0.0:
+        return None  # fp32 is exactly 0 there: no scale to be relative to
+    return float(torch.linalg.vector_norm(x - ref)) / den
+
+
+def flushed_share(x: torch.Tensor, ref: torch.Tensor, tiny: float) -> float:
+    """Share of values that are 0 in x where ref is non-zero and below tiny (the low dtype's smallest normal).
+
+    A zero where fp32 holds a larger value is rounding noise (a cancellation), not a flush.
+    """
+    x, ref = x.cpu(), ref.cpu()
+    a = ref.abs()
+    lost = (x == 0) & (a > 0) & (a < tiny)
+    return float(lost.sum()) / max(x.numel(), 1)
+
+
+def zeroed_share(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Share of values exactly 0 in x where ref is non-zero."""
+    x, ref = x.cpu(), ref.cpu()
+    return float(((x == 0) & (ref != 0) & torch.isfinite(ref)).sum()) / max(x.numel(), 1)
+
+
+class Recorder:
+    """Keeps a sample of each recorded op's output and of each step's parameter gradients, and which op
+    produced each gradient."""
+
+    def __init__(self):
+        from torch.utils.weak import WeakTensorKeyDictionary
+
+        self.samples: dict[int, torch.Tensor] = {}
+        self.grads: dict[int, dict[str, torch.Tensor]] = {}
+        self.grad_ops: dict[int, dict[str, int]] = {}
+        """step -> parameter -> index of the op whose output is that parameter's gradient."""
+        self._made = WeakTensorKeyDictionary()
+
+    def on_record(self, event: OpEvent, outs: list[torch.Tensor]) -> None:
+        self.samples[event.index] = sample(outs[0])
+        for t in outs:
+            self._made[t] = event.index
+
+    def on_grads(self, step: int, grads: dict[str, torch.Tensor]) -> None:
+        self.grads[step] = {name: sample(g) for name, g in grads.items()}
+        self.grad_ops[step] = {name: self._made[g] for name, g in grads.items() if g in self._made}
+
+
+@dataclass(frozen=True)
+class OpDelta:
+    """One low-precision op against its fp32 op."""
+
+    index: int
+    """The low-precision op (position in its replay)."""
+    ref: int
+    """The fp32 op it is compared with (its own pair, or its input's for a cast fp32 does not have)."""
+    rel_error: float | None
+    """||x - x_fp32|| / ||x_fp32|| over the sampled values (None without samples or where fp32 is all 0)."""
+    added: float
+    """The part of rel_error this op adds to the largest error its inputs carry."""
+    zeroed: float
+    """Share of its values exactly 0 where fp32's are non-zero."""
+    flushed: float
+    """Share of its values 0 where fp32's are non-zero and below the dtype's smallest normal."""
+    lost: float
+    """Share of its values 0 or subnormal where fp32's are non-zero (whole tensor, from the statistics)."""
+    nonfinite: bool
+    """inf or NaN where fp32 is finite."""
+    cancelled: bool
+    """A sum or difference that cancels in fp32: its error is its inputs' rounding."""
+    candidate: bool
+    """An underflow candidate: lost >= UNDERFLOW_SHARE and fp32's values reach into the dtype's subnormal range."""
+    departs: bool
+    """Its output departs from fp32 (non-finite, zeros where fp32 is non-zero, or rel_error above tolerance)."""
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """A low-precision replay lined up with fp32's."""
+
+    dtype_eps: float
+    """eps of the low dtype."""
+    tolerance: float
+    """Relative error above which an op departs (DEPARTURE eps, plus fp32 noise)."""
+    pairs: dict = field(default_factory=dict)
+    """Low op index -> fp32 op index (ops fp32 also ran)."""
+    deltas: dict = field(default_factory=dict)
+    """Low op index -> OpDelta (aligned ops and the casts compared through their input)."""
+
+    def delta(self, index: int) -> OpDelta | None:
+        return self.deltas.get(index)
+
+
+def live(events: list[OpEvent]) -> list[OpEvent]:
+    """Ops of the attempts that count (skipped attempts left out) whose statistics were taken."""
+    return [e for e in events if not e.skipped and e.row is not None]
+
+
+def _keys(events: list[OpEvent]):
+    seen: dict[tuple, int] = defaultdict(int)
+    for e in events:
+        k = (e.step, e.phase, e.module, e.source, e.op)
+        yield e, k + (seen[k],)
+        seen[k] += 1
+
+
+def pair(events: list[OpEvent], ref_events: list[OpEvent]) -> dict[int, int]:
+    """The fp32 op each recorded low-precision op lines up with (by index), skipped attempts left out."""
+    ref = {k: e for e, k in _keys(live(ref_events))}
+    out = {}
+    for e, k in _keys(live(events)):
+        hit = ref.get(k)
+        if hit is not None and hit.shape == e.shape:
+            out[e.index] = hit.index
+    return out
+
+
+def input_max(e: OpEvent, events: list[OpEvent]) -> float:
+    return max((events[p].row[st.MAX_ABS] for p in e.producers if events[p].row is not None), default=0.0)
+
+
+def cancelled(e: OpEvent, ref: OpEvent, events: list[OpEvent], eps: float) -> bool:
+    """A sum or difference whose fp32 result is below eps times its inputs: cancellation, not precision loss."""
+    return base(e.op) in ADDITIVE and ref.row[st.MAX_ABS] < eps * input_max(e, events)
+
+
+def _finite(row) -> bool:
+    return row[st.NAN] + row[st.POSINF] + row[st.NEGINF] == 0
+
+
+def scale_ratios(metrics, ref_metrics, penalty_scaled: bool) -> dict:
+    """(step, phase) -> this replay's GradScaler scale over fp32's, for the phases whose values carry the scale.
+
+    A low precision that skipped a step retries it at a lower scale than fp32's replay ran at, so its backward
+    values are smaller by that ratio without being wrong. The input gradient carries the scale only when the
+    penalty follows the AMP recipe (its outputs scaled before autograd.grad).
+    """
+    ref = {m.step: m.scale for m in ref_metrics}
+    out = {}
+    for m in metrics:
+        r = ref.get(m.step)
+        if m.scale and r:
+            out[(m.step, Phase.BACKWARD)] = m.scale / r
+            if penalty_scaled:
+                out[(m.step, Phase.INPUT_GRAD)] = m.scale / r
+    return out
+
+
+def align(events: list[OpEvent], ref_events: list[OpEvent], rec: Recorder | None = None,
+          ref_rec: Recorder | None = None, ratios: dict | None = None) -> Alignment:
+    """Pair the ops and measure each one's departure from fp32 (samples when recorded, else the statistics).
+
+    `ratios` (scale_ratios) brings values that carry a different loss scale than fp32's to fp32's scale.
+    """
+    low_dtype = next((_LOW[e.dtype] for e in events if e.dtype in _LOW), torch.float16)
+    info = torch.finfo(low_dtype)
+    tol = th.tolerance(info.eps, th.DEPARTURE)
+    pairs = pair(events, ref_events)
+    deltas: dict[int, OpDelta] = {}
+    refs: dict[int, int] = {}
+    carried: dict[int, float] = {}
+    for e in live(events):
+        inherited = max((carried.get(p, 0.0) for p in e.producers), default=0.0)
+        r_idx = pairs.get(e.index)
+        if r_idx is None and is_cast(e) and e.producers:
+            r_idx = refs.get(e.producers[0])  # a cast fp32 does not have: compare with its input's fp32 values
+        if r_idx is None:
+            carried[e.index] = inherited
+            continue
+        refs[e.index] = r_idx
+        r = ref_events[r_idx]
+        x = rec.samples.get(e.index) if rec is not None else None
+        y = ref_rec.samples.get(r_idx) if ref_rec is not None else None
+        lo, hi = e.row, r.row
+        n = max(lo[st.NUMEL], 1.0)
+        dt = _LOW.get(e.dtype)
+        tiny = torch.finfo(dt).smallest_normal if dt is not None else torch.finfo(torch.float32).smallest_normal
+        nonfinite = not _finite(lo) and _finite(hi)
+        f = (ratios or {}).get((e.step, e.phase), 1.0)
+        if x is not None and y is not None and x.shape == y.shape:
+            rel = relative_error(x / f if f != 1.0 else x, y)
+            zeroed, flushed = zeroed_share(x, y), flushed_share(x, y, tiny)
+        else:
+            rel = None
+            if _finite(lo) and _finite(hi) and hi[st.MAX_ABS] > 0:
+                rel = abs(lo[st.MAX_ABS] / f - hi[st.MAX_ABS]) / hi[st.MAX_ABS]
+            zeroed = max(0.0, lo[st.ZEROS] - hi[st.ZEROS]) / n
+            flushed = zeroed if hi[st.MIN_NONZERO] < tiny else 0.0
+        lost = (max(0.0, lo[st.ZEROS] - hi[st.ZEROS]) + lo[st.SUBNORMAL]) / n if dt is not None else 0.0
+        canc = cancelled(e, r, events, eps=info.eps)
+        candidate = (dt is not None and _finite(lo) and lost >= th.UNDERFLOW_SHARE
+                     and hi[st.MIN_NONZERO] < th.UNDERFLOW_RANGE * tiny and not canc)
+        carried[e.index] = inherited if rel is None else max(rel, inherited)
+        added = 0.0 if rel is None or inherited == math.inf else max(0.0, rel - inherited)
+        departs = nonfinite or zeroed > 0 or (not canc and rel is not None and rel > tol)
+        deltas[e.index] = OpDelta(e.index, r_idx, rel, added, zeroed, flushed, lost, nonfinite, canc, candidate,
+                                  departs)
+    return Alignment(info.eps, tol, pairs, deltas)

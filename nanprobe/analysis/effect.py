@@ -1,0 +1,163 @@
+"""Effect: what training sees in a low precision against fp32, each against a documented tolerance.
+
+What training sees is the loss, the penalty, each parameter's gradient (after unscaling, before
+clipping) and whether the weights move. An underflow is a finding only when one of these is off
+(thresholds.EFFECT_TOLERANCE_EPS, ZEROED_SHARE, LOST_UPDATE_SHARE) or when it leads to a non-finite
+value; subnormals with no measurable effect are notes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from nanprobe import thresholds as th
+from nanprobe.analysis.alignment import Recorder, relative_error, zeroed_share
+from nanprobe.enums import Precision
+
+
+@dataclass(frozen=True)
+class ScalarEffect:
+    """The loss or the penalty against fp32, at its worst step."""
+
+    name: str
+    """loss | penalty."""
+    step: int
+    """Critic step of the worst error."""
+    value: float | None
+    """This precision's value."""
+    reference: float | None
+    """fp32's value."""
+    rel_error: float
+    """|value - reference| / |reference| (inf when the value is not finite)."""
+    off: bool
+    """rel_error above the tolerance."""
+
+
+@dataclass(frozen=True)
+class ParamEffect:
+    """One parameter's gradient against fp32, at its worst step."""
+
+    param: str
+    """Parameter name (critic.net.0.weight)."""
+    step: int
+    """Critic step of the worst error."""
+    rel_error: float | None
+    """Norm-wise relative error of its sampled gradient (None where fp32's is all 0)."""
+    zeroed: float
+    """Share of its sampled gradient exactly 0 where fp32's is non-zero."""
+    off: bool
+    """rel_error above the tolerance, or zeroed above ZEROED_SHARE."""
+
+
+@dataclass(frozen=True)
+class Effect:
+    """What training sees in one low precision, against fp32."""
+
+    precision: Precision
+    """The low precision."""
+    tolerance: float
+    """Relative error allowed on the loss, the penalty and each gradient (EFFECT_TOLERANCE_EPS eps + fp32 noise)."""
+    loss: ScalarEffect | None
+    """The loss at its worst step (None when no step has both values)."""
+    penalty: ScalarEffect | None
+    """The penalty at its worst step (None without one)."""
+    params: tuple[ParamEffect, ...]
+    """Each parameter's gradient, worst first."""
+    grad_rel_error: float | None
+    """All parameters' gradient samples together, worst step (the comparison's one number)."""
+    lost_updates: tuple[tuple[str, float], ...] = ()
+    """(parameter, share of its moving elements left unchanged) at or above LOST_UPDATE_SHARE."""
+
+    @property
+    def off_params(self) -> tuple[ParamEffect, ...]:
+        return tuple(p for p in self.params if p.off)
+
+    @property
+    def any_off(self) -> bool:
+        return bool(self.off_params or self.lost_updates
+                    or (self.loss is not None and self.loss.off) or (self.penalty is not None and self.penalty.off))
+
+    def summary(self) -> str:
+        """The measured effect in one line ('loss off 2e-06, penalty 6e-04, parameter gradients <= 0.8%; ...')."""
+        parts = []
+        for s in (self.loss, self.penalty):
+            if s is not None:
+                parts.append(f"{s.name} {_num(s.rel_error)}")
+        errs = [p.rel_error for p in self.params if p.rel_error is not None]
+        if errs:
+            worst = max(self.params, key=lambda p: (p.rel_error is not None, p.rel_error or 0.0))
+            parts.append(f"parameter gradients up to {_num(max(errs))} ({worst.param})")
+        zeroed = [p for p in self.params if p.zeroed >= th.ZEROED_SHARE / 10]  # below 0.1%: a value or two
+        if zeroed:
+            z = max(zeroed, key=lambda p: p.zeroed)
+            parts.append(f"{z.zeroed:.1%} of {z.param}'s gradient zeroed")
+        for name, share in self.lost_updates:
+            parts.append(f"{share:.0%} of {name}'s updates lost")
+        return ("relative error against fp32: " + ", ".join(parts) if parts else "no effect measured") + \
+            f" (tolerance {self.tolerance:.2g})"
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return "inf" if math.isinf(x) else f"{x:.2g}"
+
+
+def _scalar(name: str, metrics, ref_metrics, tol: float) -> ScalarEffect | None:
+    ref = {m.step: getattr(m, name) for m in ref_metrics}
+    worst = None
+    for m in metrics:
+        v, r = getattr(m, name), ref.get(m.step)
+        if v is None or r is None or not math.isfinite(r):
+            continue
+        err = math.inf if not math.isfinite(v) else (abs(v - r) / abs(r) if r != 0 else (0.0 if v == 0 else math.inf))
+        if worst is None or err > worst.rel_error:
+            worst = ScalarEffect(name, m.step, v, r, err, err > tol)
+    return worst
+
+
+def grad_error(rec: Recorder, ref: Recorder) -> float | None:
+    """Norm-wise relative error of all parameters' gradient samples together, worst over the steps."""
+    worst = None
+    for step, grads in rec.grads.items():
+        ref_grads = ref.grads.get(step, {})
+        names = [n for n in grads if n in ref_grads and grads[n].shape == ref_grads[n].shape]
+        if not names:
+            continue
+        err = relative_error(torch.cat([grads[n] for n in names]), torch.cat([ref_grads[n] for n in names]))
+        if err is not None:
+            worst = err if worst is None else max(worst, err)
+    return worst
+
+
+def measure(precision: Precision, metrics, ref_metrics, rec: Recorder | None, ref_rec: Recorder | None,
+            lost: dict | None = None) -> Effect:
+    """The effect of running in `precision`, from the replays' metrics and gradient samples."""
+    eps = torch.finfo(precision.torch_dtype).eps
+    tol = th.tolerance(eps, th.EFFECT_TOLERANCE_EPS)
+    per: dict[str, ParamEffect] = {}
+    if rec is not None and ref_rec is not None:
+        for step, grads in rec.grads.items():
+            ref_grads = ref_rec.grads.get(step, {})
+            for name, g in grads.items():
+                r = ref_grads.get(name)
+                if r is None or r.shape != g.shape:
+                    continue
+                rel = relative_error(g, r)
+                z = zeroed_share(g, r)
+                off = (rel is not None and rel > tol) or z > th.ZEROED_SHARE
+                old = per.get(name)
+                if old is None or (off, rel or 0.0, z) > (old.off, old.rel_error or 0.0, old.zeroed):
+                    per[name] = ParamEffect(name, step, rel, z, off)
+    params = tuple(sorted(per.values(), key=lambda p: (not p.off, -(p.rel_error or 0.0), -p.zeroed, p.param)))
+    lost_shares: dict[str, float] = {}
+    for counts in (lost or {}).values():
+        for name, (moving, unchanged) in counts.items():
+            if moving:
+                lost_shares[name] = max(lost_shares.get(name, 0.0), unchanged / moving)
+    lost_updates = tuple(sorted(((n, round(s, 4)) for n, s in lost_shares.items() if s >= th.LOST_UPDATE_SHARE),
+                                key=lambda x: (-x[1], x[0])))
+    return Effect(precision, tol, _scalar("loss", metrics, ref_metrics, tol), _scalar("penalty", metrics, ref_metrics, tol),
+                  params, grad_error(rec, ref_rec) if rec is not None and ref_rec is not None else None, lost_updates)
