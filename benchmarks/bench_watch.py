@@ -1,10 +1,14 @@
 """nanprobe.watch overhead, run by hand (not a test): python benchmarks/bench_watch.py [--reps 15] [--dtypes fp32,bf16]
 
 The same WGAN-GP critic step (DCGAN-64 critic and generator from configs/models.py, batch 16, Adam,
-the penalty written as in the example) timed with and without `with w.step(real, z):` around it,
-alternating the two every repetition so that load from other processes hits both alike. Prints,
-per precision, the median step time of each, their ratio (target <= 1.10), the spread of the
-per-pair ratios, the ratio of CPU time (steadier than wall time on shared cores), and the watch's own cost per step (snapshot + the one-sync check) in milliseconds.
+the penalty written as in the example) timed plain and in three watched forms, interleaved (the
+order rotates every repetition, so load from other processes hits all alike):
+  check     `with w.step(real, z):` with loss= (the snapshot for a replay + the one-sync check; target <= 1.10)
+  block     `with w:` and record=False (the one-sync check alone)
+  recorder  `with w:` with no loss (the flight recorder on: every op's max |x| on the device; target <= 1.3)
+Prints, per precision, the median step time of each, its ratio to the plain step's median, the
+median of the per-repetition ratios, the ratio of CPU time (steadier than wall time on shared
+cores), and the watch's own cost per step (snapshot + the one-sync check) in milliseconds.
 """
 from __future__ import annotations
 
@@ -48,6 +52,8 @@ def measure(precision: str, reps: int) -> dict:
     dtype = DTYPES[precision]
     scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
     w = nanprobe.watch(critic, generator, opt, scaler, loss=critic_loss, on_nan="warn")
+    w_block = nanprobe.watch(critic, generator, opt, scaler, record=False, on_nan="warn")
+    w_rec = nanprobe.watch(critic, generator, opt, scaler, on_nan="warn")
     real = torch.rand(BATCH, 3, IMG, IMG) * 2 - 1
 
     def step():
@@ -71,25 +77,31 @@ def measure(precision: str, reps: int) -> dict:
             scaler.update()
             s.loss = loss
 
+    def around(watch):
+        def run():
+            with watch:
+                step()
+        return run
+
+    variants = {"plain": step, "check": watched, "block": around(w_block), "recorder": around(w_rec)}
+
     def timed(fn) -> tuple[float, float]:
         t, c = time.perf_counter(), time.process_time()
         fn()
         return time.perf_counter() - t, time.process_time() - c
 
     for _ in range(2):  # warm-up: allocator, kernels, autocast caches, the watch's buffers
-        step()
-        watched()
-    plain, watch_t, ratios, cpu_plain, cpu_watch = [], [], [], [], []
+        for fn in variants.values():
+            fn()
+    wall = {k: [] for k in variants}
+    cpu = {k: [] for k in variants}
+    names = list(variants)
     for i in range(reps):
-        # alternate which goes first, so a slow spell does not always land on the same one
-        a, b = (step, watched) if i % 2 == 0 else (watched, step)
-        ta, tb = timed(a), timed(b)
-        (tp, cp), (tw, cw) = (ta, tb) if a is step else (tb, ta)
-        plain.append(tp)
-        watch_t.append(tw)
-        ratios.append(tw / tp)
-        cpu_plain.append(cp)
-        cpu_watch.append(cw)
+        # rotate the order, so a slow spell does not always land on the same variant
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            t, c = timed(variants[k])
+            wall[k].append(t)
+            cpu[k].append(c)
 
     # The watch's own work, timed alone: the snapshot at entry and the one-sync check at exit.
     own = []
@@ -99,12 +111,15 @@ def measure(precision: str, reps: int) -> dict:
         w._begin(real, z)
         w._end(None)
         own.append(time.perf_counter() - t)
-    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
-    return {"precision": precision, "plain_ms": 1e3 * statistics.median(plain), "watched_ms": 1e3 * statistics.median(watch_t),
-            "ratio": statistics.median(watch_t) / statistics.median(plain), "pair_ratio_median": statistics.median(ratios),
-            "pair_ratio_iqr": [q[0], q[2]], "watch_own_ms": 1e3 * statistics.median(own),
-            # CPU time of this process: less sensitive than wall time to other processes on shared cores
-            "cpu_ratio": statistics.median(cpu_watch) / statistics.median(cpu_plain), "failures": w.failures}
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    out = {"precision": precision, "plain_ms": 1e3 * med["plain"], "watch_own_ms": 1e3 * statistics.median(own),
+           "failures": w.failures + w_block.failures + w_rec.failures, "recorded_ops": w_rec.flight.ops}
+    for k in names[1:]:
+        out[k] = {"ms": 1e3 * med[k], "ratio": med[k] / med["plain"],
+                  "pair_ratio_median": statistics.median(a / b for a, b in zip(wall[k], wall["plain"])),
+                  # CPU time of this process: less sensitive than wall time to other processes on shared cores
+                  "cpu_ratio": statistics.median(cpu[k]) / statistics.median(cpu["plain"])}
+    return out
 
 
 def main() -> None:
@@ -117,16 +132,19 @@ def main() -> None:
     print(f"DCGAN-{IMG} critic ({n_params / 1e6:.2f}M parameters) and generator, batch {BATCH}, CPU, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.reps} repetitions", file=sys.stderr)
     if not args.json:
-        print(f"{'precision':<10}{'plain ms':>10}{'watched ms':>12}{'ratio':>8}{'pair ratios (median, IQR)':>30}"
-              f"{'CPU-time ratio':>16}{'watch own ms':>14}", flush=True)
+        print(f"{'precision':<10}{'variant':<10}{'ms':>9}{'ratio':>8}{'pair ratio':>12}{'CPU ratio':>11}", flush=True)
     results = []
     for p in (p.strip() for p in args.dtypes.split(",") if p.strip()):
         r = measure(p, args.reps)
         results.append(r)
         if not args.json:
-            iqr = f"{r['pair_ratio_median']:.3f} [{r['pair_ratio_iqr'][0]:.3f}, {r['pair_ratio_iqr'][1]:.3f}]"
-            print(f"{r['precision']:<10}{r['plain_ms']:>10.1f}{r['watched_ms']:>12.1f}{r['ratio']:>8.3f}{iqr:>30}"
-                  f"{r['cpu_ratio']:>16.3f}{r['watch_own_ms']:>14.2f}", flush=True)
+            print(f"{r['precision']:<10}{'plain':<10}{r['plain_ms']:>9.1f}", flush=True)
+            for k in ("check", "block", "recorder"):
+                v = r[k]
+                print(f"{'':<10}{k:<10}{v['ms']:>9.1f}{v['ratio']:>8.3f}{v['pair_ratio_median']:>12.3f}"
+                      f"{v['cpu_ratio']:>11.3f}", flush=True)
+            print(f"{'':<10}watch's own work (snapshot + check): {r['watch_own_ms']:.2f} ms; "
+                  f"{r['recorded_ops']} op outputs recorded per step", flush=True)
     if args.json:
         print(json.dumps(results, indent=2))
 

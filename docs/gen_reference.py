@@ -254,15 +254,29 @@ def _placeholders(*texts: str) -> list[str]:
     return names
 
 
+def _patchable(fix) -> bool:
+    try:
+        patching = _module("nanprobe.analysis.patching")
+    except Exception:  # a checkout without patches
+        return False
+    return fix.id in patching.TRANSFORMS
+
+
 def _verified(fix) -> str:
     apply = fix.apply
+    patch = (" When your own files hold the code it changes, it is also a patch of them (`--patch`), and "
+             "`--verify-fix` replays patched copies of your files instead.") if _patchable(fix) else ""
     if apply is None:
+        if patch:
+            return ("A code change: when your own files hold the code it changes, it is a patch of them "
+                    "(`--patch`) and `--verify-fix` replays patched copies of your files; otherwise it is not "
+                    "replayed (`?`).")
         return "A code change: `--verify-fix` does not replay it (`?`)."
     changes = "; ".join(f"`{k}: {_yaml_value(v)}`" for k, v in apply.overrides)
     text = f"`--verify-fix` replays the run with {changes}"
     if getattr(apply, "builtin_only", False):
-        text += " (built-in losses only; with your own `loss.step`, apply the snippet: not replayed)"
-    return text + "."
+        text += " (built-in losses only)"
+    return text + "." + patch
 
 
 def fixes_md() -> str:

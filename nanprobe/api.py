@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nanprobe.analysis import datacheck, diagnosis, initialisation, verification
+from nanprobe.analysis import datacheck, diagnosis, initialisation, patching, verification
 from nanprobe.analysis.initialisation import he_ratios
 from nanprobe.engine import precisions, replay
 from nanprobe.enums import FailOn, Precision
@@ -39,7 +39,11 @@ def diagnose(config_or_path: cfg.Config | str | Path, progress: Callable | None 
     Overrides take dotted or short keys: dtypes=["fp16"], steps=3, device="cpu", mode="half".
     verify_fix=True replays the first `verify_top` (default MAX_VERIFIED) fixes of each failing
     run that a config change applies and marks each FixSuggestion verified (True / False / None, with why);
-    fail_on (nan | overflow | underflow, as --fail-on) is the status a fixed run must get below.
+    fail_on (nan | overflow | underflow, as --fail-on) words the verification lines; a fix is verified only
+    when its run is then ok (`check` says ok / improves / fails / untried, `remaining` what is left).
+    A fix local to the user's own files carries `patch`, a unified diff of them (relative to the config's
+    folder); verify_fix replays it on patched copies. `nanprobe.analysis.patching.chosen(report.runs)` is
+    what `diagnose --patch` writes.
     Raises nanprobe.ConfigError (or UserCodeError, DeviceError) on bad input.
     """
     config = _config(config_or_path, overrides)
@@ -85,6 +89,7 @@ def _diagnose(config: cfg.Config, progress: Callable | None, verify_fix: bool, v
             report = _report(config, device, runs, data=data, init=init, interrupted=note)
         raise Interrupted(report) from None
     runs = diagnosis.analyse(config, traces, requested, ratios, device.type, init)
+    runs = patching.attach(config, loaded.critic, runs)
     if verify_fix:
         try:
             runs = verification.verify(config, loaded, traces, runs, device, progress,

@@ -103,6 +103,10 @@ def diagnose(
                                                help="stdout: table (terminal report), json, or github "
                                                     "(GitHub Actions ::error/::warning annotations)."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Also write a JUnit XML report to PATH."),
+    patch: Optional[str] = typer.Option(
+        None, "--patch", metavar="PATH|-",
+        help="Write the fix to your own files as a unified diff to PATH ('-' for stdout, no table); "
+             "apply it with git apply or patch -p1 from the config's folder. Your files are never changed."),
 ) -> None:
     """Replay critic and penalty steps in fp32, fp16 and bf16; name the first op that underflows or overflows."""
     import time
@@ -111,6 +115,11 @@ def diagnose(
 
     if json_out == "-" and output_format is not OutputFormat.TABLE:
         _fail(f"--json -: stdout already carries --format {output_format.value}; give --json a file path")
+    if patch == "-" and (json_out == "-" or output_format is not OutputFormat.TABLE):
+        _fail("--patch -: stdout already carries the " + ("JSON" if json_out == "-" else f"--format {output_format.value}")
+              + " output; give --patch a file path")
+    if patch is not None and patch != "-" and not Path(patch).parent.is_dir():
+        _fail(f"--patch: folder {Path(patch).parent} does not exist")
     started = time.perf_counter()
     overrides = {"dtypes": _dtypes(dtypes, dtype_alias), "mode": mode.value if mode else None,
                  "device": device.value if device else None, "steps": steps, "policy": policy,
@@ -135,6 +144,8 @@ def diagnose(
         typer.echo("nanprobe: interrupted; reporting what was found so far", err=True)
         report = exc.report
     _write_json(report.to_json(), json_out)
+    if patch is not None:
+        _write_patch(report, patch)
     if junit is not None:
         from nanprobe.formats.junit import junit_xml
 
@@ -149,11 +160,29 @@ def diagnose(
 
         for line in annotations(report, fail_on.value):
             typer.echo(line)
-    elif not quiet and json_out != "-":
+    elif not quiet and json_out != "-" and patch != "-":
         table.report(report)
     if report.interrupted:
         raise typer.Exit(130)
     raise typer.Exit(_exit_code((r.status for r in report.runs), fail_on))
+
+
+def _write_patch(report, patch: str) -> None:
+    """--patch PATH writes the diff of the user's files, --patch - prints it; a line on stderr when there is none."""
+    from nanprobe.analysis.patching import chosen
+
+    text = chosen(report.runs)
+    if not text:
+        typer.echo("nanprobe: --patch: no fix found is local to your own code (see the fixes' config changes "
+                   "and snippets); nothing written", err=True)
+        return
+    if patch == "-":
+        typer.echo(text, nl=False)
+        return
+    try:
+        Path(patch).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        _fail(f"--patch: cannot write {patch}: {exc.strerror or exc}")
 
 
 @app.command("compare-precisions")
@@ -255,6 +284,8 @@ def init(
     found = f"critic {result.critic.name}" + (f", generator {g.name}" if g else ", no generator")
     shape = "x".join(map(str, (g or result.critic).shape))
     typer.echo(f"nanprobe: wrote {output} ({found}, samples {shape}); run: nanprobe diagnose {output}", err=True)
+    for line in result.rejected if g is None else ():  # why no candidate was taken as the generator
+        typer.echo(f"  not the generator: {line}", err=True)
 
 
 def main() -> None:

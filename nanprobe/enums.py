@@ -133,3 +133,12 @@ class OnNan(str, Enum):
     RAISE = "raise"  # diagnose the step, then raise NonFiniteError with the report
     WARN = "warn"  # diagnose the step, warn with the verdict, let training go on
     DUMP = "dump"  # write the step to a folder for `nanprobe diagnose DUMP/config.yaml`, warn, go on
+
+
+class FixCheck(str, Enum):
+    """What --verify-fix found when it replayed a fix."""
+
+    OK = "ok"  # the run with the fix is ok: verified
+    IMPROVES = "improves"  # milder than without it, but something remains
+    FAILS = "fails"  # as bad or worse, or fp32 now fails, or the replay raised
+    UNTRIED = "untried"  # not replayed (the line says why)

@@ -64,6 +64,12 @@ starts lower: DCGAN's N(0, 0.02) puts an RGB input conv ~10x below He and trains
 ASSUMED_SLOPE = 0.2
 """Negative slope assumed when the nonlinearity after a layer cannot be seen (LeakyReLU(0.2))."""
 
+# Patches
+SAFE_EPS = {"fp16": 1e-4, "bf16": 1e-8, "fp32": 1e-8}
+"""An eps inside a sqrt/rsqrt that survives the dtype, by precision: fp16's smallest normal is 6.1e-5, so 1e-4
+stays a normal number whether the sum under the root is fp16 or fp32; bf16 and fp32 hold 1e-8 (normals down
+to 1.2e-38)."""
+
 # Divergence over steps
 DIVERGENCE_GROWTH = 1.25
 """Weight norm at the failing step over step 0's above which the updates blew the weights up (a sane lr

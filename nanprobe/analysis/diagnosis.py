@@ -554,7 +554,15 @@ def fix_settings(config: Config, init_ratios: dict, device: str, init_checks: tu
     return {"loss_kind": "custom" if loss.step else loss.kind, "gp_fp32": loss.gp_precision == "fp32",
             "grad_scaler": t.grad_scaler, "grad_clip": t.grad_clip, "optimizer": t.optimizer, "eps": t.eps,
             "lr": t.lr, "init_ratios": init_ratios, "device": device, "init_checks": init_checks,
-            "fp32_modules": tuple(config.precision.fp32_modules)}
+            "fp32_modules": tuple(config.precision.fp32_modules), "betas": tuple(t.betas),
+            "weight_decay": t.weight_decay, "gp_weight": loss.gp_weight, "step_name": _step_name(loss.step)}
+
+
+def _step_name(step) -> str | None:
+    """The user's critic step function's name ("train.py:critic_step" or the function itself)."""
+    if step is None:
+        return None
+    return step.rpartition(":")[2] or None if isinstance(step, str) else getattr(step, "__name__", None)
 
 
 def shared_context(config: Config, analyses: dict, init_ratios: dict, device: str, init_checks: tuple = ()) -> dict:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from nanprobe.enums import FindingKind, Framework, Mode, Phase, Precision, Status
 from nanprobe.model.report import Finding, FixSuggestion, ReplayError
-from nanprobe.thresholds import DIVERGENCE_GROWTH, INIT_FACTOR, INIT_SMALL_FACTOR, init_off_scale
+
+from nanprobe.thresholds import DIVERGENCE_GROWTH, INIT_FACTOR, INIT_SMALL_FACTOR, SAFE_EPS, init_off_scale
 
 _NORM_NODES = ("SqrtBackward0", "LinalgVectorNormBackward0", "NormBackward1", "PowBackward0", "RsqrtBackward0")
 _PRECISION_FIXES = frozenset({"gp-fp32", "gp-scaled", "grad-scaler", "bf16", "fp32-module", "master-weights"})
@@ -105,6 +106,14 @@ class FixContext:
     """The step calls torch.autograd.grad on outputs the GradScaler did not scale."""
     weight_growth: float = 1.0
     """Weight norm at the failing step over step 0's."""
+    betas: tuple = (0.0, 0.9)
+    """Optimizer betas as configured (momentum is betas[0] for sgd and rmsprop)."""
+    weight_decay: float = 0.0
+    """Optimizer weight decay as configured."""
+    gp_weight: float = 10.0
+    """Penalty weight as configured (lambda for wgan-gp, gamma for r1)."""
+    step_name: str | None = None
+    """Name of the user's critic step function (loss.step), for the snippets' calls."""
     framework: Framework = Framework.TORCH
     """What the models are written in: the snippets are in its terms."""
     error: ReplayError | None = None
@@ -374,7 +383,8 @@ def _logits(c: FixContext) -> float:
         if nxt and (nxt[0] in _LOGS or (nxt[0] in ("add", "add_") and len(nxt) > 1 and nxt[1] in _LOGS)):
             return 98.0  # log(1 + exp(x)) is softplus(x)
     for f in (c.issue, c.nonfinite):
-        if f is not None and f.op.startswith("aten.log") and "aten.sigmoid" in f.numbers.get("producer_ops", ()):
+        if f is not None and f.op.startswith("aten.log") and any(
+                p.startswith("aten.sigmoid") for p in f.numbers.get("producer_ops", ())):
             return 98.0
     return 0.0
 
@@ -442,7 +452,7 @@ CATALOGUE: tuple[Fix, ...] = (
         title="Re-initialise the kernels with keras.initializers.GlorotUniform or HeNormal")}),
     Fix("adam-eps", "Use an eps that survives the dtype (1e-4 in fp16)",
         "eps={eps} rounds to 0 in {low}, so m / (sqrt(v) + eps) divides by zero wherever v is 0 or tiny.",
-        "opt = torch.optim.{opt_class}(critic.parameters(), lr={lr}, eps=1e-4)",
+        "opt = torch.optim.{opt_class}(critic.parameters(), {opt_args_eps})",
         Apply((("train.eps", 1.0e-4),)), _adam_eps,
         when="a problem in the optimizer step in half mode, with an optimizer eps that rounds to 0 in the dtype",
         variants={Framework.KERAS: Variant(
@@ -452,9 +462,9 @@ CATALOGUE: tuple[Fix, ...] = (
         "Updates below half an ulp of a {low} weight are rounded away and the optimizer state loses its "
         "small values; fp32 weights with autocast keep both.",
         "critic = critic.float()                 # weights and optimizer state in fp32\n"
-        "opt = torch.optim.Adam(critic.parameters(), lr={lr}, betas=(0.0, 0.9))\n"
-        "with torch.autocast(\"{device}\", dtype=torch.{dtype}):\n"
-        "    loss = critic_loss(critic, real, fake)",
+        "opt = torch.optim.{opt_class}(critic.parameters(), {opt_args})\n"
+        "with torch.autocast(device_type=real.device.type, dtype=torch.{dtype}):\n"
+        "    loss = {step_call}",
         Apply((("precision.mode", "amp"),)), _master_weights,
         when="a problem in the optimizer step in half mode: lost updates, optimizer state flushed to 0",
         variants={Framework.KERAS: Variant(
@@ -469,7 +479,7 @@ CATALOGUE: tuple[Fix, ...] = (
         "sample's gradient is all zero (as it is once it underflows).",
         "grad_norm = torch.linalg.vector_norm(grads.flatten(1), dim=1)   # zero subgradient at 0\n"
         "# or keep sqrt with an eps that survives {low}:\n"
-        "grad_norm = torch.sqrt(grads.flatten(1).float().pow(2).sum(1) + 1e-12)",
+        "grad_norm = torch.sqrt(grads.flatten(1).float().pow(2).sum(1) + {safe_eps})",
         Apply((("loss.gp_norm", "vector_norm"),), builtin_only=True), _safe_norm,
         when="NaN through the backward of the penalty's norm (SqrtBackward0, a vector-norm, pow or rsqrt "
              "backward)",
@@ -481,11 +491,7 @@ CATALOGUE: tuple[Fix, ...] = (
     Fix("gp-fp32", "Compute the gradient penalty outside autocast, in fp32",
         "Under {low} autocast the critic's input gradient is computed in {low} without loss scaling; values "
         "below {tiny} flush to 0, so the penalty sees a zero norm.",
-        "with torch.autocast(\"{device}\", enabled=False):\n"
-        "    x_hat = (alpha * real + (1 - alpha) * fake).float().requires_grad_(True)\n"
-        "    out = critic(x_hat)\n"
-        "    grads = torch.autograd.grad(out, x_hat, torch.ones_like(out), create_graph=True)[0]\n"
-        "    gp = lambda_gp * ((grads.flatten(1).norm(2, dim=1) - 1) ** 2).mean()",
+        "{gp_fp32_code}",
         Apply((("loss.gp_precision", "fp32"),), builtin_only=True), _penalty_hit,
         when="a problem in the penalty's input gradient (phase input-grad) under low-precision autocast, with "
              "the penalty inside autocast",
@@ -493,11 +499,11 @@ CATALOGUE: tuple[Fix, ...] = (
     Fix("gp-scaled", "Follow the AMP gradient-penalty recipe: scale before autograd.grad, unscale after",
         "Scaling the critic's output by the GradScaler's scale lifts the input gradient out of {low}'s "
         "underflow range; multiplying by 1/scale afterwards gives the true gradient for the penalty.",
-        "scaler = torch.amp.GradScaler(\"{device}\")\n"
-        "scaled = torch.autograd.grad(scaler.scale(out), x_hat, torch.ones_like(out), create_graph=True)[0]\n"
+        "scaler = torch.amp.GradScaler(real.device.type)\n"
+        "scaled = torch.autograd.grad(scaler.scale(out), {gp_input}, torch.ones_like(out), create_graph=True)[0]\n"
         "grads = scaled * (1.0 / scaler.get_scale())\n"
-        "with torch.autocast(\"{device}\", dtype=torch.{dtype}):\n"
-        "    gp = lambda_gp * ((grads.flatten(1).norm(2, dim=1) - 1) ** 2).mean()\n"
+        "with torch.autocast(device_type=real.device.type, dtype=torch.{dtype}):\n"
+        "    {penalty_line}\n"
         "scaler.scale(loss + gp).backward(); scaler.step(opt); scaler.update()\n"
         "# nanprobe passes its scaler to a custom step that takes one:\n"
         "# def critic_step(critic, generator, real, z, scaler=None)",
@@ -522,7 +528,7 @@ CATALOGUE: tuple[Fix, ...] = (
         "the scale (here {collapse_at}; typically the penalty's sqrt backward at a zero norm, or an activation above "
         "{low}'s max) makes it skip every step while the scale falls toward 0 (apex#654). Apply the fix for that "
         "op (above); keep one scaler per network (G and D).",
-        "scaler_d = torch.amp.GradScaler(\"{device}\")   # the critic's own scaler\n"
+        "scaler_d = torch.amp.GradScaler(real.device.type)   # the critic's own scaler\n"
         "scaler_d.scale(loss_d).backward()\n"
         "scaler_d.step(opt_d); scaler_d.update()\n"
         "if scaler_d.get_scale() < 1.0:   # collapsing: find the op that makes inf\n"
@@ -539,9 +545,9 @@ CATALOGUE: tuple[Fix, ...] = (
     Fix("grad-scaler", "Use dynamic loss scaling (torch.amp.GradScaler)",
         "Without loss scaling, gradients below {tiny} flush to 0 in {low} and those weights stop learning; "
         "the scaler multiplies the loss so the gradients stay in range, then unscales them.",
-        "scaler = torch.amp.GradScaler(\"{device}\")\n"
-        "with torch.autocast(\"{device}\", dtype=torch.{dtype}):\n"
-        "    loss = critic_loss(critic, real, fake)\n"
+        "scaler = torch.amp.GradScaler(real.device.type)\n"
+        "with torch.autocast(device_type=real.device.type, dtype=torch.{dtype}):\n"
+        "    loss = {step_call}\n"
         "scaler.scale(loss).backward()\n"
         "scaler.unscale_(opt)      # before clipping or reading gradients\n"
         "scaler.step(opt)\n"
@@ -563,7 +569,7 @@ CATALOGUE: tuple[Fix, ...] = (
         "        super().__init__()\n"
         "        self.m = m\n\n"
         "    def forward(self, x):\n"
-        "        with torch.autocast(\"{device}\", enabled=False):\n"
+        "        with torch.autocast(device_type=x.device.type, enabled=False):\n"
         "            return self.m(x.float())\n\n"
         "{attr} = FP32({attr})\n"
         "# or clamp its output: x = x.clamp(-256, 256)",
@@ -588,8 +594,8 @@ CATALOGUE: tuple[Fix, ...] = (
     Fix("bf16", "Train in bf16 instead of fp16",
         "bf16 has fp32's exponent range (max 3.4e38, normals down to 1.2e-38), so neither the overflow at "
         "65504 nor the underflow below 6.1e-5 happens, and no loss scaling is needed.",
-        "with torch.autocast(\"{device}\", dtype=torch.bfloat16):\n"
-        "    loss = critic_loss(critic, real, fake)\n"
+        "with torch.autocast(device_type=real.device.type, dtype=torch.bfloat16):\n"
+        "    loss = {step_call}\n"
         "loss.backward()   # no GradScaler needed",
         Apply((("precision.dtypes", ["bf16"]),)), _bf16,
         when="fp16 fails and bf16 is ok (ranked lower when bf16 was not replayed)",
@@ -601,7 +607,7 @@ CATALOGUE: tuple[Fix, ...] = (
     Fix("lower-lr", "Lower the learning rate",
         "The first steps are fine and a later one fails: the updates grow the weights until activations "
         "leave the dtype's range.",
-        "opt = torch.optim.{opt_class}(critic.parameters(), lr={lr_low})   # WGAN-GP: Adam, lr 1e-4, betas (0, 0.9)",
+        "opt = torch.optim.{opt_class}(critic.parameters(), {opt_args_low_lr})",
         Apply((("train.lr", "{lr_low}"),)), _lower_lr,
         when=f"an overflow or NaN first found after step 0; first when the weights grew by "
              f"{DIVERGENCE_GROWTH - 1:.0%} or more by then",
@@ -644,6 +650,7 @@ def _vars(c: FixContext) -> dict:
     flagged = [f"{i.module} ({i.ratio:.3g}x)" for i in c.init_checks if i.flagged]
     bad = c.issue.numbers.get("bad_samples") if c.issue is not None else None
     return {
+        **_code_vars(c, low),
         "low": low.value, "dtype": {"fp16": "float16", "bf16": "bfloat16"}[low.value],
         "device": c.device, "tiny": f"{info.smallest_normal:.2g}", "max": f"{info.max:.6g}",
         "module": module, "attr": attr, "eps": f"{c.eps:g}", "lr": f"{c.lr:g}", "lr_low": f"{c.lr / 10:g}",
@@ -657,6 +664,71 @@ def _vars(c: FixContext) -> dict:
         "collapse_at": collapse_at, **_culprit_vars(c), "layer_name": module.rsplit("/", 1)[-1],
         "layer_attr": parts[0].split("/")[0] + "".join(f'.get_layer("{p}")' for p in module.split("/")[1:]),
     }
+
+
+def _lit(x: float) -> str:
+    """A hyper-parameter as Python source, exactly as configured (0.9905854 stays 0.9905854)."""
+    return repr(float(x))
+
+
+# torch's own defaults, so a snippet spells out only what the config changes (AdamW decays by 0.01).
+_OPT_DEFAULTS = {"adam": {"eps": 1e-8, "weight_decay": 0.0}, "adamw": {"eps": 1e-8, "weight_decay": 0.01},
+                 "rmsprop": {"eps": 1e-8, "weight_decay": 0.0}, "sgd": {"weight_decay": 0.0}}
+
+
+def _opt_args(c: FixContext, lr: float | None = None, eps: float | None = None) -> str:
+    """The optimizer's arguments with the configured hyper-parameters (lr, betas, eps, weight decay)."""
+    args = [f"lr={_lit(c.lr if lr is None else lr)}"]
+    b0, b1 = (tuple(c.betas) + (0.9, 0.999))[:2]
+    if c.optimizer in ("adam", "adamw"):
+        args.append(f"betas=({_lit(b0)}, {_lit(b1)})")
+    elif b0:
+        args.append(f"momentum={_lit(b0)}")
+    defaults = _OPT_DEFAULTS[c.optimizer]
+    e = c.eps if eps is None else eps
+    if "eps" in defaults and (eps is not None or e != defaults["eps"]):
+        args.append(f"eps={_lit(e)}")
+    if c.weight_decay != defaults["weight_decay"]:
+        args.append(f"weight_decay={_lit(c.weight_decay)}")
+    return ", ".join(args)
+
+
+# The loss of each built-in kind, as the snippets call it (a custom step is called by its own name).
+_LOSS_CALL = {"wgan-gp": "critic(fake).mean() - critic(real).mean() + gp",
+              "r1": "F.softplus(critic(fake)).mean() + F.softplus(-critic(real)).mean() + r1",
+              "hinge": "F.relu(1 - critic(real)).mean() + F.relu(1 + critic(fake)).mean()",
+              "non-saturating": "F.softplus(-critic(real)).mean() + F.softplus(critic(fake)).mean()"}
+
+
+def _penalty_code(c: FixContext) -> tuple[str, str, str]:
+    """(input name, the penalty's last line, the penalty computed outside autocast) for the loss kind."""
+    weight = _lit(c.gp_weight) if c.loss_kind != "custom" else "lambda_gp"
+    if c.loss_kind == "r1":
+        last = f"r1 = {weight} / 2 * grads.flatten(1).pow(2).sum(1).mean()"
+        return "x", last, (
+            "with torch.autocast(device_type=real.device.type, enabled=False):\n"
+            "    x = real.detach().float().requires_grad_(True)\n"
+            "    out = critic(x)\n"
+            "    grads = torch.autograd.grad(out, x, torch.ones_like(out), create_graph=True)[0]\n"
+            f"    {last}")
+    last = f"gp = {weight} * ((grads.flatten(1).norm(2, dim=1) - 1) ** 2).mean()"
+    return "x_hat", last, (
+        "with torch.autocast(device_type=real.device.type, enabled=False):\n"
+        "    alpha = torch.rand(real.size(0), 1, 1, 1, device=real.device)\n"
+        "    x_hat = (alpha * real + (1 - alpha) * fake).float().requires_grad_(True)\n"
+        "    out = critic(x_hat)\n"
+        "    grads = torch.autograd.grad(out, x_hat, torch.ones_like(out), create_graph=True)[0]\n"
+        f"    {last}")
+
+
+def _code_vars(c: FixContext, low: Precision) -> dict:
+    """Code fragments that carry the user's configured hyper-parameters, loss kind and names."""
+    gp_input, last, gp_fp32 = _penalty_code(c)
+    step_call = (f"{c.step_name}(critic, generator, real, z)" if c.loss_kind == "custom" and c.step_name
+                 else _LOSS_CALL.get(c.loss_kind, "critic_loss(critic, real, fake)"))
+    return {"opt_args": _opt_args(c), "opt_args_eps": _opt_args(c, eps=1e-4),
+            "opt_args_low_lr": _opt_args(c, lr=c.lr / 10), "gp_input": gp_input, "penalty_line": last,
+            "gp_fp32_code": gp_fp32, "step_call": step_call, "safe_eps": _lit(SAFE_EPS[low.value])}
 
 
 _OP_SNIPPETS = {
@@ -728,6 +800,12 @@ def adapt(fix_id: str, **values: str) -> FixSuggestion:
     v = {"normalise": _NORMALISE, **values}
     return FixSuggestion(fix.id, fix.title.format(**v), fix.why.format(**v), fix.snippet.format(**v),
                          None)
+
+
+def adapted(c: FixContext) -> tuple[FixSuggestion, ...]:
+    """Every catalogue entry adapted to the context, scored or not (what each snippet would say)."""
+    v = _vars(c)
+    return tuple(FixSuggestion(f.id, f.title.format(**v), f.why.format(**v), f.snippet.format(**v)) for f in CATALOGUE)
 
 
 def rank(c: FixContext, limit: int = 5) -> tuple[FixSuggestion, ...]:

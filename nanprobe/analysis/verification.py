@@ -1,12 +1,13 @@
 """Fixes proven by replay (`--verify-fix`).
 
-For each failing low-precision run, the suggested fixes that a config change applies are replayed:
-the same steps, seed, data, precision and mode with only the fix's overrides changed, under the
-probe, and judged against an fp32 replay under the same change (the diagnosis's own fp32 trace when
-the change cannot affect fp32, e.g. loss.gp_precision). A fix is verified when fp32 stays ok and the
-run is now ok, or no longer fails `--fail-on` and is milder than it was (a NaN cured, an underflow
-of another cause left: the line says which). Replays are cached by what they ran, so a fix that only
-narrows the precisions to one already replayed (bf16) costs nothing.
+For each failing low-precision run, the suggested fixes are replayed: the same steps, seed, data,
+precision and mode, under the probe, with only the fix changed, and judged against an fp32 replay
+under the same change (the diagnosis's own fp32 trace when the change cannot affect fp32, e.g.
+loss.gp_precision). A fix with a patch of the user's own code (analysis.patching) is replayed on
+patched copies of their files; otherwise its config change is. Verdicts are strict: ok (verified)
+only when fp32 stays ok and the run is now ok; improves when the run is milder than it was (what
+remains is named); fails otherwise. Replays are cached by what they ran, so a fix that only narrows
+the precisions to one already replayed (bf16) costs nothing.
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ import torch
 from nanprobe.io import config as cfg
 from nanprobe.engine import replay as rp
 from nanprobe.analysis.diagnosis import Analysis, Measured, analyse_trace, replay_measured, unmeasured
-from nanprobe.enums import FailOn, Precision, Status
+from nanprobe.enums import FailOn, FixCheck, Precision, Status
 from nanprobe.errors import ConfigError, DeviceError, UserCodeError
-from nanprobe.analysis.fixes import REGISTRY
+from nanprobe.analysis.fixes import REGISTRY, describe
 from nanprobe.io.loading import Loaded
 from nanprobe.thresholds import MAX_VERIFIED
 from nanprobe.model.report import FixSuggestion, RunReport
@@ -29,7 +30,7 @@ from nanprobe.model.report import FixSuggestion, RunReport
 
 # Settings an fp32 replay does not depend on: under a fix that changes only these, fp32 is not replayed again.
 _FP32_NEUTRAL = {"precision": ("mode", "fp32_modules"), "loss": ("gp_precision",)}
-_ORDER = {True: 0, None: 1, False: 2}
+_ORDER = {FixCheck.OK: 0, FixCheck.IMPROVES: 1, FixCheck.UNTRIED: 2, None: 2, FixCheck.FAILS: 3}
 
 
 def _key(config: cfg.Config, precision: Precision) -> str:
@@ -67,8 +68,47 @@ class _Replays:
 
 
 def rank(fixes) -> tuple[FixSuggestion, ...]:
-    """Verified fixes first, then those not replayed, then those that failed; the catalogue's order within each."""
-    return tuple(sorted(fixes, key=lambda f: _ORDER[f.verified]))
+    """Verified fixes first, then those that improve, then those not replayed, then those that failed;
+    the diagnosis's order within each."""
+    return tuple(sorted(fixes, key=lambda f: _ORDER[f.check]))
+
+
+def _untried(fix: FixSuggestion, why: str) -> FixSuggestion:
+    return replace(fix, verified=None, check=FixCheck.UNTRIED, verification=why, remaining=None)
+
+
+def _against(device: torch.device, config: cfg.Config, target: Precision, trace: Measured) -> str:
+    """What a replay ran on, so a verdict from a CPU replay reads as one."""
+    steps = len(trace.trace.metrics)
+    mode = config.precision.mode.value
+    policy = " with CUDA's autocast lists" if device.type == "cpu" and target.is_low and mode == "amp" and \
+        config.precision.policy.value == "cuda" else ""
+    return f"{device.type}, {target.value} {mode}{policy}, {steps} step{'' if steps == 1 else 's'}, seed {config.seed}"
+
+
+def _judge(fix: FixSuggestion, run: RunReport, line: str, ref: Measured, trace: Measured, target: Precision,
+           against: str, fail_on: Status) -> FixSuggestion:
+    for t in (ref, trace):
+        if t.error is not None:  # the step raises under the fix: it is no fix
+            left = f"the {t.precision.value} replay raised {t.error.line}"
+            return replace(fix, verified=False, check=FixCheck.FAILS, verification=f"{line}: {left}",
+                           remaining=left, verified_against=against)
+    ref_found, found = analyse_trace(ref, None), analyse_trace(trace, ref)
+    status, p = found.status, target.value
+    if ref_found.status is not Status.OK:
+        left = f"fp32 now fails ({ref_found.status.value}): {_issue(ref_found)}"
+        return replace(fix, verified=False, check=FixCheck.FAILS, verification=f"{line}: {left}", remaining=left,
+                       verified_against=against)
+    if status is Status.OK:
+        return replace(fix, verified=True, check=FixCheck.OK, verification=f"{line}: {p} is now ok ({against})",
+                       remaining=None, verified_against=against)
+    left = f"{status.value}: {_issue(found)}"
+    if status.severity < run.status.severity:
+        below = " and no longer fails --fail-on " + fail_on.value if status.severity < fail_on.severity else ""
+        return replace(fix, verified=False, check=FixCheck.IMPROVES, remaining=left, verified_against=against,
+                       verification=f"{line}: improves: {p} was {run.status.value}{below}; {left} remains")
+    return replace(fix, verified=False, check=FixCheck.FAILS, remaining=left, verified_against=against,
+                   verification=f"{line}: {p} still fails ({left})")
 
 
 def _issue(found: Analysis) -> str:
@@ -82,8 +122,8 @@ def _issue(found: Analysis) -> str:
 def _why_not(fix: FixSuggestion, config: cfg.Config) -> str:
     entry = REGISTRY.get(fix.id)
     if entry is not None and entry.apply is not None and config.loss.step:
-        return ("not replayed: loss.step is your own code, which a config change to the loss cannot reach; "
-                "apply the snippet there")
+        return ("not replayed: loss.step is your own code, which a config change to the loss cannot reach, and "
+                "nothing in it has the shape this fix's patch knows; apply the snippet there")
     return "not replayed: this fix is a code change (see the snippet), not a config change nanprobe can apply"
 
 
@@ -110,44 +150,65 @@ def _replayed(config: cfg.Config, run: RunReport, fix: FixSuggestion, replays: _
         ref = replays.get(fixed, Precision.FP32, fix.id)
         trace = replays.get(fixed, target, fix.id)
     except (ConfigError, DeviceError) as exc:
-        return replace(fix, verified=None, verification=f"not replayed: it cannot be applied to this config ({exc})")
+        return _untried(fix, f"not replayed: it cannot be applied to this config ({exc})")
     except UserCodeError as exc:
-        return replace(fix, verified=False, verification=f"{line}: the replay failed: {exc}")
-    for t in (ref, trace):
-        if t.error is not None:  # the step raises under the fix: it is no fix
-            return replace(fix, verified=False, verification=(
-                f"{line}: the {t.precision.value} replay raised {t.error.line}"))
-    ref_found, found = analyse_trace(ref, None), analyse_trace(trace, ref)
-    status, p = found.status, target.value
-    if ref_found.status is not Status.OK:
-        return replace(fix, verified=False, verification=(
-            f"{line}: fp32 now fails ({ref_found.status.value}): {_issue(ref_found)}"))
-    if status is Status.OK:
-        steps = len(trace.trace.metrics)
-        plural = "" if steps == 1 else "s"
-        return replace(fix, verified=True, verification=f"{line}: {p} is now ok ({steps} step{plural} replayed)")
-    # A run that fails the user's --fail-on passes with a fix that leaves only a milder finding below it.
-    if status.severity < min(run.status.severity, fail_on.severity):
-        return replace(fix, verified=True, verification=(
-            f"{line}: {p} no longer fails --fail-on {fail_on.value} (was {run.status.value}); "
-            f"{status.value} remains: {_issue(found)}"))
-    return replace(fix, verified=False, verification=f"{line}: {p} still fails ({status.value}): {_issue(found)}")
+        return replace(fix, verified=False, check=FixCheck.FAILS, verification=f"{line}: the replay failed: {exc}",
+                       remaining=f"the replay raised: {exc}")
+    return _judge(fix, run, line, ref, trace, target, _against(device, fixed, target, trace), fail_on)
+
+
+def _patched(config: cfg.Config, run: RunReport, fix: FixSuggestion, loaded: Loaded, device: torch.device,
+             fail_on: Status, progress) -> FixSuggestion:
+    """The fix's patch applied to copies of the user's files, and the failing precision replayed on them."""
+    from nanprobe.io import loading
+    from nanprobe.analysis import patching
+
+    patch = patching.for_fix(config, loaded.critic, run, fix.id)
+    if patch is None:
+        return _untried(fix, "not replayed: the patch could not be rebuilt from your files")
+    files = ", ".join(f.rel for f in patch.files)
+    line = f"with the patch to {files}" + (f" and {describe(patch.overrides)}" if patch.overrides else "")
+    code = patching.user_code(config)
+    if not patching.reaches(config, code, patch):
+        return _untried(fix, "not replayed: the patched file is passed in from Python as a live object, which a "
+                             "patch of its source cannot change; apply the patch and run again")
+    target = run.precision
+    on_step = None if progress is None else (lambda p, step, steps: progress(f"{p.value} + {fix.id} (patched)", step, steps))
+    try:
+        with patching.patched_code(code, patch) as mapping:
+            fixed = patching.patched_config(config, code, mapping)
+            if patch.overrides:
+                fixed = cfg.with_overrides(fixed, **patch.overrides)
+            rp.check_dtype(device, target, fixed.precision.mode)
+            patched = loading.load(fixed)
+            ref = replay_measured(fixed, patched, Precision.FP32, device, on_step)
+            trace = replay_measured(fixed, patched, target, device, on_step, ref)
+    except (ConfigError, DeviceError) as exc:
+        return _untried(fix, f"not replayed: the patched code cannot be replayed ({exc})")
+    except UserCodeError as exc:
+        return replace(fix, verified=False, check=FixCheck.FAILS, remaining=f"the patched code raised: {exc}",
+                       verification=f"{line}: the patched code raised: {exc}")
+    return _judge(fix, run, line, ref, trace, target, _against(device, fixed, target, trace), fail_on)
 
 
 def _verify_run(config: cfg.Config, run: RunReport, replays: _Replays, device: torch.device, top: int,
-                fail_on: Status) -> RunReport:
+                fail_on: Status, progress=None) -> RunReport:
     out, tried = [], 0
     for fix in run.fixes:
-        if not fix.overrides:
-            out.append(replace(fix, verification=_why_not(fix, config)))
-        elif _free(config, run, fix, replays):  # its replays exist already (bf16): no cost, no count
-            out.append(_replayed(config, run, fix, replays, device, fail_on))
-        elif tried >= top:
-            out.append(replace(fix, verification=f"not replayed: only the first {top} fixes that need a new "
-                                                  "replay are replayed (--verify-top)"))
+        if fix.patch is not None or fix.overrides:
+            free = fix.patch is None and _free(config, run, fix, replays)
+            if not free and tried >= top:
+                out.append(_untried(fix, f"not replayed: only the first {top} fixes that need a new replay are "
+                                         "replayed (--verify-top)"))
+                continue
+            if not free:  # its replays exist already (bf16): no cost, no count
+                tried += 1
+            if fix.patch is not None:
+                out.append(_patched(config, run, fix, replays.loaded, device, fail_on, progress))
+            else:
+                out.append(_replayed(config, run, fix, replays, device, fail_on))
         else:
-            tried += 1
-            out.append(_replayed(config, run, fix, replays, device, fail_on))
+            out.append(_untried(fix, _why_not(fix, config)))
     return replace(run, fixes=rank(out))
 
 
@@ -156,10 +217,10 @@ def verify(config: cfg.Config, loaded: Loaded, traces: dict, runs: tuple[RunRepo
            fail_on: FailOn = FailOn.OVERFLOW) -> tuple[RunReport, ...]:
     """The runs with each failing low-precision run's fixes replayed, marked verified or not, and re-ranked.
 
-    A fix is verified when fp32 stays ok and the run is ok with it, or (for a run at or above
-    `fail_on`) only a finding below `fail_on` and below the run's own status remains.
+    A fix is verified (check ok) only when fp32 stays ok and the run is ok with it; a milder run is
+    check improves, with `remaining` naming what is left; `fail_on` only words the line.
     """
     replays = _Replays(config, loaded, device, traces, progress)
     bar = Status(FailOn(fail_on).value)
-    return tuple(_verify_run(config, run, replays, device, top, bar)
+    return tuple(_verify_run(config, run, replays, device, top, bar, progress)
                  if run.precision.is_low and run.status is not Status.OK else run for run in runs)

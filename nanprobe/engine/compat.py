@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 __all__ = [
     "TorchDispatchMode", "OpOverload", "DispatchKeySet", "DispatchKey", "exclude_dispatch_keys",
     "registrations_for_dispatch_key", "current_autograd_node", "autograd_sequence_nr", "is_view",
-    "foreach_copy_", "scaler_growth_tracker", "GROWTH_TRACKER_KEY", "op_schema",
+    "foreach_copy_", "scaler_growth_tracker", "GROWTH_TRACKER_KEY", "op_schema", "compiled_original",
 ]
 
 OpOverload = torch._ops.OpOverload
@@ -59,3 +59,8 @@ def foreach_copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
 def scaler_growth_tracker(scaler: Any) -> torch.Tensor:
     """A GradScaler's count of steps since the scale last changed."""
     return scaler._growth_tracker
+
+
+def compiled_original(module: Any) -> Any:
+    """The module torch.compile wrapped, or None when module is not a compiled wrapper."""
+    return module._orig_mod if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod") else None

@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from nanprobe.io.loading import call_generator
+
 
 @dataclass(frozen=True)
 class StepContext:
@@ -29,13 +31,15 @@ class StepContext:
     """Autocast device type."""
     scaler: object | None
     """An enabled torch.amp.GradScaler: the penalty follows the AMP recipe."""
+    generator_call: object = "z"
+    """model.generator_call: "z", "[z]" or a function (generator, z) -> fakes."""
 
 
-def _fakes(generator, z, real):
+def _fakes(generator, z, real, call):
     if generator is None:
         return torch.randn_like(real)
     with torch.no_grad():
-        return generator(z)
+        return call_generator(generator, z, call)
 
 
 def _grad_norm(grads: torch.Tensor, how: str) -> torch.Tensor:
@@ -85,7 +89,7 @@ def r1_penalty(critic, real, ctx: StepContext) -> torch.Tensor:
 
 def critic_step(critic, generator, real, z, ctx: StepContext) -> dict:
     """One critic loss of the configured kind; returns the loss and its named parts."""
-    fake = _fakes(generator, z, real)
+    fake = _fakes(generator, z, real, ctx.generator_call)
     d_real = critic(real)
     d_fake = critic(fake.to(real.dtype))
     if ctx.kind == "wgan-gp":

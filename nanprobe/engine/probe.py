@@ -347,8 +347,13 @@ class OpProbe:
             self._node_tags[seq] = tag
         return tag
 
-    def _record(self, func, args, kwargs, out) -> None:
-        name = str(func)
+    def _node_phase(self) -> Phase:
+        """The phase of an op the autograd engine runs (the caller sets `phase` for the rest)."""
+        return Phase.INPUT_GRAD if self.phase is Phase.FORWARD else self.phase
+
+    def _tag(self, name: str) -> tuple:
+        """(phase, module, source, autograd node) of the op being dispatched; every op must pass here,
+        so that the autograd nodes it creates find their forward op."""
         node = compat.current_autograd_node()
         if node is None:
             phase = self.phase
@@ -356,9 +361,14 @@ class OpProbe:
             source = self._source(module) if phase is not Phase.OPTIMIZER else None
             node_name = None
         else:
-            phase = Phase.INPUT_GRAD if self.phase is Phase.FORWARD else self.phase
+            phase = self._node_phase()
             module, source, node_name = self._tag_of_node(node)
         self._by_seq.setdefault(compat.autograd_sequence_nr(), (module, source, name))
+        return phase, module, source, node_name
+
+    def _record(self, func, args, kwargs, out) -> None:
+        name = str(func)
+        phase, module, source, node_name = self._tag(name)
         inputs = list(_tensors(args))
         if kwargs:
             inputs.extend(_tensors(kwargs.values()))

@@ -297,7 +297,7 @@ class _Replay:
         self.op_lists = strategy.op_lists(precision, self.mode, device, config.precision.policy)
         self.step_fn = loaded.step_fn or builtin(StepContext(
             config.loss.kind, config.loss.gp_weight, config.loss.gp_precision == "fp32", config.loss.gp_norm,
-            device.type, self.scaler))
+            device.type, self.scaler, config.model.generator_call))
         if loaded.step_fn is not None and takes_scaler(loaded.step_fn):  # None when no scaler is on
             user_step = loaded.step_fn
             self.step_fn = lambda critic, generator, real, z: user_step(critic, generator, real, z, scaler=self.scaler)

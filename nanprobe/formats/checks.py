@@ -108,7 +108,7 @@ def data_report(rep, console: Console | None = None, title: str = "nanprobe chec
 def _fix(fix) -> Group:
     return Group(Text.assemble(("fix: ", "bold"), (fix.id, "bold cyan"), f"  {fix.title}"),
                  Text(fix.why, style="italic"),
-                 Syntax(fix.snippet, "python", theme="ansi_dark", background_color="default"))
+                 Syntax(fix.snippet, "python", theme="ansi_dark", background_color="default", word_wrap=True))
 
 
 def data_note(rep, console: Console) -> None:

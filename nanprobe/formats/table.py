@@ -9,7 +9,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-from nanprobe.enums import Status
+from nanprobe.enums import FixCheck, Status
 from nanprobe.formats._style import STYLE, file_line, kernels_note, num
 from nanprobe.model.report import Finding, FixSuggestion, Report, RunReport
 
@@ -124,12 +124,18 @@ def _numbers(f: Finding) -> str | None:
     return "\n".join(lines)
 
 
-_MARKS = {True: ("✓ ", "bold green"), False: ("✗ ", "bold red"), None: ("? ", "dim")}
+_MARKS = {FixCheck.OK: ("✓ ", "bold green"), FixCheck.IMPROVES: ("~ improves ", "bold yellow"),
+          FixCheck.FAILS: ("✗ ", "bold red"), FixCheck.UNTRIED: ("? ", "dim")}
 
 
 def _mark(fix: FixSuggestion) -> tuple:
     """--verify-fix's marker before a fix id (nothing when verification was not asked for)."""
-    return (_MARKS[fix.verified],) if fix.verification else ()
+    return (_MARKS[fix.check],) if fix.check is not None else ()
+
+
+def _code(text: str, lexer: str) -> Syntax:
+    # word_wrap: a long line wraps at any width, piped or not, instead of being cut mid-token.
+    return Syntax(text, lexer, theme="ansi_dark", background_color="default", word_wrap=True)
 
 
 def _run_panel(run: RunReport) -> Panel:
@@ -186,14 +192,19 @@ def _run_panel(run: RunReport) -> Panel:
         top = run.fixes[0]
         parts.append(Text.assemble(("\nfix: ", "bold"), *_mark(top), (top.id, "bold cyan"), f"  {top.title}"))
         parts.append(Text(top.why, style="italic"))
-        parts.append(Syntax(top.snippet, "python", theme="ansi_dark", background_color="default"))
+        if top.patch:
+            parts.append(Text("patch of your code (nanprobe diagnose --patch - prints it):", style="dim"))
+            parts.append(_code(top.patch.rstrip("\n"), "diff"))
+        else:
+            parts.append(_code(top.snippet, "python"))
         if top.apply:
             parts.append(Text.assemble(("in the config: ", "dim"), top.apply))
         if top.verification:
             parts.append(Text.assemble(("replay: ", "dim"), top.verification))
         checked = any(f.verification for f in run.fixes)
         for other in run.fixes[1:] if checked else run.fixes[1:3]:
-            parts.append(Text.assemble(("also: ", "dim"), *_mark(other), (other.id, "cyan"), f"  {other.title}"))
+            parts.append(Text.assemble(("also: ", "dim"), *_mark(other), (other.id, "cyan"), f"  {other.title}",
+                                       (" (patch: --patch)" if other.patch and other.check is FixCheck.OK else "", "dim")))
             if other.verification:
                 parts.append(Text.assemble("      ", (other.verification, "dim")))
     title = f"{run.precision.value} ({run.mode.value}): {run.status.value}"

@@ -1,14 +1,26 @@
-"""Always-on watch for live training: a cheap check per step, the full probe only for a step that fails.
+"""Always-on watch for live training: a cheap check per step, the culprit op named live, an exact replay.
 
-Per step the watch keeps what it needs to replay that step exactly (the batch, z, the RNG state,
-and copies of the critic, optimizer and scaler state from before the step, refreshed in place in
-preallocated buffers; the generator, which a critic step does not change, is read when a step fails), and after the step reads one flag per quantity (loss, gradients,
-weights, loss scale) in a single host synchronisation. Only when a step turns non-finite does it
-build a Config of that step and run `diagnose` on it (fp32 and the step's precision, op by op).
+`with nanprobe.watch(critic, optimizer=opt):` around a block watches that block as one step; a Watch
+kept in a variable watches each `with w:` or `with w.step(real, z):` block as one step. After each
+step it reads, in one host synchronisation, one value per quantity (the critic's outputs, the loss,
+the gradients, the weights, the loss scale). The flight recorder (on when no replay is possible:
+no loss function, or no real batch) also keeps the largest |x| of every op's output on the device and
+reads it in the same synchronisation, so a failing step names its first non-finite op with no replay.
+
+Given the step's loss function and real batch, the watch keeps what it needs to replay the step
+exactly (the batch, z, the RNG state, and copies of the critic, optimizer and scaler state from
+before the step, refreshed in place in preallocated buffers; the generator, which a critic step
+does not change, is read when a step fails), and a failing step is replayed under the full probe
+(fp32 and the step's precision, op by op) for the root cause and the fixes.
+
+Under torchrun (DDP), every rank watches: the per-rank values travel in one all_reduce, so all
+ranks agree on the failing step and on which rank(s) went non-finite first; those ranks dump their
+step, and rank 0 writes the one report that names them.
 """
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from nanprobe.io import config as cfg
+from nanprobe.engine.recorder import Flight, FlightRecorder, LiveOp
 from nanprobe.enums import Mode, OnNan, Precision
 from nanprobe.engine import compat
 from nanprobe.errors import ConfigError, NonFiniteError, NonFiniteWarning
@@ -26,6 +39,14 @@ _OPTIMIZERS = ((torch.optim.AdamW, "adamw"), (torch.optim.Adam, "adam"), (torch.
                (torch.optim.RMSprop, "rmsprop"))
 # The replay names each parameter in optimizer findings, so it steps one parameter at a time.
 _REPLAY_GROUP = {"foreach": False, "fused": None, "capturable": False, "differentiable": False}
+_LOW = {torch.float16: Precision.FP16, torch.bfloat16: Precision.BF16}
+
+# The per-step values, one row per rank: what each holds.
+_OUT, _LOSS, _GRADS, _WEIGHTS, _SCALE_AFTER, _SCALE_BEFORE, _REAL, _FIRST_OP, _FIRST_HASH = range(9)
+_FIELDS = 9
+# Values that went non-finite on a rank by its own computation (not through the gradient all-reduce).
+_OWN = ((_REAL, "real batch"), (_OUT, "critic output"), (_LOSS, "loss"))
+_SHARED = ((_GRADS, "gradients"), (_WEIGHTS, "weights"))
 
 
 @dataclass(frozen=True)
@@ -33,15 +54,21 @@ class Failure:
     """The first watched step that turned non-finite."""
 
     step: int
-    """Index of the watched step (0-based count of `.step()` calls)."""
+    """Index of the watched step (0-based count of watched steps)."""
     reason: str
-    """What was non-finite: loss, gradients, weights, or a loss scale that kept falling."""
+    """What was non-finite: critic output, loss, gradients, weights, or a loss scale that kept falling."""
     report: Report | None
-    """The diagnosis of the step (None when on_nan="dump" left it for later)."""
+    """The replay's diagnosis of the step (None without a loss function, or when on_nan="dump")."""
     dump: Path | None
     """The folder the step was written to, if any."""
     message: str
     """The one-paragraph verdict that was raised or warned."""
+    culprit: LiveOp | None = None
+    """The live step's first non-finite op, as the flight recorder saw it (None when it was off)."""
+    past_max: LiveOp | None = None
+    """Under fp16/bf16 autocast: the first fp32 value past that dtype's largest (the recorder's)."""
+    ranks: tuple = (0,)
+    """Under torchrun: the rank(s) where the step first went non-finite (the others followed them)."""
 
 
 class _Buffers:
@@ -76,10 +103,34 @@ def _loss_tensor(out: Any) -> torch.Tensor | None:
     return out if isinstance(out, torch.Tensor) and out.is_floating_point() else None
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) under an initialised torch.distributed process group, else (0, 1)."""
+    dist = getattr(torch, "distributed", None)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _unwrap(critic: Any, what: str) -> torch.nn.Module:
+    """The module whose weights and forward the watch follows: DDP and torch.compile wrappers are looked through."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is not None and any(isinstance(critic, c) for c in
+                                (getattr(fsdp, "FullyShardedDataParallel", ()), getattr(fsdp, "FSDPModule", ()))
+                                if isinstance(c, type)):
+        raise ConfigError(f"nanprobe.watch: the {what} is sharded with FSDP, which nanprobe cannot watch yet "
+                          "(its weights are not whole on any rank); watch it under DDP, or on one process")
+    for _ in range(3):
+        if isinstance(critic, torch.nn.parallel.DistributedDataParallel) or type(critic).__name__ == "DataParallel":
+            critic = critic.module
+        elif compat.compiled_original(critic) is not None:
+            critic = compat.compiled_original(critic)
+    return critic
+
+
 class _Step:
     """One watched step, as a context manager; set `.loss` inside it to have the loss checked too."""
 
-    def __init__(self, watch: "Watch", real: torch.Tensor, z: torch.Tensor | None):
+    def __init__(self, watch: "Watch", real: torch.Tensor | None, z: torch.Tensor | None):
         self.watch, self.real, self.z = watch, real, z
         self.loss: Any = None
 
@@ -98,22 +149,41 @@ class _Step:
 class Watch:
     """Watches a critic's training steps; see `watch()` for the arguments."""
 
-    def __init__(self, critic: torch.nn.Module, generator: torch.nn.Module | None = None,
+    def __init__(self, critic: torch.nn.Module, generator: Callable | None = None,
                  optimizer: torch.optim.Optimizer | None = None, scaler: Any = None, *,
-                 loss: str | Callable = "wgan-gp", gp_weight: float = 10.0, gp_precision: str = "autocast",
+                 loss: str | Callable | None = None, gp_weight: float = 10.0, gp_precision: str = "autocast",
                  gp_norm: str = "sqrt", precision: str | Precision | None = None, on_nan: str | OnNan = "raise",
                  dump_dir: str | Path | None = None, latent_dim: int | tuple | None = None,
-                 grad_clip: float | None = None, max_skips: int = 8,
+                 grad_clip: float | None = None, max_skips: int = 8, record: bool | None = None,
+                 generator_call: str | Callable = "z",
                  critic_ref: str | None = None, critic_args: dict | None = None,
                  generator_ref: str | None = None, generator_args: dict | None = None, loss_ref: str | None = None):
         if not isinstance(critic, torch.nn.Module):
             raise ConfigError(f"nanprobe.watch: critic must be an nn.Module, got {type(critic).__name__}")
-        if generator is not None and not isinstance(generator, torch.nn.Module):
-            raise ConfigError(f"nanprobe.watch: generator must be an nn.Module or None, got {type(generator).__name__}")
+        critic = _unwrap(critic, "critic")
+        if next(critic.parameters(), None) is None:
+            raise ConfigError(f"nanprobe.watch: the critic ({type(critic).__name__}) has no parameters; "
+                              "pass the module you train")
+        if generator is not None and not callable(generator):
+            raise ConfigError(f"nanprobe.watch: generator must be a callable z -> fakes (e.g. an nn.Module) or None, "
+                              f"got {type(generator).__name__}")
+        if isinstance(generator, torch.nn.Module):
+            generator = _unwrap(generator, "generator")
+        elif generator is not None and dump_dir is not None:
+            raise ConfigError("nanprobe.watch: a dump names the generator by its class, so with dump_dir the "
+                              f"generator must be an nn.Module (got {type(generator).__name__}); pass the module")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"nanprobe.watch: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if optimizer is not None:
+            owned = {id(p) for p in critic.parameters()}
+            if not any(id(p) in owned for g in optimizer.param_groups for p in g["params"]):
+                raise ConfigError("nanprobe.watch: the optimizer updates none of the critic's parameters; "
+                                  "pass the critic's optimizer")
         if scaler is not None and not hasattr(scaler, "get_scale"):
             raise ConfigError(f"nanprobe.watch: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if record is not None and not isinstance(record, bool):
+            raise ConfigError(f"nanprobe.watch: record must be True, False or None (on when no replay is possible), "
+                              f"got {record!r}")
         try:
             self.on_nan = OnNan(on_nan)
         except ValueError:
@@ -124,7 +194,10 @@ class Watch:
             raise ConfigError(f"nanprobe.watch: max_skips must be an integer >= 0, got {max_skips!r}")
         self.critic, self.generator, self.optimizer, self.scaler = critic, generator, optimizer, scaler
         self.loss_fn = loss if callable(loss) else None
+        self.replays = loss is not None
+        """A loss (built-in kind or function) was given: a failing step with its real batch is replayed."""
         # The same checks as a config: a bad loss kind or penalty setting fails here, not hours in.
+        self._model = cfg.check(cfg.Config(model=cfg.ModelConfig(critic=critic, generator_call=generator_call))).model
         self._loss = cfg.check(cfg.Config(model=cfg.ModelConfig(critic=critic), loss=cfg.LossConfig(
             kind=loss if isinstance(loss, str) else "wgan-gp", gp_weight=gp_weight, gp_precision=gp_precision,
             gp_norm=gp_norm, step=self.loss_fn))).loss
@@ -135,13 +208,14 @@ class Watch:
         self.latent_dim = cfg.check_shape(1)(latent_dim, "latent_dim") if latent_dim is not None else None
         self.grad_clip = cfg.check_clip(grad_clip, "grad_clip")
         self.max_skips = max_skips
+        self.record = record
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self.refs = None
         if self.dump_dir is not None:
             from nanprobe.io import dump
             # Resolved now, so a dump that could not be replayed elsewhere fails at start, not hours in.
-            self.refs = dump.references(critic, generator, self.loss_fn, critic_ref, critic_args,
-                                        generator_ref, generator_args, loss_ref)
+            self.refs = dump.references(critic, generator if isinstance(generator, torch.nn.Module) else None,
+                                        self.loss_fn, critic_ref, critic_args, generator_ref, generator_args, loss_ref)
         self.steps = 0
         """Steps watched so far."""
         self.skipped = 0
@@ -150,14 +224,24 @@ class Watch:
         """Non-finite steps; only the first is diagnosed or dumped."""
         self.failure: Failure | None = None
         """The first non-finite step, once there is one."""
+        self.flight: Flight | None = None
+        """What the flight recorder read at the end of the last recorded step."""
         self._skips_in_row = 0
         self._active = False
-        self._hook = None
+        self._block = False  # the step in progress is a `with w:` block (it yields to a w.step() inside it)
+        self._session = False  # a `with w:` block that holds per-step w.step() blocks
+        self._hooks: list = []
+        self._outs: list = []
+        self._recorder: FlightRecorder | None = None
+        self._recording = False
         self._seen: tuple[Mode, Precision] | None = None
         self._critic_buf, self._opt_buf = _Buffers(), _Buffers()
         self._opt_values: dict = {}
         self._scale_before: float | torch.Tensor | None = None
         self._tracker_before: torch.Tensor | None = None
+        self._real: torch.Tensor | None = None
+        self._z: torch.Tensor | None = None
+        self._snapped = False
 
     # ---- the public API
 
@@ -177,14 +261,26 @@ class Watch:
         return _Step(self, args[0] if args else real, args[1] if len(args) > 1 else z)
 
     def close(self) -> None:
-        """Remove the watch's hook (only present mid-step); the watch keeps no other hold on the models."""
+        """Remove the watch's hooks and mode (only present mid-step); the watch keeps no other hold on the models."""
         self._abort()
+        self._session = False
 
     def __enter__(self) -> "Watch":
+        """`with w:` watches the block as one step (a block that runs `w.step()` steps only holds them)."""
+        if self._active or self._session:
+            raise ConfigError("nanprobe.watch: `with w:` is already running; watched steps do not nest")
+        self._begin(None, None)
+        self._block = True
         return self
 
-    def __exit__(self, *exc) -> bool:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._session or not self._block:
+            self.close()
+        elif exc_type is None:
+            self._end(None)
+        else:
+            self._abort()
+        self._block = self._session = False
         return False
 
     # ---- per step
@@ -195,25 +291,50 @@ class Watch:
 
     def _begin(self, real, z) -> None:
         if self._active:
-            raise ConfigError("nanprobe.watch: step() is already running; watched steps do not nest")
-        if not isinstance(real, torch.Tensor) or real.dim() < 2:
-            raise ConfigError(f"nanprobe.watch: step() needs the real batch as a tensor [B, ...], got {type(real).__name__}")
+            if not self._block:
+                raise ConfigError("nanprobe.watch: step() is already running; watched steps do not nest")
+            # `with w:` around a loop of `with w.step():` blocks: each of those is the step.
+            self._abort()
+            self._block, self._session = False, True
+        if real is not None and (not isinstance(real, torch.Tensor) or real.dim() < 1):
+            raise ConfigError(f"nanprobe.watch: step() takes the real batch as a tensor [B, ...] (or nothing), "
+                              f"got {type(real).__name__}")
         if z is not None and not isinstance(z, torch.Tensor):
             raise ConfigError(f"nanprobe.watch: z must be a tensor or None, got {type(z).__name__}")
-        if z is None and self.generator is not None and self.latent_dim is None:
+        replay = real is not None and (self.replays or self.dump_dir is not None)
+        if replay and z is None and self.generator is not None and self.latent_dim is None:
             raise ConfigError("nanprobe.watch: pass z to step(real, z), or latent_dim to watch() when the step draws "
                               "z itself as its first random numbers")
-        self._real = real.detach().clone()
-        self._z = z.detach().clone() if z is not None else None
-        self._rng = torch.get_rng_state()
-        device = self._device()
-        self._cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        with torch.no_grad():
-            self._snapshot()
+        self._real = real.detach().clone() if replay else None
+        self._realref = real.detach() if real is not None else None
+        self._z = z.detach().clone() if replay and z is not None else None
+        self._snapped = replay
+        if replay:
+            self._rng = torch.get_rng_state()
+            device = self._device()
+            self._cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+            with torch.no_grad():
+                self._snapshot()
+        else:
+            self._snap_scale()  # a skipped step is told from a failing one by the scale it lowered
         self._seen = None
-        if self.precision is None:
-            self._hook = self.critic.register_forward_pre_hook(_precision_hook(self, self.critic))
+        self._outs = []
         self._active = True
+        try:
+            if self.precision is None:
+                self._hooks.append(self.critic.register_forward_pre_hook(_precision_hook(self, self.critic)))
+            self._hooks.append(self.critic.register_forward_hook(_output_hook(self, self.critic)))
+            self._recording = self.record if self.record is not None else not (self.replays and real is not None)
+            if self._recording:
+                if self._recorder is None:
+                    gen = self.generator if isinstance(self.generator, torch.nn.Module) else None
+                    self._recorder = FlightRecorder({"critic": self.critic, **({"generator": gen} if gen else {})},
+                                                    self.optimizer, base_dir=str(Path.cwd()))
+                self._recorder.reset()
+                self._recorder.__enter__()
+        except BaseException:
+            self._abort()
+            raise
 
     def _snapshot(self) -> None:
         sd = self.critic.state_dict(keep_vars=True)
@@ -232,6 +353,9 @@ class Watch:
                     i += 1
             self._opt_buf.take(keys, tensors)
             self._opt_values = values
+        self._snap_scale()
+
+    def _snap_scale(self) -> None:
         scaler = self.scaler
         if scaler is not None and scaler.is_enabled():
             scale = getattr(scaler, "_scale", None)
@@ -246,70 +370,173 @@ class Watch:
 
     def _abort(self) -> None:
         self._active = False
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        try:
+            if self._recorder is not None and self._recorder._mode is not None:
+                self._recorder.__exit__(None, None, None)
+        finally:
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+
+    def _values(self, loss: torch.Tensor | None, scaler, device, world: int) -> tuple:
+        """This rank's row of per-step values, on the device, with no host synchronisation."""
+        params = list(self.critic.parameters())
+        grads = [p.grad for p in params if p.grad is not None]
+        zero = torch.zeros((), device=device)
+        with torch.no_grad():
+            row = [zero] * _FIELDS
+            if self._outs:
+                row[_OUT] = torch.stack([v.to(device=device, dtype=torch.float32) for v in self._outs]).amax()
+            # 2-norms: one fused pass per list (the inf-norm is ~30x slower on the CPU); NaN and inf
+            # propagate, and a norm that overflows from finite values is told apart after the read.
+            row[_WEIGHTS] = torch.nn.utils.get_total_norm(params, 2.0)
+            if grads:
+                row[_GRADS] = torch.nn.utils.get_total_norm(grads, 2.0)
+            if loss is not None:
+                row[_LOSS] = loss.detach().float().sum()
+            after = getattr(scaler, "_scale", None) if scaler is not None else None
+            if after is not None:
+                row[_SCALE_AFTER] = after.reshape(())
+            before = self._scale_before if scaler is not None else None
+            row[_SCALE_BEFORE] = before.reshape(()) if isinstance(before, torch.Tensor) else torch.full((), float(before or 0))
+            real = self._realref
+            if real is not None and real.is_floating_point() and real.numel():
+                mn, mx = torch.aminmax(real)
+                row[_REAL] = torch.maximum(mx, -mn)
+            rec = self._recorder.values() if self._recording else None
+            if rec is not None and world > 1:  # which op, for the other ranks' messages
+                first = self._recorder.first_bad(rec)
+                row[_FIRST_OP], row[_FIRST_HASH] = first[0], first[1]
+            else:
+                row[_FIRST_OP] = torch.full((), -1.0)
+            row = torch.stack([v.to(device=device, dtype=torch.float64) for v in row])
+        return row, params, grads, rec
 
     def _end(self, out: Any) -> None:
         self._abort()
         step, self.steps = self.steps, self.steps + 1
         device = self._device()
         loss = _loss_tensor(out)
-        params = list(self.critic.parameters())
-        grads = [p.grad for p in params if p.grad is not None]
         scaler = self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
-        with torch.no_grad():
-            # 2-norms: one fused pass per list (the inf-norm is ~30x slower on the CPU); NaN and inf
-            # propagate, and a norm that overflows from finite values is told apart below.
-            vals = [torch.nn.utils.get_total_norm(params, 2.0),
-                    torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros(())]
-            vals.append(loss.detach().float().sum() if loss is not None else torch.zeros(()))
-            after = getattr(scaler, "_scale", None) if scaler is not None else None
-            vals.append(after.reshape(()) if after is not None else torch.zeros(()))
-            before = self._scale_before if scaler is not None else None
-            vals.append(before.reshape(()) if isinstance(before, torch.Tensor) else torch.full((), float(before or 0)))
-            weights, grad, loss_v, scale_after, scale_before = torch.stack(
-                [v.to(device=device, dtype=torch.float32) for v in vals]).tolist()  # the one host sync
-        bad = [name for name, v, tensors in (("loss", loss_v, None), ("gradients", grad, grads), ("weights", weights, params))
-               if not math.isfinite(v) and (tensors is None or not _all_finite(tensors))]
-        if scaler is not None and after is not None and scale_after < scale_before:
+        rank, world = _world()
+        row, params, grads, rec = self._values(loss, scaler, device, world)
+        if world > 1:
+            import torch.distributed as dist
+
+            # The one collective: every rank's row, so all ranks agree on the step and the ranks that failed.
+            gloo = dist.get_backend() == "gloo"
+            table = torch.zeros(world, _FIELDS, dtype=torch.float64, device="cpu" if gloo else row.device)
+            table[rank] = row.to(table.device)
+            dist.all_reduce(table)
+        else:
+            table = row.unsqueeze(0)
+        parts = [table.flatten().to(rec.device if rec is not None else table.device)]
+        if rec is not None:
+            parts.append(rec)
+        host = torch.cat(parts).tolist()  # the one host synchronisation
+        rows = [host[r * _FIELDS:(r + 1) * _FIELDS] for r in range(world)]
+        if self._recording:
+            low = None
+            seen = self._seen or ((Mode.AMP, self.precision) if self.precision is not None else None)
+            if seen is not None and seen[0] is Mode.AMP and seen[1].is_low:
+                low = seen[1].torch_dtype
+            self.flight = self._recorder.find(host[world * _FIELDS:], low)
+        own = rows[rank]
+        bad_by_rank = {}
+        for r, v in enumerate(rows):
+            bad = [name for i, name in _OWN + _SHARED if not math.isfinite(v[i])]
+            if world == 1 and bad:
+                # A norm can overflow from huge finite values: the exact check, only on this rare path.
+                exact = {"gradients": grads, "weights": params}
+                bad = [b for b in bad if b not in exact or not _all_finite(exact[b])]
+            if bad:
+                bad_by_rank[r] = bad
+        after, before = own[_SCALE_AFTER], own[_SCALE_BEFORE]
+        if scaler is not None and getattr(scaler, "_scale", None) is not None and after < before:
             self.skipped += 1
             self._skips_in_row += 1
-            if "weights" not in bad:
+            if not any("weights" in b for b in bad_by_rank.values()):
                 if self._skips_in_row <= self.max_skips:
                     return  # loss scaling skipped the step on purpose; training goes on at a lower scale
-                self._fail(step, f"the GradScaler skipped {self._skips_in_row} steps in a row (scale now {scale_after:g})")
+                self._fail(step, {r: [f"the GradScaler skipped {self._skips_in_row} steps in a row (scale now {after:g})"]
+                                  for r in range(world)}, rows)
                 return
-        elif not bad:
+        elif not bad_by_rank:
             self._skips_in_row = 0
             return
-        self._fail(step, f"{', '.join(bad)} non-finite")
+        self._fail(step, bad_by_rank, rows)
 
     # ---- a failing step
 
-    def _fail(self, step: int, reason: str) -> None:
+    def _fail(self, step: int, bad_by_rank: dict[int, list[str]], rows: list[list[float]]) -> None:
         self.failures += 1
         if self.failure is not None:
             return  # the first failure was reported; later ones usually follow from it
-        config = self.config()
+        rank, world = _world()
+        # The rank(s) whose own values went non-finite; the others got NaN through the gradient all-reduce.
+        origins = tuple(r for r, bad in bad_by_rank.items() if any(name in bad for _, name in _OWN)) \
+            or tuple(bad_by_rank)
+        reasons = {r: ", ".join(bad) + ("" if bad[0].startswith("the GradScaler") else " non-finite")
+                   for r, bad in bad_by_rank.items()}
+        reason = reasons.get(rank) or reasons[origins[0]]
+        # A rank that only followed another's NaN through the all-reduce has no culprit of its own.
+        flight = self.flight if self._recording and rank in origins else None
+        culprit = flight.first_nonfinite if flight is not None else None
+        past = flight.first_past_max if flight is not None else None
+        config = self.config() if self._snapped and rank in origins else None
         folder = None
-        if self.dump_dir is not None:
+        if self.dump_dir is not None and config is not None:
             from nanprobe.io import dump
-            folder = dump.write(self.dump_dir, step, config, self.refs)
-        where = f"; dumped to {folder} (replay it with: nanprobe diagnose {folder / 'config.yaml'})" if folder else ""
-        head = f"nanprobe.watch: step {step} turned non-finite ({reason}){where}."
-        if self.on_nan is OnNan.DUMP:
-            self.failure = Failure(step, reason, None, folder, head)
-            warnings.warn(head, NonFiniteWarning, stacklevel=4)
-            return
-        from nanprobe.model.verdict import verdict
 
-        report = self._diagnose(config)
-        message = f"{head} Replayed under the probe: {verdict(report, config.precision.dtypes[-1])}"
-        self.failure = Failure(step, reason, report, folder, message)
+            root = self.dump_dir / f"rank-{rank}" if world > 1 else self.dump_dir
+            folder = dump.write(root, step, config, self.refs)
+        where = f"; dumped to {folder} (replay it with: nanprobe diagnose {folder / 'config.yaml'})" if folder else ""
+        if world == 1:
+            head = f"nanprobe.watch: step {step} turned non-finite ({reason}){where}."
+        else:
+            first = "; ".join(f"rank {r} of {world} ({reasons[r]})" for r in origins)
+            followed = [r for r in bad_by_rank if r not in origins]
+            head = (f"nanprobe.watch: step {step} turned non-finite on {first}" + (f"; rank{'s' if len(followed) > 1 else ''} {', '.join(map(str, followed))} "
+                                     "followed through the gradient all-reduce" if followed else "") + f"{where}.")
+        lines = [head]
+        if world > 1 and rank not in origins:
+            lines += [self._other_rank(r, rows[r]) for r in origins if rows[r][_FIRST_OP] >= 0]
+        elif culprit is not None:
+            lines.append(f"The live step's first non-finite op: {culprit.describe()}.")
+        if past is not None and (culprit is None or past.index < culprit.index):
+            lines.append(f"Before it, {past.describe()}.")
+        if self._recording and flight is not None and culprit is None and rank in origins:
+            lines.append("The flight recorder saw no op make a non-finite value in the step "
+                         "(the non-finite values came from outside it: the batch or the weights).")
+        if not (self.replays and self._snapped) and rank in origins:
+            lines.append("For the fp32 comparison, the root cause and the fix, pass loss=<your critic loss function> "
+                         "to watch() and the real batch to w.step(real, z)" +
+                         (", or record=True to name the op live." if not self._recording else "."))
+        report = None
+        if config is not None and self.replays and self.on_nan is not OnNan.DUMP:
+            from nanprobe.model.verdict import verdict
+
+            report = self._diagnose(config)
+            lines.append(f"Replayed under the probe: {verdict(report, config.precision.dtypes[-1])}")
+        message = " ".join(lines)
+        self.failure = Failure(step, reason, report, folder, message, culprit, past, origins)
+        if world > 1 and rank == 0 and self.dump_dir is not None:
+            # The one report of the run: the ranks that failed and where their steps were dumped.
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            dumps = [f"  rank {r}: {self.dump_dir / f'rank-{r}'}/step-{step:06d}*/config.yaml" for r in origins]
+            text = "\n".join([message, "", "Dumped steps (replay one with nanprobe diagnose DUMP/config.yaml):", *dumps])
+            (self.dump_dir / f"report-step-{step:06d}.txt").write_text(text + "\n", encoding="utf-8")
         if self.on_nan is OnNan.RAISE:
             raise NonFiniteError(message, self.failure)
         warnings.warn(message, NonFiniteWarning, stacklevel=4)
+
+    def _other_rank(self, r: int, row: list[float]) -> str:
+        """Another rank's first non-finite op: its position and tag hash came in the collective."""
+        index = int(row[_FIRST_OP])
+        same = self._recorder.describe_at(index, int(row[_FIRST_HASH])) if self._recorder is not None else None
+        if same is not None:
+            return f"Rank {r}'s first non-finite op was its op #{index}: {same} (the op this rank ran there too)."
+        return f"Rank {r}'s first non-finite op was its op #{index} (rank {r}'s own message names it)."
 
     def _precision(self) -> tuple[Mode, Precision]:
         if self.precision is not None:
@@ -319,12 +546,13 @@ class Watch:
 
     def config(self) -> cfg.Config:
         """The last watched step as a Config that `nanprobe.diagnose` replays exactly (tensors in memory)."""
-        if not hasattr(self, "_real"):
-            raise ConfigError("nanprobe.watch: no step has been watched yet; config() describes the last one")
+        if self._real is None:
+            raise ConfigError("nanprobe.watch: no step with its real batch has been watched yet (config() describes "
+                              "the last one: pass it to w.step(real, z), with loss= or dump_dir= to watch())")
         mode, precision = self._precision()
         dtypes = (Precision.FP32,) if precision is Precision.FP32 else (Precision.FP32, precision)
         checkpoint = {"critic": self._critic_buf.as_dict()}
-        if self.generator is not None:
+        if isinstance(self.generator, torch.nn.Module):
             # A critic step does not change the generator (a train-mode forward updates BatchNorm's
             # running statistics, which train mode does not use), so it is read now, not copied per step.
             checkpoint["generator"] = {k: v.detach().clone() for k, v in self.generator.state_dict().items()}
@@ -332,8 +560,12 @@ class Watch:
         scaler = self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
         latent = tuple(self._z.shape[1:]) if self._z is not None else (self.latent_dim or (1,))
         rng = {"cpu": self._rng, **({"cuda": self._cuda_rng} if self._cuda_rng is not None else {})}
+        generator = self.generator
+        if generator is not None and not isinstance(generator, torch.nn.Module):
+            generator = _Fakes(generator)  # any callable z -> fakes, as a module the replay can copy
         return cfg.check(cfg.Config(
-            model=cfg.ModelConfig(critic=self.critic, generator=self.generator, latent_dim=latent, checkpoint=checkpoint),
+            model=cfg.ModelConfig(critic=self.critic, generator=generator, latent_dim=latent, checkpoint=checkpoint,
+                                  generator_call=self._model.generator_call),
             data=cfg.DataConfig(source="file", path=self._real, shape=tuple(self._real.shape[1:]),
                                 batch_size=self._real.shape[0]),
             loss=self._loss,
@@ -389,6 +621,17 @@ class Watch:
                 torch.cuda.set_rng_state(cuda_rng, device)
 
 
+class _Fakes(torch.nn.Module):
+    """A generator given as a plain callable z -> fakes."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, z):
+        return self.fn(z)
+
+
 def _precision_hook(watch: Watch, critic: torch.nn.Module):
     # A plain function, not a bound method: copy.deepcopy treats functions as atoms, so a copy of the
     # critic made while the hook is on would not drag the watch along.
@@ -407,16 +650,47 @@ def _precision_hook(watch: Watch, critic: torch.nn.Module):
     return hook
 
 
-def watch(critic: torch.nn.Module, generator: torch.nn.Module | None = None,
+def _output_hook(watch: Watch, critic: torch.nn.Module):
+    # The critic's scores, checked per call: a forward that overflowed is told from gradients that
+    # went NaN later (and, under DDP, from NaN that reached this rank through the all-reduce).
+    def hook(module, args, out):
+        if module is not critic or not watch._active:
+            return
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
+            rec = watch._recorder if watch._recording else None
+            with torch.no_grad(), (rec.paused() if rec is not None else _nothing()):
+                mn, mx = torch.aminmax(out.detach())
+                watch._outs.append(torch.maximum(mx, -mn))
+
+    return hook
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def watch(critic: torch.nn.Module, generator: Callable | None = None,
           optimizer: torch.optim.Optimizer | None = None, scaler: Any = None, **options) -> Watch:
     """Watch a critic's training steps; diagnose, warn about or dump the first one that turns non-finite.
 
-    Use `with w.step(real, z): <your step>` (set `.loss` on the yielded object to check the loss too) or
-    `w.step(train_step, real, z)`. The replay of a failing step runs `loss` (a built-in kind or your
-    function `(critic, generator, real, z) -> loss or {"loss": ...}`) from the state before the step.
+    `with nanprobe.watch(critic, optimizer=opt):` around a block watches the block as one step; keep
+    `w = nanprobe.watch(...)` and write `with w:` or `with w.step(real, z) as s:` (set `s.loss` to have
+    the loss checked too) per step, or call `w.step(train_step, real, z)`. After each step one host
+    synchronisation reads the critic's outputs, the loss, the gradients, the weights and the loss scale.
+
+    The flight recorder (record=None: on when no replay is possible, i.e. no loss or no real batch)
+    names the live step's first non-finite op with its module, phase and line. With `loss` (a built-in
+    kind or your function `(critic, generator, real, z) -> loss or {"loss": ...}`) and the real batch,
+    a failing step is replayed from the state before it for the fp32 comparison, the cause and the fix.
+    Under torchrun every rank watches and all agree on the failing step (one all_reduce per step).
     Options: loss, gp_weight, gp_precision, gp_norm, precision (None: read from the autocast around the
     critic's first forward), on_nan ("raise" | "warn" | "dump"), dump_dir, latent_dim, grad_clip,
-    max_skips (GradScaler skips in a row that still count as recovering), critic_ref/critic_args,
-    generator_ref/generator_args, loss_ref (how a dump's config names your code).
+    max_skips (GradScaler skips in a row that still count as recovering), record, generator_call ("z",
+    "[z]" for a generator that takes a list of latents, or a function (generator, z) -> fakes),
+    critic_ref/critic_args, generator_ref/generator_args, loss_ref (how a dump's config names your code).
     """
     return Watch(critic, generator, optimizer, scaler, **options)

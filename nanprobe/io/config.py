@@ -31,6 +31,10 @@ class ModelConfig:
     """Keyword arguments for the generator class or factory."""
     latent_dim: tuple = (128,)
     """Shape of z after the batch dimension (an int or a list, e.g. [128, 1, 1])."""
+    generator_call: Any = "z"
+    """How the generator is called: "z" (generator(z)) or "[z]" (generator([z]), a list of latents as
+    StyleGAN2's generators take); a tuple or list it returns gives its first tensor. From Python, also a
+    function (generator, z) -> fakes."""
     checkpoint: Any = None
     """{"critic": sd, "generator": sd} or a bare critic state_dict, loaded with weights_only=True (Python API: the dict itself)."""
     init: str = "default"
@@ -293,6 +297,13 @@ def _model_ref(v, key):
     return v
 
 
+@_expects("one of z, [z]; from Python, also a function (generator, z) -> fakes", ("z", "[z]"))
+def _generator_call(v, key):
+    if callable(v):
+        return v
+    return _choice("z", "[z]")(v, key)
+
+
 def _path(v, key):
     if isinstance(v, Path):
         return v
@@ -369,7 +380,8 @@ def _module_paths(v, key):
 SECTIONS: dict[str, tuple[type, dict[str, Callable]]] = {
     "model": (ModelConfig, {
         "critic": _model_ref, "critic_args": check_mapping, "generator": _model_ref,
-        "generator_args": check_mapping, "latent_dim": check_shape(1), "checkpoint": _tensor_or_path("dict"),
+        "generator_args": check_mapping, "latent_dim": check_shape(1), "generator_call": _generator_call,
+        "checkpoint": _tensor_or_path("dict"),
         "init": _choice("default", "he"),
     }),
     "data": (DataConfig, {

@@ -346,6 +346,21 @@ def load_data(config: Config, model_shape: tuple | None = None) -> tuple[Any, tu
 DEFAULT_SHAPE = (3, 64, 64)
 
 
+def call_generator(generator: Callable, z: torch.Tensor, call: Any = "z") -> Any:
+    """The generator's fakes for z, called as model.generator_call says: generator(z), generator([z])
+    (StyleGAN2-style: a list of latents in) or call(generator, z); out of a tuple or list (StyleGAN2
+    returns (images, latents)), its first tensor."""
+    if callable(call):
+        out = call(generator, z)
+    elif call == "[z]":
+        out = generator([z])
+    else:
+        out = generator(z)
+    if isinstance(out, (tuple, list)):
+        out = next((o for o in out if isinstance(o, torch.Tensor)), out)
+    return out
+
+
 def load(config: Config) -> Loaded:
     """Build the models, load the checkpoint and open the data, failing with one clear line."""
     torch.manual_seed(config.seed)
@@ -373,13 +388,15 @@ def load(config: Config) -> Loaded:
 
 
 def _dry_run(config: Config, loaded: Loaded) -> None:
-    """A two-sample fp32 forward, so shape mismatches fail here with a clear line, not mid-replay."""
+    """A two-sample fp32 forward, so shape mismatches fail here with a clear line, not mid-replay.
+
+    The generator is left out when the step is the user's own function: it draws its own fakes."""
     n = 2
     with torch.no_grad():
-        if loaded.generator is not None:
+        if loaded.generator is not None and loaded.step_fn is None:
             z = torch.randn(n, *config.model.latent_dim)
             try:
-                fake = loaded.generator(z)
+                fake = call_generator(loaded.generator, z, config.model.generator_call)
             except Exception as exc:
                 raise user_error(f"the generator on z of shape {list(z.shape)} (model.latent_dim)", exc, loaded.user_files) from None
             if not isinstance(fake, torch.Tensor) or tuple(fake.shape[1:]) != tuple(loaded.sample_shape):

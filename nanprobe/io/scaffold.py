@@ -5,9 +5,11 @@ to [B] or [B, 1]; a generator maps z [B, *latent] to [B, C, H, W]); names only b
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import re
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -46,6 +48,8 @@ class Guess:
     """Sample shape (C, H, W): accepted (critic) or produced (generator)."""
     latent: tuple | None = None
     """Shape of z after the batch dimension (generators)."""
+    call: str = "z"
+    """How the generator takes z: "z", or "[z]" for a list of latents (model.generator_call)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class Scaffold:
     """How each choice was made, one line each."""
     text: str
     """The commented YAML config."""
+    rejected: tuple[str, ...] = ()
+    """Each candidate that did not work as the generator, with why: "Name: the exception and its line"."""
 
 
 class _NeedsArgs(Exception):
@@ -165,19 +171,34 @@ def _scores(module: nn.Module, shape: tuple) -> bool:
     return isinstance(out, torch.Tensor) and out.is_floating_point() and out.shape[:1] == (2,) and out.numel() == 2
 
 
-def _generates(module: nn.Module, latent: tuple) -> tuple | None:
-    try:
-        with torch.no_grad():
-            out = module(torch.randn(2, *latent))
-    except Exception:
-        return None
-    if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() == 4 and out.shape[0] == 2:
-        return tuple(out.shape[1:])
-    return None
+def _generates(module: nn.Module, latent: tuple, name: str, file: str) -> tuple[tuple, str] | tuple[int, str]:
+    """((sample shape), generator_call) when module maps z [2, *latent] to an image batch, else
+    (how far it got, why not): a wrong output beats any exception, a later line of the file an earlier one.
+
+    z goes in as a tensor, then as a list of one latent (StyleGAN2's generators); out of a tuple or
+    list (StyleGAN2 returns (images, latents)) the first tensor counts."""
+    z = torch.randn(2, *latent)
+    best: tuple[int, str] = (-1, "")
+    for call in ("z", "[z]"):
+        try:
+            with torch.no_grad():
+                out = loading.call_generator(module, z, call)
+        except Exception as exc:
+            lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__)
+                     if os.path.abspath(f.filename) == os.path.abspath(file)]
+            why = str(loading.user_error(f"{name}({call}) with z [2, {_fmt(latent, ', ')}]", exc, (file,)))
+            best = max(best, (lines[-1] if lines else 0, why), key=lambda b: b[0])
+            continue
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() == 4 and out.shape[0] == 2:
+            return tuple(out.shape[1:]), call
+        got = f"[{', '.join(map(str, out.shape))}]" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        best = max(best, (10 ** 9, f"{name}({call}) with z [2, {_fmt(latent, ', ')}] returns {got}, "
+                                   "not an image batch [B, C, H, W]"), key=lambda b: b[0])
+    return best
 
 
-def _fmt(shape: tuple) -> str:
-    return "x".join(str(d) for d in shape)
+def _fmt(shape: tuple, sep: str = "x") -> str:
+    return sep.join(str(d) for d in shape)
 
 
 def scaffold(models: str | Path, critic: str | None = None, generator: str | None = None,
@@ -210,19 +231,25 @@ def scaffold(models: str | Path, critic: str | None = None, generator: str | Non
     builder = _Builder(str(path))
 
     gens: list[Guess] = []
+    rejected: dict[str, str] = {}
     for name, obj in found.items():
         if (generator is not None and name != generator) or name == critic:
             continue
         for latent in latents:
             model, args = builder.build(name, obj, shapes[0], latent)
-            shape = _generates(model, latent) if model is not None else None
-            if shape is not None:
-                gens.append(Guess(name, args, shape, latent))
+            got = _generates(model, latent, name, str(path)) if model is not None else \
+                (-2, builder.problems.get(name, f"{name} could not be built"))
+            if isinstance(got[0], tuple):
+                gens.append(Guess(name, args, got[0], latent, got[1]))
+                rejected.pop(name, None)
                 break
+            # The attempt that got furthest into the generator is the reason worth reading.
+            if name not in rejected or got[0] > rejected[name][0]:
+                rejected[name] = got
     if generator is not None and not gens:
-        why = builder.problems.get(generator, f"{generator} maps no latent of shape {', '.join(_fmt(z) for z in latents[:6])} "
-                                              "to an image batch [B, C, H, W]")
-        raise ConfigError(f"--generator {generator}: {why}")
+        why = rejected[generator][1] if generator in rejected else builder.problems.get(generator, "")
+        raise ConfigError(f"--generator {generator}: maps no latent of shape {', '.join(_fmt(z) for z in latents[:6])} "
+                          f"to an image batch [B, C, H, W] ({why})")
 
     def critic_for(shape: tuple) -> Guess | None:
         ranked = sorted((n for n in found if (critic is None or n == critic) and n not in {g.name for g in gens}),
@@ -259,7 +286,11 @@ def scaffold(models: str | Path, critic: str | None = None, generator: str | Non
     if gens and chosen_g is None:
         notes.append(f"{', '.join(g.name for g in gens)} produce samples that {chosen_c.name} does not take; "
                      "no generator is used")
-    return _render(path, found, chosen_c, chosen_g, critic, generator, notes, config_path)
+    rejected.pop(chosen_c.name, None)  # the critic: of course it is no generator
+    if chosen_g is None and rejected:
+        notes.append("no generator found: " + "; ".join(f"{n}: {why}" for n, (_, why) in rejected.items()))
+    result = _render(path, found, chosen_c, chosen_g, critic, generator, notes, config_path)
+    return dataclasses.replace(result, rejected=tuple(f"{n}: {why}" for n, (_, why) in rejected.items()))
 
 
 def _why_critic(c: Guess, found: dict, named: bool) -> str:
@@ -310,6 +341,9 @@ def _render(models: Path, found: dict, c: Guess, g: Guess | None, named_c, named
             f"  latent_dim: {g.latent[0] if len(g.latent) == 1 else _flow(list(g.latent))}"
             "  # guessed: the first z shape the generator took; z ~ N(0, 1)",
         ]
+        if g.call != "z":
+            lines.append(f"  generator_call: \"{g.call}\"  # it takes a list of latents (StyleGAN2-style); "
+                         "its first tensor out is the fakes")
     else:
         lines += ["  # No generator found (or none that fits the critic): fakes are Gaussian noise of the data's shape.",
                   f"  # Add one with generator: {ref}:Name and latent_dim."]

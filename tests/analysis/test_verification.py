@@ -13,7 +13,7 @@ from nanprobe.io import config as cfg
 from nanprobe.engine import replay as rp
 from nanprobe.analysis import verification
 from nanprobe.cli import app
-from nanprobe.enums import Precision
+from nanprobe.enums import FixCheck, Precision
 from nanprobe.analysis.initialisation import he_ratios
 from nanprobe.engine.reinit import reinitialise
 from nanprobe.io.loading import load
@@ -62,7 +62,10 @@ def test_a_fix_that_cures_the_run_is_verified(quiet):
     fixes, order = fixes_of(doc)
     gp = fixes["gp-fp32"]
     assert gp["verified"] is True and gp["overrides"] == {"loss.gp_precision": "fp32"}
-    assert gp["verification"] == "with loss.gp_precision: fp32: fp16 is now ok (1 step replayed)"
+    assert gp["verification"] == ("with loss.gp_precision: fp32: fp16 is now ok "
+                                  "(cpu, fp16 amp with CUDA's autocast lists, 1 step, seed 0)")
+    assert gp["check"] == "ok" and gp["remaining"] is None
+    assert gp["verified_against"] == "cpu, fp16 amp with CUDA's autocast lists, 1 step, seed 0"
     assert order[0] == "gp-fp32"
     assert "✓ gp-fp32" in result.output and "fp16 is now ok" in result.output
 
@@ -70,10 +73,11 @@ def test_a_fix_that_cures_the_run_is_verified(quiet):
 def test_a_fix_that_is_applied_but_fails_says_what_it_fails_with(quiet):
     result, doc, *_ = quiet
     fixes, _ = fixes_of(doc)
-    failed = [f for f in fixes.values() if f["verified"] is False]
+    failed = [f for f in fixes.values() if f["check"] == "fails"]
     assert failed, list(fixes)
     for f in failed:
-        assert f["verification"].startswith(f"with {f['apply']}: fp16 still fails (")
+        assert f["verification"].startswith(f"with {f['apply']}: fp16 still fails (") and f["remaining"]
+        assert f["verified"] is False
         assert " in " in f["verification"] and ", step 0" in f["verification"]
         assert f"✗ {f['id']}" in result.output
 
@@ -93,8 +97,8 @@ def test_fixes_past_the_limit_are_not_replayed_and_say_why(quiet):
 def test_verified_fixes_rank_first_then_unverified_then_failed(quiet):
     _, doc, *_ = quiet
     fixes, order = fixes_of(doc)
-    groups = [{True: 0, None: 1, False: 2}[fixes[i]["verified"]] for i in order]
-    assert groups == sorted(groups) and groups[0] == 0 and groups[-1] == 2
+    groups = [{"ok": 0, "improves": 1, "untried": 2, "fails": 3}[fixes[i]["check"]] for i in order]
+    assert groups == sorted(groups) and groups[0] == 0 and groups[-1] == 3
 
 
 def test_verify_fix_writes_nothing_but_the_json(quiet):
@@ -104,9 +108,10 @@ def test_verify_fix_writes_nothing_but_the_json(quiet):
 
 
 def test_rank_orders_by_verdict_and_keeps_the_catalogue_order_within():
-    fixes = [FixSuggestion(i, "", "", "", verified=v) for i, v in
-             (("a", False), ("b", None), ("c", True), ("d", None), ("e", True))]
-    assert [f.id for f in verification.rank(fixes)] == ["c", "e", "b", "d", "a"]
+    fixes = [FixSuggestion(i, "", "", "", check=v) for i, v in
+             (("a", FixCheck.FAILS), ("b", FixCheck.UNTRIED), ("c", FixCheck.OK), ("d", FixCheck.IMPROVES),
+              ("e", FixCheck.OK), ("f", FixCheck.UNTRIED))]
+    assert [f.id for f in verification.rank(fixes)] == ["c", "e", "d", "b", "f", "a"]
 
 
 def test_without_verify_fix_no_fix_is_replayed_or_marked():
@@ -117,14 +122,16 @@ def test_without_verify_fix_no_fix_is_replayed_or_marked():
     assert fp16.fixes[0].overrides == {"loss.gp_precision": "fp32"}
 
 
-def test_a_custom_steps_loss_fixes_cannot_be_applied():
+def test_a_custom_steps_loss_fixes_are_replayed_as_patches_of_its_code():
     doc = quiet_doc(loss={"step": str(CONFIGS / "train.py") + ":critic_step"})
     report = nanprobe.diagnose(cfg.from_dict(doc), verify_fix=True, verify_top=1)
     fixes = {f.id: f for f in report.runs[1].fixes}
     gp = fixes["gp-fp32"]
-    assert gp.verified is None and gp.apply is None and gp.overrides == {}
-    assert "loss.step is your own code" in gp.verification
-    assert sum(f.verified is not None for f in fixes.values()) == 1  # verify_top=1: one replayed fix
+    # A config change to the loss cannot reach the user's step: the patch of their file is what is replayed.
+    assert gp.apply is None and gp.overrides == {}
+    assert gp.patch.startswith("--- a/configs/train.py\n+++ b/configs/train.py\n")
+    assert gp.check is not FixCheck.UNTRIED and gp.verification.startswith("with the patch to configs/train.py")
+    assert sum(f.check is not FixCheck.UNTRIED for f in fixes.values()) == 1  # verify_top=1: one replayed fix
 
 
 def test_a_module_outside_autocast_cures_its_overflow_and_is_verified():
@@ -137,10 +144,11 @@ def test_a_module_outside_autocast_cures_its_overflow_and_is_verified():
     assert fixes["fp32-module"].apply == "precision.fp32_modules: [critic.net.2]"
     assert fixes["fp32-module"].verified is True, fixes["fp32-module"].verification
     assert fixes["init"].overrides == {"model.init": "he"}
-    assert fixes["init"].verified is True, fixes["init"].verification
+    assert fixes["init"].check in (FixCheck.OK, FixCheck.IMPROVES), fixes["init"].verification
     # bf16 was replayed by the diagnosis itself: verifying it is free and does not count against verify_top.
     assert fixes["bf16"].verified is True
-    assert fixes["bf16"].verification == "with precision.dtypes: [bf16]: bf16 is now ok (1 step replayed)"
+    assert fixes["bf16"].verification == ("with precision.dtypes: [bf16]: bf16 is now ok "
+                                          "(cpu, bf16 amp with CUDA's autocast lists, 1 step, seed 0)")
 
 
 # ---- precision.fp32_modules and model.init
@@ -222,11 +230,12 @@ def test_the_users_module_objects_are_untouched():
 def test_the_penalty_example_is_cured_by_gp_fp32():
     report = nanprobe.diagnose(CONFIGS / "wgan_gp_fp16_underflow.yaml", dtypes=["fp16"], verify_fix=True, verify_top=1)
     (fp16,) = report.runs
-    top = fp16.fixes[0]
-    assert (top.id, top.verified) == ("gp-fp32", True), top.verification
-    # The NaN is gone; the deep critic's parameter gradients still underflow without a GradScaler.
-    assert top.verification.startswith("with loss.gp_precision: fp32: fp16 no longer fails --fail-on overflow "
-                                        "(was nan); underflow remains: underflow in backward at critic.net.")
+    gp = next(f for f in fp16.fixes if f.id == "gp-fp32")
+    # The NaN is gone; the deep critic's parameter gradients still underflow without a GradScaler: milder, not cured.
+    assert (gp.check, gp.verified) == (FixCheck.IMPROVES, False), gp.verification
+    assert gp.remaining.startswith("underflow: underflow in backward at critic.net.")
+    assert gp.verification.startswith("with loss.gp_precision: fp32: improves: fp16 was nan and no longer fails "
+                                      "--fail-on overflow; underflow: underflow in backward at critic.net.")
 
 
 def test_verify_top_must_be_positive(write_config):

@@ -63,3 +63,25 @@ def test_a_nan_step_stops_training_with_the_diagnosis(tiny, tmp_path):
     (run,) = info.value.report.runs
     assert run.status.value == "nan" and run.first_nonfinite.node == "SqrtBackward0"
     assert len(module.losses) == 1
+
+
+def test_under_a_ddp_strategy_every_rank_stops_at_the_faulty_step(tmp_path):
+    """torchrun, strategy="ddp" on gloo: rank 1 alone overflows fp16; both ranks stop at that step, naming it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(FIXTURES / "lightning_ddp_train.py"), str(tmp_path), "2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["step"], r["ranks"]) for r in results] == [(2, [1]), (2, [1])]
+    culprit = results[1]["culprit"]
+    assert (culprit["phase"], culprit["module"], culprit["kind"]) == ("forward", "critic.net.0", "overflow")
+    assert "on rank 1 of 2 (critic output" in results[0]["message"]

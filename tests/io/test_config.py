@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from tests.conftest import base_doc, merge, ref
 from nanprobe import ConfigError
 from nanprobe.io import config as cfg
-from nanprobe.enums import Mode, Policy, Precision
+from nanprobe.enums import Kernels, Mode, Policy, Precision
 
 # Every documented key, each set to a value other than its default.
 FULL_DOC = {
@@ -22,6 +22,7 @@ FULL_DOC = {
         "generator": "models.py:TinyGenerator",
         "generator_args": {"latent_dim": 16},
         "latent_dim": [16, 1, 1],
+        "generator_call": "[z]",
         "checkpoint": "ckpt/critic.pt",
         "init": "he",
     },
@@ -49,7 +50,7 @@ FULL_DOC = {
         "grad_scaler": True,
         "grad_clip": 1.5,
     },
-    "precision": {"mode": "half", "dtypes": ["fp16", "bf16"], "policy": "native", "fp32_modules": ["critic.net.2"]},
+    "precision": {"mode": "half", "dtypes": ["fp16", "bf16"], "policy": "native", "kernels": "native", "fp32_modules": ["critic.net.2"]},
     "state": {"z": "dump/z.pt", "rng": "dump/rng.pt", "optimizer": "dump/optimizer.pt", "scaler": "dump/scaler.pt"},
     "device": "cpu",
     "seed": 7,
@@ -76,13 +77,15 @@ def test_load_full_config(tmp_path):
     assert c.model.generator == "models.py:TinyGenerator"
     assert c.model.generator_args == {"latent_dim": 16}
     assert c.model.latent_dim == (16, 1, 1)
+    assert c.model.generator_call == "[z]"
     assert c.model.checkpoint == Path("ckpt/critic.pt")
     assert cfg.resolve(c, c.model.checkpoint) == tmp_path.resolve() / "ckpt" / "critic.pt"
     assert c.data == cfg.DataConfig("file", Path("data/real.npy"), (3, 8, 8), (0.0, 1.0), 2)
     assert c.loss == cfg.LossConfig("r1", 5.0, "fp32", "vector_norm", "steps.py:critic_step")
     assert c.train == cfg.TrainConfig("adamw", 2e-4, (0.5, 0.99), 1e-6, 0.01, 3, True, 1.5)
     assert c.model.init == "he"
-    assert c.precision == cfg.PrecisionConfig(Mode.HALF, (Precision.FP16, Precision.BF16), Policy.NATIVE, ("critic.net.2",))
+    assert c.precision == cfg.PrecisionConfig(Mode.HALF, (Precision.FP16, Precision.BF16), Policy.NATIVE, Kernels.NATIVE,
+                                              ("critic.net.2",))
     assert c.state == cfg.StateConfig(*(Path(f"dump/{n}.pt") for n in ("z", "rng", "optimizer", "scaler")))
     assert c.device == "cpu"
     assert c.seed == 7
@@ -178,7 +181,7 @@ def test_none_overrides_are_ignored(base):
     ({"stpes": 3}, "unknown key 'stpes'; did you mean 'steps'?"),
     ({"train.stpes": 3}, "unknown key 'train.stpes'; did you mean 'steps'?"),
     ({"trian.steps": 3}, "unknown key 'trian'; did you mean 'train'?"),
-    ({"zzz": 1}, "unknown key 'zzz'; valid keys: dtypes, mode, policy, steps, device, seed, model.KEY"),
+    ({"zzz": 1}, "unknown key 'zzz'; valid keys: dtypes, mode, policy, kernels, steps, device, seed, model.KEY"),
     ({"dtype": "fp16"}, "unknown key 'dtype'; did you mean 'dtypes'?"),
     ({"steps": 0}, "train.steps: must be >= 1, got 0"),
     ({"dtypes": ["fp64"]}, "precision.dtypes: must be one of fp32, fp16, bf16, got 'fp64'"),
