@@ -1,20 +1,19 @@
 """The Python API: the same core the CLI calls."""
 from __future__ import annotations
 
-import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from nanprobe.io import config as cfg
 from nanprobe.analysis import datacheck, diagnosis, initialisation, patching, verification
-from nanprobe.io import loading
-from nanprobe.engine import replay
+from nanprobe.analysis.initialisation import he_ratios
+from nanprobe.engine import precisions, replay
 from nanprobe.enums import FailOn, Precision
 from nanprobe.errors import ConfigError, Interrupted
-from nanprobe.analysis.initialisation import he_ratios
-from nanprobe.engine.reinit import reinitialise
+from nanprobe.io import config as cfg
+from nanprobe.io import loading
 from nanprobe.model.report import Report
 from nanprobe.thresholds import MAX_VERIFIED
 
@@ -33,8 +32,8 @@ def _config(config_or_path, overrides: dict) -> cfg.Config:
     return cfg.with_overrides(config, **overrides) if overrides else config
 
 
-def diagnose(config_or_path: "cfg.Config | str | Path", progress: Callable | None = None, verify_fix: bool = False,
-             verify_top: int | None = None, fail_on: "FailOn | str" = "overflow", **overrides) -> Report:
+def diagnose(config_or_path: cfg.Config | str | Path, progress: Callable | None = None, verify_fix: bool = False,
+             verify_top: int | None = None, fail_on: FailOn | str = "overflow", **overrides) -> Report:
     """Replay the config in each precision under the probe and diagnose it.
 
     Overrides take dotted or short keys: dtypes=["fp16"], steps=3, device="cpu", mode="half".
@@ -64,9 +63,10 @@ def _diagnose(config: cfg.Config, progress: Callable | None, verify_fix: bool, v
     for p in order:
         replay.check_dtype(device, p, config.precision.mode)
     loaded = loading.load(config)
-    critic = loaded.critic if config.model.init == "default" else \
-        reinitialise(copy.deepcopy(loaded.critic), config.model.init, config.seed)  # as the replays see it
-    init = initialisation.check(critic, replay.first_batch(config, loaded))
+    strategy = precisions.for_loaded(loaded)
+    critic, _ = strategy.models(Precision.FP32, config.precision.mode, (), config.model.init, config.seed)
+    init = initialisation.check(critic, replay.first_batch(config, loaded),  # the critic as the replays see it
+                                framework=strategy.framework)
     data = datacheck.check_replayed(config, loaded.data)
     ratios = he_ratios(critic, checks=init)
     traces: dict[Precision, replay.Trace] = {}
@@ -105,8 +105,8 @@ def _report(config: cfg.Config, device: torch.device, runs: tuple, **extra) -> R
                   torch=torch.__version__, runs=runs, settings=cfg.to_dict(config), **extra)
 
 
-def compare_precisions(config_or_path: "cfg.Config | str | Path", progress: Callable | None = None,
-                       **overrides) -> "Comparison":
+def compare_precisions(config_or_path: cfg.Config | str | Path, progress: Callable | None = None,
+                       **overrides) -> Comparison:
     """Replay fp32 and the low precisions on the same steps and compare them op by op, per module.
 
     The low precisions are those in precision.dtypes (fp16 and bf16 when it lists none); overrides
@@ -122,8 +122,10 @@ def compare_precisions(config_or_path: "cfg.Config | str | Path", progress: Call
         replay.check_dtype(device, p, config.precision.mode)
     with replay.caller_random_state():
         loaded = loading.load(config)
-        return compare(config, loaded, device, (Precision.FP32,) + low, he_ratios(loaded.critic),
-                       _device_name(device), progress=progress)
+        framework = precisions.for_loaded(loaded).framework
+        ratios = he_ratios(loaded.critic, checks=initialisation.check(loaded.critic, None, framework=framework))
+        return compare(config, loaded, device, (Precision.FP32,) + low, ratios, _device_name(device),
+                       progress=progress)
 
 
 def _device_name(device: torch.device) -> str:

@@ -29,6 +29,13 @@ class Mode(str, Enum):
     HALF = "half"  # model, optimizer state and inputs cast to the dtype
 
 
+class Framework(str, Enum):
+    """The framework the user's models are written in (how a precision is entered, how fixes read)."""
+
+    TORCH = "torch"  # torch.nn.Module: torch.autocast or .half()
+    KERAS = "keras"  # Keras 3 on the torch backend: dtype policies (mixed_float16, ...)
+
+
 class Policy(str, Enum):
     """Whose autocast op lists a CPU replay follows."""
 

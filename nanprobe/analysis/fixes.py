@@ -6,10 +6,10 @@ strongly the finding points at it. A new failure mode is one new entry here.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-from nanprobe.enums import FindingKind, Mode, Phase, Precision, Status
+from nanprobe.enums import FindingKind, Framework, Mode, Phase, Precision, Status
 from nanprobe.model.report import Finding, FixSuggestion, ReplayError
 
 from nanprobe.thresholds import DIVERGENCE_GROWTH, INIT_FACTOR, INIT_SMALL_FACTOR, SAFE_EPS, init_off_scale
@@ -114,6 +114,8 @@ class FixContext:
     """Penalty weight as configured (lambda for wgan-gp, gamma for r1)."""
     step_name: str | None = None
     """Name of the user's critic step function (loss.step), for the snippets' calls."""
+    framework: Framework = Framework.TORCH
+    """What the models are written in: the snippets are in its terms."""
     error: ReplayError | None = None
     """What the replay raised (status error), or None."""
 
@@ -147,6 +149,18 @@ class Apply:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A fix as another framework writes it (the scoring and the config change stay the entry's)."""
+
+    snippet: str
+    """Code in that framework's terms, with the same {placeholders}."""
+    title: str | None = None
+    """The title, when the entry's names a PyTorch API."""
+    why: str | None = None
+    """The mechanism, when the entry's explains it in PyTorch terms."""
+
+
+@dataclass(frozen=True)
 class Fix:
     """A catalogue entry."""
 
@@ -164,6 +178,8 @@ class Fix:
     """How strongly a finding points at this fix (0: not at all)."""
     when: str = ""
     """The findings `score` points at, in words (the generated fix catalogue shows it)."""
+    variants: dict = field(default_factory=dict)
+    """Framework -> Variant for models not written in PyTorch; None: the fix does not exist there."""
 
 
 _SINGULAR = frozenset({"sqrt", "rsqrt", "div", "div_", "reciprocal", "pow", "norm", "linalg_vector_norm"})
@@ -386,7 +402,14 @@ CATALOGUE: tuple[Fix, ...] = (
         "{normalise}",
         None, _data,
         when="NaN or Inf in the batch (phase data; fp32 fails too), or what check-data finds: non-finite or "
-             "constant samples, values outside data.range"),
+             "constant samples, values outside data.range",
+        variants={Framework.KERAS: Variant(
+        "x = np.asarray(batch, dtype=\"float32\")      # channels-last, as Keras has it\n"
+        "flat = x.reshape(len(x), -1)\n"
+        "bad = ~np.isfinite(flat).all(1)               # non-finite samples: {bad_samples}\n"
+        "constant = flat.max(1) == flat.min(1)        # constant images: {constant_samples}\n"
+        "x = x[~(bad | constant)]\n"
+        "{normalise}")}),
     Fix("logits-loss", "Use a logits loss (softplus, BCE-with-logits) instead of log(sigmoid(x)) or BCELoss",
         "sigmoid(x) rounds to exactly 0 or 1 in low precision for |x| above ~17 (fp16), so log gives -inf "
         "and the gradient NaN, and CUDA autocast refuses nn.BCELoss on probabilities for that reason; softplus "
@@ -398,7 +421,12 @@ CATALOGUE: tuple[Fix, ...] = (
         "loss = criterion(critic(x), target)      # the logits, no sigmoid",
         None, _logits,
         when="log of a sigmoid gives -inf: sigmoid rounded to exactly 0 or 1 in low precision; or the step raised "
-             "because autocast refuses binary_cross_entropy (nn.BCELoss) on probabilities"),
+             "because autocast refuses binary_cross_entropy (nn.BCELoss) on probabilities",
+        variants={Framework.KERAS: Variant(
+        "loss_real = keras.ops.mean(keras.ops.softplus(-d_real))   # = -log(sigmoid(d_real))\n"
+        "loss_fake = keras.ops.mean(keras.ops.softplus(d_fake))    # = -log(1 - sigmoid(d_fake))\n"
+        "# or keras.losses.BinaryCrossentropy(from_logits=True), with no sigmoid on the critic's output",
+        title="Use a logits loss (keras.ops.softplus) instead of log(sigmoid(x))")}),
     Fix("init", "Re-initialise the weights at the Glorot/He scale",
         "Weights far above the He scale multiply activations at every layer, so they leave the range of "
         "{low} within a few layers.",
@@ -413,12 +441,23 @@ CATALOGUE: tuple[Fix, ...] = (
         "critic.apply(init_weights)",
         Apply((("model.init", "he"),)), _init,
         when=f"overflow or NaN in the forward, input-grad or backward with a layer's weights "
-             f">= {INIT_FACTOR:g}x the He scale; underflow with weights <= 1/{INIT_SMALL_FACTOR:g} of it"),
+             f">= {INIT_FACTOR:g}x the He scale; underflow with weights <= 1/{INIT_SMALL_FACTOR:g} of it",
+        variants={Framework.KERAS: Variant(
+        "# {init_module}: kernel std {init_std}, He value {init_he} ({init_ratio}x)\n"
+        "{init_call}\n"
+        "# off the He scale: {init_flagged}; or build the layers with a Glorot or He initialiser:\n"
+        "layers.Conv2D(filters, 4, strides=2, padding=\"same\",\n"
+        "              kernel_initializer=keras.initializers.HeNormal())     # He, for (Leaky)ReLU\n"
+        "layers.Dense(units, kernel_initializer=keras.initializers.GlorotUniform())   # Keras's default",
+        title="Re-initialise the kernels with keras.initializers.GlorotUniform or HeNormal")}),
     Fix("adam-eps", "Use an eps that survives the dtype (1e-4 in fp16)",
         "eps={eps} rounds to 0 in {low}, so m / (sqrt(v) + eps) divides by zero wherever v is 0 or tiny.",
         "opt = torch.optim.{opt_class}(critic.parameters(), {opt_args_eps})",
         Apply((("train.eps", 1.0e-4),)), _adam_eps,
-        when="a problem in the optimizer step in half mode, with an optimizer eps that rounds to 0 in the dtype"),
+        when="a problem in the optimizer step in half mode, with an optimizer eps that rounds to 0 in the dtype",
+        variants={Framework.KERAS: Variant(
+        "opt = keras.optimizers.{opt_class}(learning_rate={lr}, epsilon=1e-4)",
+        title="Use an epsilon that survives the dtype (Adam(epsilon=1e-4) in float16)")}),
     Fix("master-weights", "Keep fp32 master weights; use autocast instead of .half()",
         "Updates below half an ulp of a {low} weight are rounded away and the optimizer state loses its "
         "small values; fp32 weights with autocast keep both.",
@@ -427,7 +466,14 @@ CATALOGUE: tuple[Fix, ...] = (
         "with torch.autocast(device_type=real.device.type, dtype=torch.{dtype}):\n"
         "    loss = {step_call}",
         Apply((("precision.mode", "amp"),)), _master_weights,
-        when="a problem in the optimizer step in half mode: lost updates, optimizer state flushed to 0"),
+        when="a problem in the optimizer step in half mode: lost updates, optimizer state flushed to 0",
+        variants={Framework.KERAS: Variant(
+        "keras.config.set_dtype_policy(\"mixed_{dtype}\")   # variables float32, layers compute in {dtype}\n"
+        "critic = build_critic()                           # build the models after setting the policy\n"
+        "opt = keras.optimizers.Adam(learning_rate={lr}, beta_1=0.0, beta_2=0.9)",
+        title="Keep float32 variables: the mixed_{dtype} policy instead of {dtype}",
+        why="Updates below half an ulp of a {low} variable are rounded away and the optimizer state loses its "
+            "small values; a mixed policy keeps the variables in float32 and computes in {dtype}.")}),
     Fix("safe-norm", "Compute the gradient norm so its derivative is finite at 0",
         "d sqrt(s)/ds = 1 / (2 sqrt(s)) is inf at s = 0, and 0 * inf = NaN in the backward when a "
         "sample's gradient is all zero (as it is once it underflows).",
@@ -436,14 +482,20 @@ CATALOGUE: tuple[Fix, ...] = (
         "grad_norm = torch.sqrt(grads.flatten(1).float().pow(2).sum(1) + {safe_eps})",
         Apply((("loss.gp_norm", "vector_norm"),), builtin_only=True), _safe_norm,
         when="NaN through the backward of the penalty's norm (SqrtBackward0, a vector-norm, pow or rsqrt "
-             "backward)"),
+             "backward)",
+        variants={Framework.KERAS: Variant(
+        "flat = keras.ops.reshape(grads, (keras.ops.shape(grads)[0], -1))\n"
+        "sq = keras.ops.square(keras.ops.cast(flat, \"float32\"))\n"
+        "grad_norm = keras.ops.sqrt(keras.ops.sum(sq, axis=1) + 1e-12)\n"
+        "# the eps keeps sqrt's gradient finite at 0 (tf.norm's gradient there is NaN too)")}),
     Fix("gp-fp32", "Compute the gradient penalty outside autocast, in fp32",
         "Under {low} autocast the critic's input gradient is computed in {low} without loss scaling; values "
         "below {tiny} flush to 0, so the penalty sees a zero norm.",
         "{gp_fp32_code}",
         Apply((("loss.gp_precision", "fp32"),), builtin_only=True), _penalty_hit,
         when="a problem in the penalty's input gradient (phase input-grad) under low-precision autocast, with "
-             "the penalty inside autocast"),
+             "the penalty inside autocast",
+        variants={Framework.KERAS: None}),
     Fix("gp-scaled", "Follow the AMP gradient-penalty recipe: scale before autograd.grad, unscale after",
         "Scaling the critic's output by the GradScaler's scale lifts the input gradient out of {low}'s "
         "underflow range; multiplying by 1/scale afterwards gives the true gradient for the penalty.",
@@ -457,7 +509,20 @@ CATALOGUE: tuple[Fix, ...] = (
         "# def critic_step(critic, generator, real, z, scaler=None)",
         Apply((("train.grad_scaler", True),), builtin_only=True), _gp_scaled,
         when="the same as gp-fp32; first in fp16 when a GradScaler is on but the step's autograd.grad "
-             "bypasses it (unscaled_penalty)"),
+             "bypasses it (unscaled_penalty)",
+        variants={Framework.KERAS: Variant(
+        "scale = 2.0 ** 15   # or opt.dynamic_scale of your LossScaleOptimizer\n"
+        "with tf.GradientTape() as tape:     # on the torch backend: torch.autograd.grad(out * scale, x_hat, ...)\n"
+        "    tape.watch(x_hat)\n"
+        "    out = critic(x_hat, training=True)\n"
+        "    scaled = out * scale\n"
+        "grads = tape.gradient(scaled, x_hat) / scale\n"
+        "norm = keras.ops.norm(keras.ops.reshape(grads, (len(grads), -1)), axis=1)\n"
+        "gp = lambda_gp * keras.ops.mean((norm - 1) ** 2)",
+        title="Scale the penalty's gradient as LossScaleOptimizer scales the loss, then unscale it",
+        why="LossScaleOptimizer scales the loss, not the tape gradient the penalty takes of the critic's output; "
+            "that gradient is computed by the {low} layers unscaled and values below {tiny} flush to 0. Scaling "
+            "the output first lifts them into range; dividing by the scale afterwards gives the true gradient.")}),
     Fix("scale-collapse", "Fix the op that overflows at every scale; loss scaling cannot",
         "GradScaler halves its scale and skips the step whenever a gradient is inf. An op that makes inf whatever "
         "the scale (here {collapse_at}; typically the penalty's sqrt backward at a zero norm, or an activation above "
@@ -470,7 +535,13 @@ CATALOGUE: tuple[Fix, ...] = (
         "    print(\"scale collapsed:\", scaler_d.get_scale())",
         None, _scale_collapse,
         when="GradScaler's scale collapses: a step still skipped after the retries, every step skipped, or "
-             "the scale below 1"),
+             "the scale below 1",
+        variants={Framework.KERAS: Variant(
+        "opt_d = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(learning_rate=1e-4))   # the critic's own\n"
+        "grads = tape.gradient(opt_d.scale_loss(loss_d), critic.trainable_variables)\n"
+        "opt_d.apply(grads, critic.trainable_variables)   # skips the step on inf and halves the scale\n"
+        "if float(opt_d.dynamic_scale) < 1.0:   # collapsing: find the op that makes inf\n"
+        "    print(\"scale collapsed:\", float(opt_d.dynamic_scale))")}),
     Fix("grad-scaler", "Use dynamic loss scaling (torch.amp.GradScaler)",
         "Without loss scaling, gradients below {tiny} flush to 0 in {low} and those weights stop learning; "
         "the scaler multiplies the loss so the gradients stay in range, then unscales them.",
@@ -483,7 +554,13 @@ CATALOGUE: tuple[Fix, ...] = (
         "scaler.update()",
         Apply((("train.grad_scaler", True),)), _grad_scaler,
         when="parameter gradients underflow in the backward under fp16 autocast without loss scaling (also "
-             "suggested, lower, for an input-grad problem)"),
+             "suggested, lower, for an input-grad problem)",
+        variants={Framework.KERAS: Variant(
+        "opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(learning_rate={lr}))\n"
+        "# model.compile(...) wraps the optimizer itself under mixed_float16; a custom train_step does:\n"
+        "grads = tape.gradient(opt.scale_loss(loss), critic.trainable_variables)\n"
+        "opt.apply(grads, critic.trainable_variables)   # unscales, and skips the step on inf",
+        title="Use dynamic loss scaling (keras.optimizers.LossScaleOptimizer)")}),
     Fix("fp32-module", "Run {module} in fp32 (or clamp its activations)",
         "{module} produces values beyond {low}'s max ({max}); running it outside autocast keeps them finite, "
         "and clamping (StyleGAN2-ADA's conv_clamp=256) keeps the rest of the network in range.",
@@ -498,7 +575,15 @@ CATALOGUE: tuple[Fix, ...] = (
         "# or clamp its output: x = x.clamp(-256, 256)",
         Apply((("precision.fp32_modules", "{module_fp32}"),)), _fp32_module,
         when="overflow or NaN in a module's forward in a low precision, that module not already in "
-             "precision.fp32_modules"),
+             "precision.fp32_modules",
+        variants={Framework.KERAS: Variant(
+        "layers.Conv2D(..., dtype=\"float32\", name=\"{layer_name}\")   # where you build {module}\n"
+        "# or on the built model (its variables are float32 already under a mixed policy):\n"
+        "{layer_attr}.dtype_policy = \"float32\"\n"
+        "# or clamp its output: x = keras.ops.clip(x, -256, 256)",
+        title="Run {module} in float32 (or clamp its activations)",
+        why="{module} produces values beyond {low}'s max ({max}); a float32 dtype policy for that layer keeps "
+            "them finite, and clamping (StyleGAN2-ADA's conv_clamp=256) keeps the rest of the network in range.")}),
     Fix("fp32-op", "Compute {culprit_op} in fp32 (or scale its input)",
         "{culprit_op} is computed in {low} here: {culprit_why}. Casting its input to float32 for that op keeps "
         "the rest of the step in {low}.",
@@ -513,21 +598,33 @@ CATALOGUE: tuple[Fix, ...] = (
         "    loss = {step_call}\n"
         "loss.backward()   # no GradScaler needed",
         Apply((("precision.dtypes", ["bf16"]),)), _bf16,
-        when="fp16 fails and bf16 is ok (ranked lower when bf16 was not replayed)"),
+        when="fp16 fails and bf16 is ok (ranked lower when bf16 was not replayed)",
+        variants={Framework.KERAS: Variant(
+        "keras.config.set_dtype_policy(\"mixed_bfloat16\")   # before building the models\n"
+        "critic = build_critic()\n"
+        "# no LossScaleOptimizer needed",
+        title="Train under mixed_bfloat16 instead of mixed_float16")}),
     Fix("lower-lr", "Lower the learning rate",
         "The first steps are fine and a later one fails: the updates grow the weights until activations "
         "leave the dtype's range.",
         "opt = torch.optim.{opt_class}(critic.parameters(), {opt_args_low_lr})",
         Apply((("train.lr", "{lr_low}"),)), _lower_lr,
         when=f"an overflow or NaN first found after step 0; first when the weights grew by "
-             f"{DIVERGENCE_GROWTH - 1:.0%} or more by then"),
+             f"{DIVERGENCE_GROWTH - 1:.0%} or more by then",
+        variants={Framework.KERAS: Variant(
+        "opt = keras.optimizers.{opt_class}(learning_rate={lr_low})   # WGAN-GP: Adam, 1e-4, beta_1=0.0, beta_2=0.9\n"
+        "# the TensorFlow answer also adds weight_decay=1e-5:\n"
+        "# it slows the weights' growth, it does not bound a step")}),
     Fix("grad-clip", "Clip the gradient norm (after unscaling)",
         "A single large gradient makes a huge update; clipping bounds the step while the cause is fixed.",
         "scaler.unscale_(opt)   # if you use a GradScaler\n"
         "torch.nn.utils.clip_grad_norm_(critic.parameters(), max_norm=10.0)",
         Apply((("train.grad_clip", 10.0),)), _grad_clip,
         when="overflow or NaN with no clipping set, in the backward or the optimizer step (most at later "
-             "steps), or in the forward after step 0"),
+             "steps), or in the forward after step 0",
+        variants={Framework.KERAS: Variant(
+        "opt = keras.optimizers.{opt_class}(learning_rate={lr}, global_clipnorm=10.0)   # clips after unscaling",
+        title="Clip the gradient norm (global_clipnorm)")}),
 )
 
 REGISTRY: dict[str, Fix] = {f.id: f for f in CATALOGUE}
@@ -564,7 +661,8 @@ def _vars(c: FixContext) -> dict:
         "init_std": f"{worst.std:.3g}" if worst else "?", "init_he": f"{worst.he:.3g}" if worst else "?",
         "init_call": worst.call if worst else "nn.init.kaiming_normal_(layer.weight, a=0.2)",
         "init_flagged": ", ".join(flagged[:6]) + (f" and {len(flagged) - 6} more" if len(flagged) > 6 else "") or "none",
-        "collapse_at": collapse_at, **_culprit_vars(c),
+        "collapse_at": collapse_at, **_culprit_vars(c), "layer_name": module.rsplit("/", 1)[-1],
+        "layer_attr": parts[0].split("/")[0] + "".join(f'.get_layer("{p}")' for p in module.split("/")[1:]),
     }
 
 
@@ -716,6 +814,8 @@ def rank(c: FixContext, limit: int = 5) -> tuple[FixSuggestion, ...]:
         return ()
     scored = []
     for i, fix in enumerate(CATALOGUE):
+        if fix.variants.get(c.framework, fix) is None:
+            continue  # no such fix in the models' framework
         s = fix.score(c)
         if s <= 0:
             continue
@@ -727,6 +827,8 @@ def rank(c: FixContext, limit: int = 5) -> tuple[FixSuggestion, ...]:
     for _, _, fix in sorted(scored)[:limit]:
         reaches = fix.apply is not None and not (fix.apply.builtin_only and c.loss_kind == "custom")
         changes = overrides(fix.apply, c) if reaches else {}
-        out.append(FixSuggestion(fix.id, fix.title.format(**v), fix.why.format(**v), fix.snippet.format(**v),
+        variant = fix.variants.get(c.framework) or Variant(fix.snippet)
+        title, why = variant.title or fix.title, variant.why or fix.why
+        out.append(FixSuggestion(fix.id, title.format(**v), why.format(**v), variant.snippet.format(**v),
                                  describe(changes), overrides=changes))
     return tuple(out)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from nanprobe.engine.reinit import WEIGHTED
+from nanprobe.enums import Framework
 from nanprobe.model.checks import InitCheck
 from nanprobe.thresholds import ASSUMED_SLOPE, init_off_scale
 
@@ -107,8 +108,14 @@ def _run(model: nn.Module, batch: torch.Tensor | None) -> tuple[list[tuple[str, 
     return order, scales
 
 
-def check(model: nn.Module, batch: torch.Tensor | None = None, root: str = "critic") -> tuple[InitCheck, ...]:
-    """An InitCheck per Conv/ConvTranspose/Linear layer, in execution order (module order if not run)."""
+def check(model: nn.Module, batch: torch.Tensor | None = None, root: str = "critic",
+          framework: Framework = Framework.TORCH) -> tuple[InitCheck, ...]:
+    """An InitCheck per Conv/ConvTranspose/Linear layer, in execution order (module order if not run);
+    for a Keras model, per layer with a kernel (nanprobe.analysis.keras_init)."""
+    if framework is Framework.KERAS:
+        from nanprobe.analysis import keras_init
+
+        return keras_init.check(model, batch, root)
     order, scales = _run(model, batch)
     out = []
     seen = set()

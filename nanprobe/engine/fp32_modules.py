@@ -17,13 +17,18 @@ from nanprobe.errors import ConfigError
 _MISSING = object()
 
 
-def find(models: dict, names) -> dict[str, torch.nn.Module]:
-    """The modules named in precision.fp32_modules; a ConfigError with a did-you-mean for a wrong name."""
+def _torch_names(root: str, model) -> list:
+    return [(f"{root}.{n}" if n else root, m) for n, m in model.named_modules()]
+
+
+def find(models: dict, names, named=_torch_names) -> dict[str, torch.nn.Module]:
+    """The modules named in precision.fp32_modules; a ConfigError with a did-you-mean for a wrong name.
+
+    named(root, model) lists (path, module) as the report names them (Keras models: layer paths)."""
     table = {}
     for root, model in models.items():
         if model is not None:
-            for n, m in model.named_modules():
-                table[f"{root}.{n}" if n else root] = m
+            table.update(named(root, model))
     out = {}
     for name in names:
         if name not in table:

@@ -12,15 +12,15 @@ import os
 import re
 import sys
 import sysconfig
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from nanprobe.engine import stats as st
 from nanprobe.engine import compat
+from nanprobe.engine import stats as st
 from nanprobe.engine.compat import TorchDispatchMode
 from nanprobe.enums import Phase
 
@@ -104,13 +104,13 @@ def _node_matches(node_name: str, op: str) -> bool:
 class _SourceFinder:
     """Finds the innermost frame in the user's files (or nanprobe's built-in losses)."""
 
-    def __init__(self, base_dir: str | None):
+    def __init__(self, base_dir: str | None, library_dirs: tuple = ()):
         import nanprobe
 
         pkg = os.path.dirname(nanprobe.__file__)
         self._skip = tuple(os.path.normcase(p) + os.sep for p in {
             os.path.dirname(torch.__file__), pkg, sysconfig.get_paths()["stdlib"],
-            sysconfig.get_paths()["platstdlib"],
+            sysconfig.get_paths()["platstdlib"], *library_dirs,
         } if p)
         self._allowed = os.path.normcase(os.path.join(pkg, "engine", "losses.py"))
         self._base = base_dir
@@ -124,8 +124,8 @@ class _SourceFinder:
             self._cache[filename] = hit
         return hit
 
-    def find(self) -> str | None:
-        f = sys._getframe(2)
+    def find(self, depth: int = 2) -> str | None:
+        f = sys._getframe(depth)
         while f is not None:
             name = f.f_code.co_filename
             if self._is_user(name):
@@ -163,7 +163,7 @@ def user_source(tb, base_dir: str | None, files: tuple = ()) -> str | None:
 
 
 class _ProbeMode(TorchDispatchMode):
-    def __init__(self, probe: "OpProbe"):
+    def __init__(self, probe: OpProbe):
         super().__init__()
         self.probe = probe
 
@@ -173,6 +173,10 @@ class _ProbeMode(TorchDispatchMode):
         if not probe._paused:
             probe._record(func, args, kwargs, out)
         return out
+
+
+def _torch_names(root: str, model: torch.nn.Module) -> list:
+    return [(f"{root}.{n}" if n else root, m) for n, m in model.named_modules()]
 
 
 def _tensors(values):
@@ -211,8 +215,15 @@ class OpProbe:
     """
 
     def __init__(self, modules: dict[str, torch.nn.Module], base_dir: str | None = None, on_device: bool | None = None,
-                 on_record: Callable[[OpEvent, list[torch.Tensor]], None] | None = None):
+                 on_record: Callable[[OpEvent, list[torch.Tensor]], None] | None = None,
+                 named: Callable | None = None, layer_sources: dict[str, str] | None = None,
+                 library_dirs: tuple = ()):
         self.modules = modules
+        self._named = named or _torch_names
+        """named(root, model) -> (path, module) pairs: dotted torch paths, or Keras layer paths."""
+        self._layer_sources = layer_sources or {}
+        """Module path -> "file:line" of the user's code that built it (Keras layers), for ops run in library code."""
+        self._entry: list = []
         self.on_record = on_record
         """Called with each recorded event and its floating outputs once their statistics are taken."""
         self.events: list[OpEvent] = []
@@ -230,17 +241,16 @@ class OpProbe:
         self._param_of: dict[int, str] = {}
         self._params = WeakTensorKeyDictionary()
         self._writes: dict[str, int] = {}
-        self.sources = _SourceFinder(base_dir)
+        self.sources = _SourceFinder(base_dir, library_dirs)
         self._buf = _StepBuffer()
         self._train_modes: dict[torch.nn.Module, bool] = {}
 
     # -- context manager
-    def __enter__(self) -> "OpProbe":
+    def __enter__(self) -> OpProbe:
         try:
             for root, model in self.modules.items():
                 self._train_modes.update({m: m.training for m in model.modules()})
-                for name, mod in model.named_modules():
-                    path = f"{root}.{name}" if name else root
+                for path, mod in self._named(root, model):
                     self._hooks.append(mod.register_forward_pre_hook(self._push(path)))
                     self._hooks.append(mod.register_forward_hook(self._pop, always_call=True))
             self._mode = _ProbeMode(self)
@@ -269,12 +279,24 @@ class OpProbe:
     def _push(self, path: str):
         def hook(module, inputs):
             self._stack.append(path)
+            # Where the user's code called this layer: an op whose innermost user frame is still that one ran
+            # in library code, and the line that built the layer says more.
+            self._entry.append(self.sources.find() if path in self._layer_sources else None)
 
         return hook
 
     def _pop(self, module, inputs, output):
         if self._stack:
             self._stack.pop()
+            self._entry.pop()
+
+    def _source(self, module: str) -> str | None:
+        found = self.sources.find(3)
+        if self._entry and self._entry[-1] is not None and found == self._entry[-1]:
+            built = self._layer_sources.get(module)
+            if built is not None:
+                return self.sources.show(built.rsplit(":", 1)[0]) + ":" + built.rsplit(":", 1)[1]
+        return found
 
     @contextmanager
     def paused(self):
@@ -336,7 +358,7 @@ class OpProbe:
         if node is None:
             phase = self.phase
             module = self._stack[-1] if self._stack else ""
-            source = self.sources.find() if phase is not Phase.OPTIMIZER else None
+            source = self._source(module) if phase is not Phase.OPTIMIZER else None
             node_name = None
         else:
             phase = self._node_phase()
@@ -367,7 +389,7 @@ class OpProbe:
             for t in inputs:
                 param = self._param_of.get(id(t))
                 if param is not None:
-                    module = param.rsplit(".", 1)[0]
+                    module = param[:max(param.rfind("."), param.rfind("/"))]  # critic.net.0.weight, critic/conv/kernel
                     break
         elif name == "aten._to_copy.default" and inputs and inputs[0] in self._params:
             param = self._param_of.get(id(inputs[0]))  # autocast casting a weight

@@ -15,27 +15,25 @@ import copy
 import math
 import os
 import random
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from nanprobe.engine import fp32_modules
+from nanprobe.engine import fp32_modules, precisions, updates
 from nanprobe.engine import stats as st
-from nanprobe.engine import updates
 from nanprobe.engine._emulate import emulated_kernels
-from nanprobe.io.config import Config, resolve
-from nanprobe.enums import Kernels, Mode, Phase, Policy, Precision
-from nanprobe.errors import ConfigError, DeviceError, UserCodeError
-from nanprobe.engine.reinit import reinitialise
-from nanprobe.io.loading import Loaded
 from nanprobe.engine.losses import StepContext, builtin
 from nanprobe.engine.probe import OpEvent, OpProbe, user_source
-from nanprobe.model.report import ReplayError, StepMetrics
 from nanprobe.engine.scaling import RecipeWatch, takes_scaler
+from nanprobe.enums import Framework, Kernels, Mode, Phase, Precision
+from nanprobe.errors import ConfigError, DeviceError, UserCodeError
+from nanprobe.io.config import Config, resolve
+from nanprobe.io.loading import Loaded
+from nanprobe.model.report import ReplayError, StepMetrics
 
 MAX_SCALER_RETRIES = 24  # GradScaler halves per skip: 65536 * 2**-24 ~ 4e-3, far below any useful scale
 PERSISTENT_REPEATS = 4  # the same op making the same number of infs after this many halvings: no scale helps
@@ -118,6 +116,7 @@ class Trace:
     stopped: str | None = None
     lost: dict[int, dict[str, tuple[int, int]]] = field(default_factory=dict)  # step -> param -> (moving, unchanged)
     unscaled_grads: list[tuple[int, str | None]] = field(default_factory=list)  # (step, source) per call
+    framework: Framework = Framework.TORCH  # what the models are written in (the fixes' terms)
     error: ReplayError | None = None  # the user's step raised: the replay stopped there
     kernels: Kernels = Kernels.NATIVE  # how the low-precision ops were computed
 
@@ -274,19 +273,19 @@ class _Replay:
         self.low = precision.is_low
         self.half = self.low and self.mode is Mode.HALF
         self.progress = progress
-        dtype = precision.torch_dtype
-        self.model_dtype = dtype if self.half else torch.float32
-        critic = reinitialise(copy.deepcopy(loaded.critic), config.model.init, config.seed)
-        self.critic = critic.to(device=device, dtype=self.model_dtype).train()
-        self.generator = None
-        if loaded.generator is not None:
-            self.generator = copy.deepcopy(loaded.generator).to(device=device, dtype=self.model_dtype).train()
-        named = fp32_modules.find({"critic": self.critic, "generator": self.generator}, config.precision.fp32_modules)
+        strategy = precisions.for_loaded(loaded)
+        self.strategy = strategy
+        self.model_dtype = strategy.input_dtype(precision, self.mode)
+        self.critic, self.generator = strategy.models(precision, self.mode, config.precision.fp32_modules,
+                                                      config.model.init, config.seed)
+        self.critic.to(device=device)
+        if self.generator is not None:
+            self.generator.to(device=device)
+        models = {"critic": self.critic, "generator": self.generator}
+        named = fp32_modules.find(models, config.precision.fp32_modules, strategy.named_modules)
         self.fp32 = named if self.low else {}  # checked in every precision, applied in the low ones
-        for m in self.fp32.values() if self.half else ():
-            m.float()  # fp32 weights (and optimizer state) for the modules kept in fp32
-        self.params = dict(("critic." + n, p) for n, p in self.critic.named_parameters())
-        self.optimizer = make_optimizer(config, list(self.critic.parameters()))
+        self.params = strategy.named_parameters("critic", self.critic)
+        self.optimizer = make_optimizer(config, list(self.params.values()))
         self.scaler = None
         if config.train.grad_scaler:
             if self.half:
@@ -294,13 +293,8 @@ class _Replay:
                                   "or turn grad_scaler off in half mode")
             self.scaler = torch.amp.GradScaler(device.type)
         self._restore_state()
-        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if self.low and not self.half else nullcontext
-        self.op_lists = nullcontext  # whose autocast op lists the replay follows, set up once per replay
-        if self.low and not self.half and device.type == "cpu" and config.precision.policy is Policy.CUDA:
-            from nanprobe.engine.autocast_policy import cuda_autocast, cuda_op_lists
-
-            self.autocast = lambda: cuda_autocast(dtype)
-            self.op_lists = cuda_op_lists
+        self.autocast = strategy.autocast(precision, self.mode, device, config.precision.policy)
+        self.op_lists = strategy.op_lists(precision, self.mode, device, config.precision.policy)
         self.step_fn = loaded.step_fn or builtin(StepContext(
             config.loss.kind, config.loss.gp_weight, config.loss.gp_precision == "fp32", config.loss.gp_norm,
             device.type, self.scaler, config.model.generator_call))
@@ -308,9 +302,11 @@ class _Replay:
             user_step = loaded.step_fn
             self.step_fn = lambda critic, generator, real, z: user_step(critic, generator, real, z, scaler=self.scaler)
         self.probe = OpProbe({"critic": self.critic, **({"generator": self.generator} if self.generator else {})},
-                             base_dir=str(config.base_dir), on_record=on_record) if probe_on else None
+                             base_dir=str(config.base_dir), on_record=on_record, named=strategy.named_modules,
+                             layer_sources=strategy.layer_sources(), library_dirs=strategy.library_dirs()) \
+            if probe_on else None
         self.trace = Trace(precision, self.mode, self.probe.events if self.probe else [],
-                           kernels=kernels_for(config, precision, device))
+                           framework=strategy.framework, kernels=kernels_for(config, precision, device))
         self.kernels = emulated_kernels if self.trace.kernels is Kernels.EMULATED else nullcontext
 
     def _restore_state(self) -> None:
@@ -345,8 +341,8 @@ class _Replay:
         watch = RecipeWatch(self.scaler, self._unscaled) if self.scaler is not None and self.probe is not None \
             else nullcontext()
         # The kernels' mode is entered before (under) the probe's, so the probe records rounded outputs.
-        with self.op_lists(), self.kernels(), ctx, watch, fp32_modules.outside_autocast(self.fp32, self.device.type,
-                                                       self.model_dtype if self.half else None):
+        with self.op_lists(), self.kernels(), ctx, watch, self.strategy.fp32_wrapper(self.fp32, self.device,
+                                                                                     self.precision, self.mode):
             if self.probe is not None:
                 self.probe.name_params(self.params)
             step = 0
@@ -436,7 +432,7 @@ class _Replay:
         self._phase(Phase.FORWARD)
         phase = Phase.FORWARD
         try:
-            with self.autocast():
+            with self.autocast(), self.strategy.training():
                 result = self.step_fn(self.critic, self.generator, real, z)
             loss, extra = _unpack(result)
             self._phase(Phase.BACKWARD)

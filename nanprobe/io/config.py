@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -20,7 +21,8 @@ class ModelConfig:
     """Which critic and generator to build, and from what."""
 
     critic: Any = None
-    """"file.py:Name" (relative to the config), "package.module:Name", or an nn.Module (Python API)."""
+    """"file.py:Name" (relative to the config), "package.module:Name", a Keras model file (.keras, or a legacy .h5),
+    or an nn.Module or keras.Model (Python API); a Name returning a keras.Model runs on Keras's torch backend."""
     critic_args: dict = field(default_factory=dict)
     """Keyword arguments for the critic class or factory."""
     generator: Any = None
@@ -107,7 +109,8 @@ class PrecisionConfig:
     kernels: Kernels = Kernels.EMULATED
     """emulated: a CPU replay computes fp16/bf16 ops in fp32 and rounds each output, as GPU kernels do; native: the CPU's own kernels (CUDA: always its own)."""
     fp32_modules: tuple = ()
-    """Module paths (critic.net.6) run outside autocast on fp32 inputs, with fp32 weights in half mode."""
+    """Module paths (critic.net.6) run outside autocast on fp32 inputs, with fp32 weights in half mode; for a Keras
+    model, layer paths (critic/conv32), built with the float32 dtype policy."""
 
 
 @dataclass(frozen=True)
@@ -368,9 +371,9 @@ def _module_paths(v, key):
     if not isinstance(v, (list, tuple)):
         raise _fail(key, "a list of module paths such as critic.net.6", v)
     for name in v:
-        if not isinstance(name, str) or name.split(".")[0] not in ("critic", "generator"):
+        if not isinstance(name, str) or re.split(r"[./]", name)[0] not in ("critic", "generator"):
             raise ConfigError(f"{key}: {name!r} must be a module path starting with critic or generator, "
-                              "e.g. critic.net.6 (as the report names modules)")
+                              "e.g. critic.net.6 or, for a Keras model, critic/conv32 (as the report names modules)")
     return tuple(dict.fromkeys(v))
 
 

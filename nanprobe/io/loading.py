@@ -7,16 +7,18 @@ import importlib.util
 import inspect
 import sys
 import traceback
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from nanprobe.io import datafile
-from nanprobe.io.config import Config, resolve
 from nanprobe.errors import ConfigError, UserCodeError
+from nanprobe.io import datafile
+from nanprobe.io import keras as keras_io
+from nanprobe.io.config import Config, resolve
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class Loaded:
     """The optimizer's state_dict before the first step (state.optimizer)."""
     scaler_state: dict | None = None
     """The GradScaler's state_dict before the first step (state.scaler)."""
+    keras: tuple | None = None
+    """(critic, generator or None) as io.keras.KerasModel builders when the models are Keras models, else None."""
 
 
 @contextmanager
@@ -144,12 +148,41 @@ def resolve_ref(config: Config, ref: str, key: str) -> tuple[Any, str]:
     return getattr(module, attr), getattr(module, "__file__", "") or ""
 
 
+def _raised_here(exc: BaseException) -> bool:
+    """Whether the exception came from nanprobe's own call (wrong arguments), not from inside the user's code."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(str(Path(__file__).resolve().parents[1]))
+
+
 def build_module(config: Config, ref: Any, args: dict, key: str) -> tuple[torch.nn.Module, str]:
     """A class or factory reference (or a ready module) to an nn.Module."""
+    module, file, _ = _build(config, ref, args, key)
+    return module, file
+
+
+def _build(config: Config, ref: Any, args: dict, key: str):
+    """(module, file, KerasModel or None): a PyTorch module, or a Keras model and how to rebuild it per precision."""
+    with keras_io.torch_backend():  # a model file that imports keras gets its torch backend
+        return _build_model(config, ref, args, key)
+
+
+def _build_model(config: Config, ref: Any, args: dict, key: str):
+    role = key.split(".")[-1]
+    if keras_io.is_keras_file(ref):
+        path = resolve(config, Path(ref))
+        if not _exists(path, key):
+            raise ConfigError(f"{key}: file not found: {path}")
+        km = keras_io.load_file(path, key, role)
+        return km.template, "", km
+    if keras_io.is_keras_model(ref):
+        km = keras_io.from_live(ref, role)
+        return km.template, "", km
     if isinstance(ref, torch.nn.Module):
         # A module passed from Python is the user's live model: load the checkpoint into a copy, never into it.
         try:
-            return copy.deepcopy(ref).cpu(), inspect.getsourcefile(type(ref)) or ""
+            return copy.deepcopy(ref).cpu(), inspect.getsourcefile(type(ref)) or "", None
         except Exception as exc:
             raise ConfigError(f"{key}: cannot copy the {type(ref).__name__} passed in ({type(exc).__name__}: {exc}); "
                               "pass its class and arguments instead") from None
@@ -161,18 +194,27 @@ def build_module(config: Config, ref: Any, args: dict, key: str) -> tuple[torch.
         raise ConfigError(f"{key}: expected 'file.py:Name' or an nn.Module, got {type(ref).__name__}")
     if not callable(obj):
         raise ConfigError(f"{key}: '{ref}' is a {type(obj).__name__}, not a class or factory returning an nn.Module")
+    km = None
     try:
-        module = obj(**args)
+        # A file that imported keras may build a Keras model: build it as Keras would, recording its layers' lines.
+        module = keras_io.from_factory(obj, args, role, (file,)) if "keras" in sys.modules else obj(**args)
+        if isinstance(module, keras_io.KerasModel):
+            keras_io.import_keras(key, f"what {getattr(obj, '__name__', ref)} returns")  # the backend check
+            km, module = module, module.template
+    except ConfigError:
+        raise
     except TypeError as exc:
-        if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+        if not _raised_here(exc):
             # Raised inside their __init__ or factory: a bug in their code, not in {key}_args.
             raise user_error(f"building {getattr(obj, '__name__', ref)}", exc, (file,)) from None
         raise ConfigError(f"{key}: calling {getattr(obj, '__name__', obj)}(**{key}_args) failed: {exc}") from None
     except Exception as exc:
         raise user_error(f"building {getattr(obj, '__name__', ref)}", exc, (file,)) from None
     if not isinstance(module, torch.nn.Module):
+        if keras_io.is_keras_model(module):  # a Keras model on another backend is not a torch module
+            keras_io.import_keras(key, f"what {getattr(obj, '__name__', ref)} returns")
         raise ConfigError(f"{key}: {getattr(obj, '__name__', ref)} returned a {type(module).__name__}, not an nn.Module")
-    return module, file
+    return module, file, km
 
 
 def load_step(config: Config) -> tuple[Callable | None, str]:
@@ -288,11 +330,12 @@ def _load_state(model: torch.nn.Module, sd: dict, name: str, file: str) -> None:
     model.load_state_dict(sd)
 
 
-def load_data(config: Config) -> tuple[Any, tuple]:
-    """The data set (None for synthetic samples) and the shape of one sample, by datafile's one rule."""
+def load_data(config: Config, model_shape: tuple | None = None) -> tuple[Any, tuple]:
+    """The data set (None for synthetic samples) and the shape of one sample, by datafile's one rule;
+    model_shape is the sample shape a Keras model declares (channels-last), used when data.shape is unset."""
     d = config.data
     if d.source == "synthetic":
-        return None, tuple(d.shape or DEFAULT_SHAPE)
+        return None, tuple(d.shape or model_shape or DEFAULT_SHAPE)
     if not isinstance(d.path, Path):  # a tensor or array passed from Python
         datafile.check_samples(config, tuple(d.path.shape), "the tensor passed")
         return d.path, tuple(d.path.shape[1:])
@@ -321,17 +364,25 @@ def call_generator(generator: Callable, z: torch.Tensor, call: Any = "z") -> Any
 def load(config: Config) -> Loaded:
     """Build the models, load the checkpoint and open the data, failing with one clear line."""
     torch.manual_seed(config.seed)
-    critic, cfile = build_module(config, config.model.critic, config.model.critic_args, "model.critic")
-    generator, gfile = (None, "")
+    critic, cfile, kcritic = _build(config, config.model.critic, config.model.critic_args, "model.critic")
+    generator, gfile, kgen = (None, "", None)
     if config.model.generator is not None:
-        generator, gfile = build_module(config, config.model.generator, config.model.generator_args, "model.generator")
-    load_checkpoint(config, critic, generator)
+        generator, gfile, kgen = _build(config, config.model.generator, config.model.generator_args, "model.generator")
+    if (kcritic is None) != (kgen is None) and generator is not None:
+        raise ConfigError("model.generator: the critic and the generator must both be Keras models or both "
+                          "PyTorch modules")
+    if kcritic is not None:
+        keras_io.load_checkpoint(config, kcritic, kgen)
+    else:
+        load_checkpoint(config, critic, generator)
+        critic, generator = critic.float(), generator.float() if generator is not None else None
     step_fn, sfile = load_step(config)
-    data, shape = load_data(config)
+    data, shape = load_data(config, keras_io.input_shape(critic) if kcritic is not None else None)
     files = tuple(f for f in (cfile, gfile, sfile) if f)
     state = load_state(config)
-    loaded = Loaded(critic.float(), generator.float() if generator is not None else None, step_fn, data, shape, files,
-                    state["z"], state["rng"], state["optimizer"], state["scaler"])
+    loaded = Loaded(critic, generator, step_fn, data, shape, files,
+                    state["z"], state["rng"], state["optimizer"], state["scaler"],
+                    (kcritic, kgen) if kcritic is not None else None)
     _dry_run(config, loaded)
     return loaded
 
