@@ -26,10 +26,10 @@ def main() -> None:
 
     import torch
 
+    from nanprobe.engine.replay import replay
+    from nanprobe.enums import Precision
     from nanprobe.io import config as cfg
     from nanprobe.io import loading
-    from nanprobe.enums import Precision
-    from nanprobe.engine.replay import replay
 
     base = cfg.with_overrides(cfg.load(args.config), device="cpu")
     loaded = loading.load(base)

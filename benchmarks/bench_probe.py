@@ -58,8 +58,8 @@ def overhead(reps: int, precision_name: str) -> dict:
 
     import torch
 
-    from nanprobe.enums import Precision
     from nanprobe.engine.replay import replay
+    from nanprobe.enums import Precision
 
     config, loaded = _setup()
     p = Precision(precision_name)
@@ -81,8 +81,8 @@ def whole(reps: int) -> dict:
     import torch
 
     from nanprobe import api
-    from nanprobe.enums import Precision
     from nanprobe.engine.replay import replay
+    from nanprobe.enums import Precision
 
     config, loaded = _setup(("fp32", "fp16", "bf16"))
     dev = torch.device("cpu")

@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "configs"))
 
-import nanprobe  # noqa: E402
 from models import DCGANCritic, DCGANGenerator  # noqa: E402
+
+import nanprobe  # noqa: E402
 
 IMG, BATCH, LATENT = 64, 16, 128
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from models import DCGANCritic
 
 HERE = Path(__file__).resolve().parent

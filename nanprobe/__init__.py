@@ -4,8 +4,15 @@ Importing nanprobe does not import torch; the API below loads it on first use.
 """
 from __future__ import annotations
 
-from nanprobe.errors import (ConfigError, DeviceError, Interrupted, NanprobeError, NonFiniteError, NonFiniteWarning,
-                             UserCodeError)
+from nanprobe.errors import (
+    ConfigError,
+    DeviceError,
+    Interrupted,
+    NanprobeError,
+    NonFiniteError,
+    NonFiniteWarning,
+    UserCodeError,
+)
 
 __version__ = "0.1.0"
 

@@ -102,7 +102,7 @@ class Status(str, Enum):
         return {"ok": 0, "underflow": 1, "overflow": 2, "nan": 3, "error": 4}[self.value]
 
     @classmethod
-    def of(cls, kind: FindingKind | None) -> "Status":
+    def of(cls, kind: FindingKind | None) -> Status:
         return cls.OK if kind is None else cls(kind.value)
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import nanprobe
-from tests.conftest import FIXTURES, base_doc, line_of, load_fixture_module
 from nanprobe import ConfigError
 from nanprobe.io.config import Config, DataConfig, LossConfig, ModelConfig, PrecisionConfig, TrainConfig
+from tests.conftest import FIXTURES, base_doc, line_of, load_fixture_module
 
 STEPS_FILE = FIXTURES / "watch_steps.py"
 steps = load_fixture_module(STEPS_FILE)

@@ -5,9 +5,9 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -15,8 +15,8 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from tests.conftest import BROKEN, EXITS, TINY, base_doc, checksums, line_of, merge, ref
 from nanprobe.cli import app
+from tests.conftest import BROKEN, EXITS, TINY, base_doc, checksums, line_of, merge, ref
 
 runner = CliRunner()
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tests.conftest import FIXTURES, TINY, base_doc, line_of, merge, ref
 from nanprobe.cli import app
+from tests.conftest import FIXTURES, TINY, base_doc, line_of, merge, ref
 
 runner = CliRunner()
 BCE = FIXTURES / "bce_gan.py"

@@ -9,8 +9,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import nanprobe
-from nanprobe.formats import table as render
 from nanprobe.cli import app
+from nanprobe.formats import table as render
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

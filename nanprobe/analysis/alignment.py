@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanprobe.engine import stats as st
 from nanprobe import thresholds as th
+from nanprobe.engine import stats as st
 from nanprobe.engine.probe import OpEvent
 from nanprobe.enums import Phase
 

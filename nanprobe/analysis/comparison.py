@@ -16,19 +16,28 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from nanprobe.analysis import diagnosis, raised
 from nanprobe.analysis.alignment import Alignment, Recorder, flushed_share, relative_error, sample  # noqa: F401
 from nanprobe.engine import stats as st
-from nanprobe.io.config import Config, to_dict
-from nanprobe.enums import FindingKind, Phase, Precision, Status
-from nanprobe.io.loading import Loaded
 from nanprobe.engine.probe import OpEvent
-from nanprobe.model.comparison import (OUTSIDE, DtypeRange, RangeSpan, ModuleDivergence, Departure, PrecisionSummary, Recommendation, Comparison)
+from nanprobe.enums import FindingKind, Phase, Precision, Status
+from nanprobe.io.config import Config, to_dict
+from nanprobe.io.loading import Loaded
+from nanprobe.model.comparison import (
+    OUTSIDE,
+    Comparison,
+    Departure,
+    DtypeRange,
+    ModuleDivergence,
+    PrecisionSummary,
+    RangeSpan,
+    Recommendation,
+)
 from nanprobe.model.report import Finding
 from nanprobe.thresholds import SAMPLE
 

@@ -8,18 +8,18 @@ constant (zero variance) exactly when its min equals its max. No torch import fo
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from nanprobe.io import config as cfg
-from nanprobe.io import datafile
 from nanprobe.analysis import fixes
 from nanprobe.enums import DataProblem
 from nanprobe.errors import ConfigError
-from nanprobe.model.checks import BadSamples, RangeCheck, DataReport
+from nanprobe.io import config as cfg
+from nanprobe.io import datafile
+from nanprobe.model.checks import BadSamples, DataReport, RangeCheck
 from nanprobe.model.report import FixSuggestion
 from nanprobe.thresholds import DEFAULT_CHUNK_MB, FILL, MAX_INDICES, RANGE_SLACK
 
@@ -193,7 +193,7 @@ def check_replayed(config: cfg.Config, data, steps: int | None = None) -> DataRe
                        seconds=round(time.perf_counter() - t0, 3))
 
 
-def check_data(config_or_path: "cfg.Config | str | Path", progress: Callable[[int, int], None] | None = None,
+def check_data(config_or_path: cfg.Config | str | Path, progress: Callable[[int, int], None] | None = None,
                chunk_mb: float = DEFAULT_CHUNK_MB, **overrides) -> DataReport:
     """Scan the config's whole data file for NaN/Inf samples, constant images and a range that does not match.
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -25,15 +25,22 @@ from nanprobe.analysis import fixes as fx
 from nanprobe.analysis import raised
 from nanprobe.analysis.alignment import Alignment, Recorder
 from nanprobe.analysis.effect import Effect, measure
-from nanprobe.analysis.provenance import (RootCause, inputs_nonfinite, lost_eps, makes_nonfinite, nonfinite_cause,
-                                          surviving_eps, underflow_cause)
+from nanprobe.analysis.provenance import (
+    RootCause,
+    inputs_nonfinite,
+    lost_eps,
+    makes_nonfinite,
+    nonfinite_cause,
+    surviving_eps,
+    underflow_cause,
+)
 from nanprobe.engine import stats as st
-from nanprobe.io.config import Config
-from nanprobe.enums import FindingKind, Phase, Precision, Status
 from nanprobe.engine.probe import OpEvent
 from nanprobe.engine.replay import Trace
-from nanprobe.model.report import ChainLink, Finding, LostUpdates, RunReport, SkippedAttempt
 from nanprobe.engine.stats import TensorStats
+from nanprobe.enums import FindingKind, Phase, Precision, Status
+from nanprobe.io.config import Config
+from nanprobe.model.report import ChainLink, Finding, LostUpdates, RunReport, SkippedAttempt
 
 _LOW_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # Why some backward nodes make inf or NaN from finite inputs.
@@ -303,7 +310,7 @@ def masked(trace: Trace) -> bool:
     return not any(e.phase is Phase.OPTIMIZER and (e.has_nan or e.has_inf) for e in al.live(trace.events))
 
 
-def analyse_trace(m: "Measured | Trace", ref: "Measured | Trace | None" = None) -> Analysis:
+def analyse_trace(m: Measured | Trace, ref: Measured | Trace | None = None) -> Analysis:
     """The verdict of one replay (fp32, or a low precision measured against fp32)."""
     if isinstance(m, Trace):
         m = unmeasured(m)

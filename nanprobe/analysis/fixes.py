@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 from nanprobe.enums import FindingKind, Framework, Mode, Phase, Precision, Status
 from nanprobe.model.report import Finding, FixSuggestion, ReplayError
-
 from nanprobe.thresholds import DIVERGENCE_GROWTH, INIT_FACTOR, INIT_SMALL_FACTOR, SAFE_EPS, init_off_scale
 
 _NORM_NODES = ("SqrtBackward0", "LinalgVectorNormBackward0", "NormBackward1", "PowBackward0", "RsqrtBackward0")
@@ -188,7 +187,7 @@ _SIGN_FLIPS = frozenset({"rsub", "neg", "sub", "mul"})  # 1 - sigmoid(x), -sigmo
 _EXPS = frozenset({"exp", "exp_", "softmax", "_softmax", "log_softmax", "_log_softmax", "exp2", "expm1"})
 
 
-def _fed_by_sigmoid(c: "FixContext", path: tuple[ChainOp, ...], i: int) -> bool:
+def _fed_by_sigmoid(c: FixContext, path: tuple[ChainOp, ...], i: int) -> bool:
     """The op at path[i] takes sigmoid's values (through casts, 1 - s, -s), on the path or feeding its origin."""
     j = i - 1
     while j >= 0 and path[j].op in _SIGN_FLIPS:

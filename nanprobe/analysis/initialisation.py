@@ -17,7 +17,6 @@ from nanprobe.enums import Framework
 from nanprobe.model.checks import InitCheck
 from nanprobe.thresholds import ASSUMED_SLOPE, init_off_scale
 
-
 _PASS_THROUGH = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Dropout, nn.Identity,
                  nn.Flatten, nn.Unflatten, nn.AvgPool2d, nn.MaxPool2d, nn.Upsample)
 

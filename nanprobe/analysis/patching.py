@@ -16,10 +16,10 @@ import inspect
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import libcst as cst
 from libcst.metadata import MetadataWrapper, PositionProvider
@@ -97,7 +97,7 @@ class Transform:
     """The catalogue id it implements."""
     where: str
     """Which file it changes: "step" (the loss.step file) or "models" (the critic's file) or "any"."""
-    edit: Callable[[cst.Module, Site], "cst.Module | None"]
+    edit: Callable[[cst.Module, Site], cst.Module | None]
     """The change, or None when the code is not in a shape it knows."""
     overrides: tuple = ()
     """(dotted key, value): config changes the patched code needs (as the fix's own Apply)."""

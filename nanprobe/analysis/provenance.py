@@ -27,12 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
-from nanprobe.engine import stats as st
 from nanprobe import thresholds as th
 from nanprobe.analysis.alignment import Alignment, base, live
 from nanprobe.analysis.effect import Effect
-from nanprobe.enums import FindingKind, Phase
+from nanprobe.engine import stats as st
 from nanprobe.engine.probe import OpEvent
+from nanprobe.enums import FindingKind, Phase
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 _EPS_ADDS = frozenset({"add", "add_", "sub", "sub_", "clamp", "clamp_", "clamp_min", "clamp_min_"})

@@ -12,21 +12,20 @@ the precisions to one already replayed (bf16) costs nothing.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import torch
 
-from nanprobe.io import config as cfg
-from nanprobe.engine import replay as rp
 from nanprobe.analysis.diagnosis import Analysis, Measured, analyse_trace, replay_measured, unmeasured
+from nanprobe.analysis.fixes import REGISTRY, describe
+from nanprobe.engine import replay as rp
 from nanprobe.enums import FailOn, FixCheck, Precision, Status
 from nanprobe.errors import ConfigError, DeviceError, UserCodeError
-from nanprobe.analysis.fixes import REGISTRY, describe
+from nanprobe.io import config as cfg
 from nanprobe.io.loading import Loaded
-from nanprobe.thresholds import MAX_VERIFIED
 from nanprobe.model.report import FixSuggestion, RunReport
-
+from nanprobe.thresholds import MAX_VERIFIED
 
 # Settings an fp32 replay does not depend on: under a fix that changes only these, fp32 is not replayed again.
 _FP32_NEUTRAL = {"precision": ("mode", "fp32_modules"), "loss": ("gp_precision",)}
@@ -160,8 +159,8 @@ def _replayed(config: cfg.Config, run: RunReport, fix: FixSuggestion, replays: _
 def _patched(config: cfg.Config, run: RunReport, fix: FixSuggestion, loaded: Loaded, device: torch.device,
              fail_on: Status, progress) -> FixSuggestion:
     """The fix's patch applied to copies of the user's files, and the failing precision replayed on them."""
-    from nanprobe.io import loading
     from nanprobe.analysis import patching
+    from nanprobe.io import loading
 
     patch = patching.for_fix(config, loaded.critic, run, fix.id)
     if patch is None:

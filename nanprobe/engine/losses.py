@@ -5,9 +5,9 @@ at the exact expression (e.g. the hand-written sqrt norm of the penalty).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

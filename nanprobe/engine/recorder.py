@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from nanprobe.enums import FindingKind, Phase
 from nanprobe.engine import compat
 from nanprobe.engine.probe import OpProbe
+from nanprobe.enums import FindingKind, Phase
 
 # Ops whose output holds no computed values, or exactly their input's values (views, fills, copies
 # that keep the dtype): their outputs are not measured. Casts that change the dtype are.
@@ -128,7 +128,7 @@ class FlightRecorder(OpProbe):
             return Phase.OPTIMIZER
         return Phase.INPUT_GRAD if torch.is_grad_enabled() else Phase.BACKWARD
 
-    def __enter__(self) -> "FlightRecorder":
+    def __enter__(self) -> FlightRecorder:
         if self.optimizer is not None:
             named = {}
             for root, model in self.modules.items():

@@ -55,13 +55,13 @@ class RandomState:
     """The seed the state came from (seeded()), so a CUDA generator initialised later gets it too."""
 
     @classmethod
-    def capture(cls, seed: int | None = None) -> "RandomState":
+    def capture(cls, seed: int | None = None) -> RandomState:
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         return cls(torch.get_rng_state(), None if cuda is None else tuple(cuda), np.random.get_state(),
                    random.getstate(), seed)
 
     @classmethod
-    def seeded(cls, seed: int) -> "RandomState":
+    def seeded(cls, seed: int) -> RandomState:
         """Every generator seeded with `seed` (torch on every device), as captured right after."""
         torch.manual_seed(seed)
         np.random.seed(seed % 2 ** 32)

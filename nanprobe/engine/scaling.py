@@ -8,7 +8,7 @@ fp16's underflow range like the rest of the backward. `RecipeWatch` records ever
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -46,7 +46,7 @@ class RecipeWatch:
         self._scaled = WeakTensorKeyDictionary()
         self._grad = None
 
-    def __enter__(self) -> "RecipeWatch":
+    def __enter__(self) -> RecipeWatch:
         grad, scale, scaled = torch.autograd.grad, self.scaler.scale, self._scaled
 
         def scale_and_mark(outputs):

@@ -118,7 +118,7 @@ class TensorStats:
     """NaN values."""
 
     @classmethod
-    def of(cls, row: list[float]) -> "TensorStats":
+    def of(cls, row: list[float]) -> TensorStats:
         mn = row[MIN_NONZERO]
         return cls(int(row[NUMEL]), float(row[MAX_ABS]), None if math.isinf(mn) else float(mn),
                    int(row[ZEROS]), int(row[SUBNORMAL]), int(row[POSINF]), int(row[NEGINF]), int(row[NAN]))

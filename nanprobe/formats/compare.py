@@ -8,10 +8,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from nanprobe.model.comparison import Comparison, Departure, DtypeRange, ModuleDivergence
-from nanprobe.thresholds import EFFECT_TOLERANCE_EPS
 from nanprobe.enums import Phase, Precision
 from nanprobe.formats._style import STYLE, file_line, kernels_note, num
+from nanprobe.model.comparison import Comparison, Departure, DtypeRange, ModuleDivergence
+from nanprobe.thresholds import EFFECT_TOLERANCE_EPS
 
 RANGE_ROWS = 32
 """Rows of the range view; when there are more, those whose largest values are nearest fp16's edges."""

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nanprobe.model.comparison import Comparison
 from nanprobe.enums import Phase, Precision
+from nanprobe.model.comparison import Comparison
 
 _PHASES = (Phase.FORWARD, Phase.INPUT_GRAD, Phase.BACKWARD)
 _COLOURS = {Precision.FP32: "black", Precision.FP16: "tab:red", Precision.BF16: "tab:blue"}

@@ -9,7 +9,8 @@ the replay draws it from the recorded RNG state: pass latent_dim= when training_
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 try:
     from lightning.pytorch.callbacks import Callback

@@ -68,8 +68,8 @@ class ConfigFile(pytest.File):
     """A nanprobe config: diagnosed once, on its first item, for all its selected precisions."""
 
     def collect(self):
-        from nanprobe.io.config import load
         from nanprobe.errors import NanprobeError
+        from nanprobe.io.config import load
 
         option = self.config.getoption("nanprobe_dtypes")
         if option is not None:

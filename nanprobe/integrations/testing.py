@@ -1,15 +1,15 @@
 """Helpers for users' own test suites: fail a test when a config is not safe in a low precision."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from nanprobe.enums import FailOn
 from nanprobe.errors import ConfigError
 from nanprobe.model.verdict import failing, message
 
 
-def assert_precision_safe(config: "str | Path | object", dtypes: Iterable[str] = ("fp16", "bf16"),
+def assert_precision_safe(config: str | Path | object, dtypes: Iterable[str] = ("fp16", "bf16"),
                           fail_on: str = "overflow", **overrides):
     """Diagnose config in dtypes (fp32 is the reference) and return the Report.
 

@@ -22,17 +22,18 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from nanprobe.io import config as cfg
+from nanprobe.engine import compat
 from nanprobe.engine.recorder import Flight, FlightRecorder, LiveOp
 from nanprobe.enums import Mode, OnNan, Precision
-from nanprobe.engine import compat
 from nanprobe.errors import ConfigError, NonFiniteError, NonFiniteWarning
+from nanprobe.io import config as cfg
 from nanprobe.model.report import Report
 
 _OPTIMIZERS = ((torch.optim.AdamW, "adamw"), (torch.optim.Adam, "adam"), (torch.optim.SGD, "sgd"),
@@ -130,11 +131,11 @@ def _unwrap(critic: Any, what: str) -> torch.nn.Module:
 class _Step:
     """One watched step, as a context manager; set `.loss` inside it to have the loss checked too."""
 
-    def __init__(self, watch: "Watch", real: torch.Tensor | None, z: torch.Tensor | None):
+    def __init__(self, watch: Watch, real: torch.Tensor | None, z: torch.Tensor | None):
         self.watch, self.real, self.z = watch, real, z
         self.loss: Any = None
 
-    def __enter__(self) -> "_Step":
+    def __enter__(self) -> _Step:
         self.watch._begin(self.real, self.z)
         return self
 
@@ -265,7 +266,7 @@ class Watch:
         self._abort()
         self._session = False
 
-    def __enter__(self) -> "Watch":
+    def __enter__(self) -> Watch:
         """`with w:` watches the block as one step (a block that runs `w.step()` steps only holds them)."""
         if self._active or self._session:
             raise ConfigError("nanprobe.watch: `with w:` is already running; watched steps do not nest")

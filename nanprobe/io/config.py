@@ -4,9 +4,10 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from nanprobe.enums import Kernels, Mode, Policy, Precision
 from nanprobe.errors import ConfigError

@@ -7,14 +7,15 @@ set and a file larger than memory streams through. Opening a .npy file does not 
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from nanprobe.io import config as cfg
 from nanprobe.errors import ConfigError
+from nanprobe.io import config as cfg
 
 
 @dataclass(frozen=True)

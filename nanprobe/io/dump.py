@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from nanprobe.io import config as cfg
 from nanprobe.errors import ConfigError
+from nanprobe.io import config as cfg
 
 
 @dataclass(frozen=True)

@@ -10,17 +10,18 @@ import inspect
 import os
 import re
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
 from torch import nn
 
+from nanprobe.errors import ConfigError
 from nanprobe.io import loading, yaml12
 from nanprobe.io.config import from_dict
-from nanprobe.errors import ConfigError
 
 SHAPES = ((3, 32, 32), (3, 64, 64), (1, 28, 28), (1, 32, 32), (3, 128, 128), (3, 16, 16), (3, 8, 8))
 """Sample shapes tried, after the ones the constructors' defaults suggest."""

@@ -5,7 +5,6 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from nanprobe.enums import FindingKind, Kernels, Mode, Phase, Precision, Status
-
 from nanprobe.model.checks import DataReport, InitCheck
 from nanprobe.model.common import FixSuggestion, plain
 
@@ -195,9 +194,9 @@ class Report:
     """Set when Ctrl-C stopped the replays: the runs hold what was found so far."""
     schema: int = SCHEMA
     """JSON schema version."""
-    data: "DataReport | None" = None
+    data: DataReport | None = None
     """The data check of the samples the replays used (None for synthetic data)."""
-    init: "tuple[InitCheck, ...]" = ()
+    init: tuple[InitCheck, ...] = ()
     """Initialisation of each critic weight layer: std against Glorot/He, output scale on the first batch."""
 
     @property

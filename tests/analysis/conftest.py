@@ -13,9 +13,9 @@ import torch
 
 from nanprobe.analysis import diagnosis
 from nanprobe.analysis.alignment import Recorder
-from nanprobe.enums import Mode, Phase, Precision, Status
 from nanprobe.engine.probe import OpEvent
 from nanprobe.engine.replay import Trace
+from nanprobe.enums import Mode, Phase, Precision, Status
 from nanprobe.model.report import StepMetrics
 
 

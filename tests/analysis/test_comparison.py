@@ -11,12 +11,13 @@ import yaml
 from rich.console import Console
 
 import nanprobe
-from tests.conftest import small_gan_doc
 from nanprobe.analysis import diagnosis, fixes
 from nanprobe.analysis.comparison import Recorder, flushed_share, relative_error
-from nanprobe.enums import Phase, Precision
 from nanprobe.engine.probe import OpProbe
+from nanprobe.enums import Phase, Precision
 from nanprobe.formats.compare import comparison as render_comparison
+from tests.conftest import small_gan_doc
+
 
 @pytest.fixture(scope="module")
 def gan_config(tmp_path_factory) -> Path:

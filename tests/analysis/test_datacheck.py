@@ -15,7 +15,6 @@ import nanprobe
 from nanprobe.analysis import datacheck
 from nanprobe.cli import app
 from nanprobe.errors import ConfigError
-
 from tests.conftest import ref
 
 runner = CliRunner()

@@ -6,14 +6,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from rich.console import Console
 import torch.nn.functional as F
+from rich.console import Console
 from torch import nn
 
 import nanprobe
+from nanprobe.analysis.initialisation import check, he_ratios
 from nanprobe.formats import table as render
 from nanprobe.thresholds import INIT_FACTOR
-from nanprobe.analysis.initialisation import check, he_ratios
 
 
 def critic(scale: float | None = None, layer: int = 2) -> nn.Module:

@@ -9,14 +9,13 @@ import torch
 from typer.testing import CliRunner
 
 import nanprobe
+from nanprobe.cli import app
+from nanprobe.engine import updates
+from nanprobe.engine.replay import replay
+from nanprobe.enums import Phase, Precision
 from nanprobe.io import config as cfg
 from nanprobe.io import loading
-from nanprobe.engine import updates
-from nanprobe.cli import app
 from nanprobe.thresholds import LOST_UPDATE_SHARE
-from nanprobe.enums import Phase, Precision
-from nanprobe.engine.replay import replay
-
 from tests.conftest import base_doc, merge
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -468,7 +468,8 @@ def test_log_sigmoid_loss_gets_a_logits_loss_patch_proven(tmp_path):
     from dataclasses import replace
 
     from nanprobe.analysis import fixes, verification
-    from nanprobe.io import config as cfg, loading
+    from nanprobe.io import config as cfg
+    from nanprobe.io import loading
 
     if "logits-loss" not in [f.id for f in run.fixes]:
         # Under autocast the log's input is a cast of the sigmoid: the rule that looks through casts

@@ -9,16 +9,15 @@ import torch
 from typer.testing import CliRunner
 
 import nanprobe
-from nanprobe.io import config as cfg
-from nanprobe.engine import replay as rp
 from nanprobe.analysis import verification
-from nanprobe.cli import app
-from nanprobe.enums import FixCheck, Precision
 from nanprobe.analysis.initialisation import he_ratios
+from nanprobe.cli import app
+from nanprobe.engine import replay as rp
 from nanprobe.engine.reinit import reinitialise
+from nanprobe.enums import FixCheck, Precision
+from nanprobe.io import config as cfg
 from nanprobe.io.loading import load
 from nanprobe.model.report import FixSuggestion
-
 from tests.conftest import FIXTURES, TINY, base_doc, checksums, load_fixture_module, merge, ref
 
 VERIFY = FIXTURES / "verify_models.py"

@@ -10,13 +10,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from typer.testing import CliRunner
 
 import nanprobe
-from tests.conftest import base_doc, merge
+from nanprobe.cli import app
 from nanprobe.engine import autocast_policy as ap
+from nanprobe.engine import replay
+from nanprobe.enums import Precision
 from nanprobe.io import config as cfg
 from nanprobe.io import loading
-from nanprobe.engine import replay
-from nanprobe.cli import app
-from nanprobe.enums import Precision
+from tests.conftest import base_doc, merge
 
 LOW = [torch.float16, torch.bfloat16]
 

@@ -1,8 +1,8 @@
 import torch
 from torch import nn
 
-from nanprobe.enums import Phase
 from nanprobe.engine.probe import OpProbe
+from nanprobe.enums import Phase
 
 
 def _critic():

@@ -9,10 +9,9 @@ import torch
 from typer.testing import CliRunner
 
 import nanprobe
-from nanprobe.io import config as cfg
 from nanprobe.cli import app
 from nanprobe.errors import UserCodeError
-
+from nanprobe.io import config as cfg
 from tests.conftest import FIXTURES, base_doc, line_of, merge, ref
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

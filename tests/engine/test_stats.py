@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from nanprobe.engine import stats as st
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_host_and_device_rows_agree(dtype):
     tiny = torch.finfo(dtype).smallest_normal

@@ -11,12 +11,12 @@ import yaml
 from typer.testing import CliRunner
 
 import nanprobe
-from tests.conftest import FIXTURES, base_doc, line_of, merge, ref
 from nanprobe.cli import app
 from nanprobe.enums import Status
 from nanprobe.formats.github import annotations, command, escape_data, escape_property, location
 from nanprobe.formats.junit import junit_xml
 from nanprobe.model.verdict import message
+from tests.conftest import FIXTURES, base_doc, line_of, merge, ref
 
 ROOT = Path(__file__).resolve().parents[2]
 LOUD = FIXTURES / "loud_models.py"

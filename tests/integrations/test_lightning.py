@@ -7,8 +7,8 @@ import torch
 L = pytest.importorskip("lightning")
 
 import nanprobe  # noqa: E402
-from tests.conftest import FIXTURES, load_fixture_module  # noqa: E402
 from nanprobe.integrations.lightning import NanProbeCallback  # noqa: E402
+from tests.conftest import FIXTURES, load_fixture_module  # noqa: E402
 
 steps = load_fixture_module(FIXTURES / "watch_steps.py")
 LATENT = 8

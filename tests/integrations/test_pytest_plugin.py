@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import shutil
-import tomllib
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 import nanprobe.api

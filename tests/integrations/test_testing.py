@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FIXTURES, base_doc, line_of, merge, ref
 from nanprobe import ConfigError, UserCodeError
-from nanprobe.model.report import Report
 from nanprobe.integrations.testing import assert_precision_safe
+from nanprobe.model.report import Report
+from tests.conftest import FIXTURES, base_doc, line_of, merge, ref
 
 LOUD = FIXTURES / "loud_models.py"
 

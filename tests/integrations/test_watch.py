@@ -10,9 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 import nanprobe
-from tests.conftest import FIXTURES, checksums, line_of, load_fixture_module
 from nanprobe import ConfigError
 from nanprobe.cli import app
+from tests.conftest import FIXTURES, checksums, line_of, load_fixture_module
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS_FILE = FIXTURES / "watch_steps.py"

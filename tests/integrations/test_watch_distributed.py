@@ -11,8 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.conftest import FIXTURES
 from nanprobe.cli import app
+from tests.conftest import FIXTURES
 
 ROOT = Path(__file__).resolve().parents[2]
 FAULT_STEP = 2

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import nanprobe
-from tests.conftest import FIXTURES, line_of, load_fixture_module
 from nanprobe import ConfigError
+from tests.conftest import FIXTURES, line_of, load_fixture_module
 
 STEPS_FILE = FIXTURES / "watch_steps.py"
 steps = load_fixture_module(STEPS_FILE)

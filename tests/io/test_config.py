@@ -9,10 +9,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import base_doc, merge, ref
 from nanprobe import ConfigError
-from nanprobe.io import config as cfg
 from nanprobe.enums import Kernels, Mode, Policy, Precision
+from nanprobe.io import config as cfg
+from tests.conftest import base_doc, merge, ref
 
 # Every documented key, each set to a value other than its default.
 FULL_DOC = {

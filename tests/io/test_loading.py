@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import BROKEN, FIXTURES, TINY, base_doc, line_of, merge, ref
 from nanprobe import ConfigError, DeviceError, UserCodeError
 from nanprobe.io import config as cfg
 from nanprobe.io import loading
+from tests.conftest import BROKEN, FIXTURES, TINY, base_doc, line_of, merge, ref
+
+
 def make(tmp_path: Path, **patch) -> cfg.Config:
     return cfg.from_dict(merge(base_doc(), patch), base_dir=tmp_path)
 

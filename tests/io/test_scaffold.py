@@ -9,8 +9,8 @@ import yaml
 from typer.testing import CliRunner
 
 import nanprobe
-from tests.conftest import FIXTURES, TINY, checksums
 from nanprobe.cli import app
+from tests.conftest import FIXTURES, TINY, checksums
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "configs" / "models.py"
