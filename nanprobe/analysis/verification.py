@@ -22,7 +22,7 @@ from nanprobe.engine import replay as rp
 from nanprobe.analysis.diagnosis import Analysis, Measured, analyse_trace, replay_measured, unmeasured
 from nanprobe.enums import FailOn, FixCheck, Precision, Status
 from nanprobe.errors import ConfigError, DeviceError, UserCodeError
-from nanprobe.analysis.fixes import REGISTRY
+from nanprobe.analysis.fixes import REGISTRY, describe
 from nanprobe.io.loading import Loaded
 from nanprobe.thresholds import MAX_VERIFIED
 from nanprobe.model.report import FixSuggestion, RunReport
@@ -88,7 +88,7 @@ def _against(device: torch.device, config: cfg.Config, target: Precision, trace:
 
 def _judge(fix: FixSuggestion, run: RunReport, line: str, ref: Measured, trace: Measured, target: Precision,
            against: str, fail_on: Status) -> FixSuggestion:
-    for t in (ref, trace):
+    for t in (ref.trace, trace.trace):
         if t.error is not None:  # the step raises under the fix: it is no fix
             left = f"the {t.precision.value} replay raised {t.error.line}"
             return replace(fix, verified=False, check=FixCheck.FAILS, verification=f"{line}: {left}",
