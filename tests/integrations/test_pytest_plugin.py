@@ -57,7 +57,7 @@ def test_healthy_passes_and_underflowing_penalty_fails_with_culprit_and_fix(pyte
     result.stdout.fnmatch_lines([
         "*_ wgan_gp_fp16_underflow.yaml fp16 _*",
         "fp16 (amp): nan",
-        "first issue: underflow in input-grad at critic.net.* · leaky_relu_backward (LeakyReluBackward0), step 0, models.py:*",
+        "first issue: underflow in input-grad at critic.net.* · convolution_backward (ConvolutionBackward0), step 0, models.py:*",
         "fix: gp-fp32  Compute the gradient penalty outside autocast, in fp32 (in the config: loss.gp_precision: fp32)",
         "FAILED wgan_gp_fp16_underflow.yaml::fp16 - fp16 (amp): nan*",
     ])

@@ -67,7 +67,7 @@ def test_shipped_examples_fail_and_pass_as_diagnosed():
     configs = Path(__file__).resolve().parents[2] / "configs"
     with pytest.raises(AssertionError) as caught:
         assert_precision_safe(configs / "wgan_gp_fp16_underflow.yaml", dtypes=("fp16",), device="cpu")
-    assert "first issue: underflow in input-grad at critic.net.23 · leaky_relu_backward" in str(caught.value)
+    assert "first issue: underflow in input-grad at critic.net.16 · convolution_backward" in str(caught.value)
     assert "fix: gp-fp32" in str(caught.value)
     report = assert_precision_safe(configs / "healthy_dcgan.yaml", dtypes=("bf16",), steps=1, device="cpu")
     assert [r.status.value for r in report.runs] == ["ok"]

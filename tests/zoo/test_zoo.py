@@ -250,7 +250,6 @@ def test_zoo_json(case, tmp_path_factory):
     assert set(x["id"] for x in runs[row.at]["fixes"][:2]) & set(row.fixes)
 
 
-@pytest.mark.xfail(strict=True, reason="verdicts: only torch's RNG is seeded; the step's numpy draws differ per run")
 @pytest.mark.parametrize("case", ["gp_fp16_no_scaling"])
 def test_zoo_reproducible(case):
     """A penalty that draws its interpolation weights from numpy, as PyTorch-GAN's does, replays the same.
