@@ -99,7 +99,7 @@ def check_policy_table(rows: list) -> None:
     for dtype, label in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         wrong = []
         for name, sample in sorted(SAMPLES.items()):
-            def run(device, ctx):
+            def run(device, ctx, sample=sample, dtype=dtype):
                 torch.manual_seed(0)
                 with torch.device(device), ctx:
                     return sample(dtype).dtype
@@ -205,7 +205,7 @@ def check_probe_overhead(rows: list, reps: int) -> None:
     dev = torch.device(TARGET["device"])
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for p in (Precision.FP32, Precision.FP16, Precision.BF16):
-        def timed(probe):
+        def timed(probe, p=p):
             sync()
             t = time.perf_counter()
             replay(config, loaded, p, dev, probe=probe)
