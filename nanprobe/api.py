@@ -28,7 +28,8 @@ def _config(config_or_path, overrides: dict) -> cfg.Config:
     elif isinstance(config_or_path, (str, Path)):
         config = cfg.load(Path(config_or_path))
     else:
-        raise ConfigError(f"expected a nanprobe Config or the path of a YAML config, got {type(config_or_path).__name__}")
+        raise ConfigError("expected a nanprobe Config or the path of a YAML config, "
+                          f"got {type(config_or_path).__name__}")
     return cfg.with_overrides(config, **overrides) if overrides else config
 
 

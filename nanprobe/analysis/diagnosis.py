@@ -536,7 +536,8 @@ def build_run(a: Analysis, context: dict) -> RunReport:
     chain_nodes = tuple(x.node for x in (by_index[c.index] for c in a.chain if c.index >= 0) if x.node)
     ctx = fx.FixContext(
         precision=trace.precision, mode=trace.mode, status=status, issue=issue, nonfinite=nonfinite,
-        chain_nodes=chain_nodes, chain=chain_ops, culprit=culprit, after=_after(a.cause, m), feeds=_feeds(a.cause, m), fp32_ok=fp32_ok or not trace.precision.is_low,
+        chain_nodes=chain_nodes, chain=chain_ops, culprit=culprit, after=_after(a.cause, m), feeds=_feeds(a.cause, m),
+        fp32_ok=fp32_ok or not trace.precision.is_low,
         collapse=collapse, unscaled_penalty=unscaled is not None, penalty_fp32=penalty_in_fp32(trace),
         weight_growth=_growth(tuple(trace.metrics), first.step) if first is not None else 1.0,
         other={p: s for p, s in context["statuses"].items() if p is not trace.precision}, framework=trace.framework,

@@ -832,7 +832,8 @@ def _add_scaler_param(module: cst.Module, helper: str, step: str | None) -> cst.
                 return updated.with_changes(params=params.with_changes(kwonly_params=[*params.kwonly_params, new]))
             last = params.params[-1] if params.params else None
             if last is not None and last.comma is cst.MaybeSentinel.DEFAULT:
-                fixed = [*params.params[:-1], last.with_changes(comma=cst.Comma(whitespace_after=cst.SimpleWhitespace(" ")))]
+                fixed = [*params.params[:-1],
+                         last.with_changes(comma=cst.Comma(whitespace_after=cst.SimpleWhitespace(" ")))]
             else:
                 fixed = list(params.params)
             return updated.with_changes(params=params.with_changes(params=[*fixed, new]))
@@ -1200,7 +1201,8 @@ def _built_at(config, critic, module_path: str, code: UserCode) -> tuple:
 
 
 def _sources(run) -> tuple:
-    return tuple(f.source for f in (run.first_nonfinite, run.first_issue, run.scale_collapse) if f is not None and f.source)
+    return tuple(f.source for f in (run.first_nonfinite, run.first_issue, run.scale_collapse)
+                 if f is not None and f.source)
 
 
 def attach(config, critic, runs: tuple) -> tuple:
@@ -1224,7 +1226,8 @@ def attach(config, critic, runs: tuple) -> tuple:
                 cache[key] = build_patch(fix.id, code, run.precision, _sources(run), module, critic_site,
                                          config=config)
             patch = cache[key]
-            fixes.append(fix if patch is None else replace(fix, patch=patch.diff(), snippet=patch.excerpt() or fix.snippet))
+            fixes.append(fix if patch is None else replace(fix, patch=patch.diff(),
+                                                           snippet=patch.excerpt() or fix.snippet))
         out.append(replace(run, fixes=tuple(fixes)))
     return tuple(out)
 

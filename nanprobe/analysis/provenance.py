@@ -160,7 +160,8 @@ def walk(start: int, events: list[OpEvent], alignment: Alignment | None) -> tupl
     return tuple(reversed(path))
 
 
-def _guard(path: tuple[int, ...], events: list[OpEvent], alignment: Alignment | None) -> tuple[int | None, float | None]:
+def _guard(path: tuple[int, ...], events: list[OpEvent],
+           alignment: Alignment | None) -> tuple[int | None, float | None]:
     for i in path:
         eps = lost_eps(events[i])
         d = alignment.delta(i) if alignment is not None else None

@@ -190,7 +190,8 @@ class FlightRecorder(OpProbe):
             outs = [out]
         elif isinstance(out, (list, tuple)) and out:
             outs = [t for t in out if isinstance(t, torch.Tensor)]
-        elif args and compat.op_schema(func).is_mutable:  # in-place foreach ops return nothing: their first argument changed
+        # in-place foreach ops return nothing: their first argument changed
+        elif args and compat.op_schema(func).is_mutable:
             first = args[0]
             outs = [first] if isinstance(first, torch.Tensor) else [t for t in first if isinstance(t, torch.Tensor)]
         else:

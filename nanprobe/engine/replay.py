@@ -187,7 +187,8 @@ def check_dtype(device: torch.device, precision: Precision, mode: Mode) -> None:
             (a.to(dt) @ a.to(dt)).sum()
     except Exception as exc:
         raise DeviceError(f"precision.dtypes: {precision.value} is not supported on {device.type} "
-                          f"in {mode.value} mode ({str(exc).splitlines()[0][:120]}); drop it from precision.dtypes") from None
+                          f"in {mode.value} mode ({str(exc).splitlines()[0][:120]}); "
+                          "drop it from precision.dtypes") from None
 
 
 def kernels_for(config: Config, precision: Precision, device: torch.device) -> Kernels:
@@ -206,7 +207,8 @@ def make_optimizer(config: Config, params) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay, foreach=False)
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.betas[0], weight_decay=t.weight_decay, foreach=False)
-    return torch.optim.RMSprop(params, lr=t.lr, momentum=t.betas[0], eps=t.eps, weight_decay=t.weight_decay, foreach=False)
+    return torch.optim.RMSprop(params, lr=t.lr, momentum=t.betas[0], eps=t.eps, weight_decay=t.weight_decay,
+                               foreach=False)
 
 
 def _batch(config: Config, loaded: Loaded, step: int, probe: OpProbe | None) -> torch.Tensor:
@@ -382,7 +384,8 @@ class _Replay:
             self._set_rng()  # the captured step drew z first, from this state
         if latents is not None:
             b = real.shape[0]
-            z = latents[[(step * b + i) % len(latents) for i in range(b)]].to(device=self.device, dtype=self.model_dtype)
+            z = latents[[(step * b + i) % len(latents) for i in range(b)]].to(device=self.device,
+                                                                              dtype=self.model_dtype)
         elif self.generator is not None:
             z = torch.randn(real.shape[0], *self.config.model.latent_dim, device=self.device, dtype=self.model_dtype)
         if step == 0 and self.loaded.rng is not None and latents is not None:

@@ -86,7 +86,8 @@ def data_report(rep, console: Console | None = None, title: str = "nanprobe chec
     rate = f", {_size(rep.nbytes / rep.seconds)}/s" if rep.seconds > 0 and rep.scope == "file" else ""
     mapped = "memory-mapped" if rep.memory_mapped else "read whole (not memory-mapped)"
     console.print(Text.assemble((f"{title} ", "bold"), rep.path, (
-        f"  ({rep.format} {rep.dtype} {list(rep.shape)}, {_size(rep.nbytes)}, {mapped}, {rep.seconds:.2f} s{rate})", "dim")))
+        f"  ({rep.format} {rep.dtype} {list(rep.shape)}, {_size(rep.nbytes)}, {mapped}, {rep.seconds:.2f} s{rate})",
+        "dim")))
     for note in rep.notes:
         console.print(Text.assemble(("note: ", "bold yellow"), note))
     if rep.ok:
@@ -96,7 +97,8 @@ def data_report(rep, console: Console | None = None, title: str = "nanprobe chec
                            f"[{r.expected[0]:g}, {r.expected[1]:g}]{seen}.", style="bold green"))
         return
     t = Table(header_style="bold")
-    for col, justify in (("problem", "left"), ("samples", "right"), ("share", "right"), ("indices", "left"), ("detail", "left")):
+    for col, justify in (("problem", "left"), ("samples", "right"), ("share", "right"), ("indices", "left"),
+                         ("detail", "left")):
         t.add_column(col, justify=justify)
     for problem, count, share, idx, detail in _rows(rep):
         t.add_row(Text(problem.value, style="bold red"), str(count), f"{share:.2%}", idx, detail)
@@ -132,12 +134,14 @@ def init_table(checks, console: Console) -> None:
         return
     shown = flagged + [c for c in checks if not c.flagged][:max(0, INIT_ROWS - len(flagged))]
     shown.sort(key=lambda c: checks.index(c))
-    t = Table(title="initialisation: weight std against He (for the activation after) and Glorot; output std on the first batch",
+    t = Table(title="initialisation: weight std against He (for the activation after) and Glorot; "
+                    "output std on the first batch",
               title_justify="left", header_style="bold")
     for col in ("module", "std", "He", "× He", "Glorot", "out std", "after"):
         t.add_column(col, justify="left" if col in ("module", "after") else "right", no_wrap=col == "module")
     for c in shown:
-        t.add_row(c.module, f"{c.std:.3g}", f"{c.he:.3g}", Text(f"{c.ratio:.3g}", style="bold red" if c.flagged else ""),
+        t.add_row(c.module, f"{c.std:.3g}", f"{c.he:.3g}",
+                  Text(f"{c.ratio:.3g}", style="bold red" if c.flagged else ""),
                   f"{c.glorot:.3g}", "-" if c.output_std is None else f"{c.output_std:.3g}",
                   c.nonlinearity.replace("leaky_relu", "leaky") + (" (assumed)" if c.assumed else ""))
     console.print(t)

@@ -66,7 +66,8 @@ def summary_table(c: Comparison) -> Table:
               title_justify="left")
     t.add_column("")
     for s in c.summaries:
-        t.add_column(f"{s.precision.value} ({s.mode.value})" if s.precision.is_low else s.precision.value, justify="right")
+        t.add_column(f"{s.precision.value} ({s.mode.value})" if s.precision.is_low else s.precision.value,
+                     justify="right")
 
     def row(name, fn):
         t.add_row(name, *(fn(s) for s in c.summaries))
@@ -88,7 +89,8 @@ def summary_table(c: Comparison) -> Table:
 
 def module_table(c: Comparison, top: int) -> Table:
     low = [s.precision for s in c.summaries if s.precision.is_low]
-    t = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, title=f"per module: top {min(top, len(c.modules))} "
+    t = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False,
+              title=f"per module: top {min(top, len(c.modules))} "
               f"of {len(c.modules)} by error added there", title_justify="left",
               caption="headroom: powers of two left to the dtype's max / above its smallest normal (< 0: subnormal); "
               "◀: where the dtype departs from fp32",
@@ -105,7 +107,8 @@ def module_table(c: Comparison, top: int) -> Table:
             if s is None:
                 continue
             mark = " ◀" if (m.module, m.phase, p) in departed else ""
-            t.add_row(f"{m.module} {m.phase.value}" if i == 0 else "", p.value + mark, _err(s.rel_error), _pct(s.flushed),
+            t.add_row(f"{m.module} {m.phase.value}" if i == 0 else "", p.value + mark, _err(s.rel_error),
+                      _pct(s.flushed),
                       f"{_room0(s.headroom_max)} / {_room0(s.headroom_normal)}",
                       style="bold" if mark else None)
     return t
@@ -210,13 +213,15 @@ def _departure_lines(c: Comparison) -> list[Text]:
             continue
         if d is None:
             out.append(Text.assemble((f"{s.precision.value}", "bold"), " stays close to fp32: nothing training sees "
-                                     f"(loss, penalty, parameter gradients) is off by more than {EFFECT_TOLERANCE_EPS:g} eps of "
-                                     f"{s.precision.value} ({_err(EFFECT_TOLERANCE_EPS * _eps(s.precision))}) through an underflow, "
+                                     "(loss, penalty, parameter gradients) is off by more than "
+                                     f"{EFFECT_TOLERANCE_EPS:g} eps of {s.precision.value} "
+                                     f"({_err(EFFECT_TOLERANCE_EPS * _eps(s.precision))}) through an underflow, "
                                      "and nothing goes non-finite"))
             continue
         out.append(Text.assemble(
             (f"{s.precision.value}", "bold"), " departs from fp32 at ", (f"{d.module} · {d.phase.value}", "bold"),
-            f" (step {d.step}, {_op(d.op)}{', ' + d.source if d.source else ''}), the op diagnose names: relative error "
+            f" (step {d.step}, {_op(d.op)}{', ' + d.source if d.source else ''}), "
+            "the op diagnose names: relative error "
             f"{_err(d.rel_error)}, {_err(d.added_error)} of it added there, {_pct(d.flushed)} of values flushed to 0"))
     return out
 

@@ -24,7 +24,8 @@ def progress(enabled: bool = True):
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn("[bold]replaying[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+    bar = Progress(TextColumn("[bold]replaying[/] {task.description}"), BarColumn(),
+                   TextColumn("{task.completed}/{task.total} steps"),
                    TimeElapsedColumn(), console=console, transient=True)
     tasks: dict = {}
 
@@ -98,7 +99,8 @@ def _summary_table(report: Report) -> Table:
         issue = "-"
         if run.first_issue is not None:
             f = run.first_issue
-            issue = f"{f.kind.value} in {f.phase.value} at {f.module or f.op.removeprefix('aten.').split('.')[0]} (step {f.step})"
+            issue = (f"{f.kind.value} in {f.phase.value} at "
+                     f"{f.module or f.op.removeprefix('aten.').split('.')[0]} (step {f.step})")
         elif run.error is not None:
             e = run.error
             issue = f"{e.exception} in {e.phase.value} at {file_line(e.source)} (step {e.step})"
@@ -162,13 +164,15 @@ def _run_panel(run: RunReport) -> Panel:
         grid.add_row("first non-finite", f"{n.phase.value} · step {n.step} · {_where(n)} · {n.source or '-'}")
         grid.add_row("", n.detail)
     if run.chain and len(run.chain) > 1:
-        hops = " → ".join(("…" if c.index < 0 else f"{c.module + ':' if c.module else ''}{c.op.removeprefix('aten.').split('.')[0]}")
+        hops = " → ".join(("…" if c.index < 0
+                           else f"{c.module + ':' if c.module else ''}{c.op.removeprefix('aten.').split('.')[0]}")
                           for c in run.chain)
         grid.add_row("chain", hops)
     for note in run.notes:
         grid.add_row("note", note)
     if run.lost_updates:
-        grid.add_row("lost updates", ", ".join(f"{u.module} {u.share:.0%} of {u.elements}" for u in run.lost_updates[:6])
+        grid.add_row("lost updates",
+                     ", ".join(f"{u.module} {u.share:.0%} of {u.elements}" for u in run.lost_updates[:6])
                      + (f" (+{len(run.lost_updates) - 6} modules)" if len(run.lost_updates) > 6 else ""))
     if run.scale_collapse is not None and run.scale_collapse is not f:
         grid.add_row("scale collapse", f"{run.scale_collapse.phase.value} · step {run.scale_collapse.step} · "
@@ -204,7 +208,8 @@ def _run_panel(run: RunReport) -> Panel:
         checked = any(f.verification for f in run.fixes)
         for other in run.fixes[1:] if checked else run.fixes[1:3]:
             parts.append(Text.assemble(("also: ", "dim"), *_mark(other), (other.id, "cyan"), f"  {other.title}",
-                                       (" (patch: --patch)" if other.patch and other.check is FixCheck.OK else "", "dim")))
+                                       (" (patch: --patch)" if other.patch and other.check is FixCheck.OK else "",
+                                        "dim")))
             if other.verification:
                 parts.append(Text.assemble("      ", (other.verification, "dim")))
     title = f"{run.precision.value} ({run.mode.value}): {run.status.value}"

@@ -18,7 +18,8 @@ except ImportError:  # the standalone package
     try:
         from pytorch_lightning.callbacks import Callback
     except ImportError:
-        raise ImportError("nanprobe.integrations.lightning needs Lightning: pip install 'nanprobe[lightning]'") from None
+        raise ImportError("nanprobe.integrations.lightning needs Lightning: "
+                          "pip install 'nanprobe[lightning]'") from None
 
 from nanprobe.integrations.watch import Watch
 

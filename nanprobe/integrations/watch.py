@@ -174,7 +174,8 @@ class Watch:
             raise ConfigError("nanprobe.watch: a dump names the generator by its class, so with dump_dir the "
                               f"generator must be an nn.Module (got {type(generator).__name__}); pass the module")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise ConfigError(f"nanprobe.watch: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise ConfigError("nanprobe.watch: optimizer must be a torch.optim.Optimizer, "
+                              f"got {type(optimizer).__name__}")
         if optimizer is not None:
             owned = {id(p) for p in critic.parameters()}
             if not any(id(p) in owned for g in optimizer.param_groups for p in g["params"]):
@@ -250,7 +251,8 @@ class Watch:
         """`with w.step(real, z):` around a training step, or `w.step(fn, real, z)` to call fn(real, z) watched."""
         if args and callable(args[0]) and not isinstance(args[0], torch.Tensor):
             fn, rest = args[0], args[1:]
-            call_kw = dict(kwargs, **({"real": real} if real is not None else {}), **({"z": z} if z is not None else {}))
+            call_kw = dict(kwargs, **({"real": real} if real is not None else {}),
+                           **({"z": z} if z is not None else {}))
             real_ = rest[0] if rest else real
             z_ = rest[1] if len(rest) > 1 else z
             with _Step(self, real_, z_) as s:
@@ -399,7 +401,8 @@ class Watch:
             if after is not None:
                 row[_SCALE_AFTER] = after.reshape(())
             before = self._scale_before if scaler is not None else None
-            row[_SCALE_BEFORE] = before.reshape(()) if isinstance(before, torch.Tensor) else torch.full((), float(before or 0))
+            row[_SCALE_BEFORE] = (before.reshape(()) if isinstance(before, torch.Tensor)
+                                  else torch.full((), float(before or 0)))
             real = self._realref
             if real is not None and real.is_floating_point() and real.numel():
                 mn, mx = torch.aminmax(real)
@@ -459,7 +462,8 @@ class Watch:
             if not any("weights" in b for b in bad_by_rank.values()):
                 if self._skips_in_row <= self.max_skips:
                     return  # loss scaling skipped the step on purpose; training goes on at a lower scale
-                self._fail(step, {r: [f"the GradScaler skipped {self._skips_in_row} steps in a row (scale now {after:g})"]
+                self._fail(step,
+                           {r: [f"the GradScaler skipped {self._skips_in_row} steps in a row (scale now {after:g})"]
                                   for r in range(world)}, rows)
                 return
         elif not bad_by_rank:
@@ -497,8 +501,9 @@ class Watch:
         else:
             first = "; ".join(f"rank {r} of {world} ({reasons[r]})" for r in origins)
             followed = [r for r in bad_by_rank if r not in origins]
-            head = (f"nanprobe.watch: step {step} turned non-finite on {first}" + (f"; rank{'s' if len(followed) > 1 else ''} {', '.join(map(str, followed))} "
-                                     "followed through the gradient all-reduce" if followed else "") + f"{where}.")
+            head = (f"nanprobe.watch: step {step} turned non-finite on {first}"
+                    + (f"; rank{'s' if len(followed) > 1 else ''} {', '.join(map(str, followed))} "
+                       "followed through the gradient all-reduce" if followed else "") + f"{where}.")
         lines = [head]
         if world > 1 and rank not in origins:
             lines += [self._other_rank(r, rows[r]) for r in origins if rows[r][_FIRST_OP] >= 0]
@@ -525,7 +530,8 @@ class Watch:
             # The one report of the run: the ranks that failed and where their steps were dumped.
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             dumps = [f"  rank {r}: {self.dump_dir / f'rank-{r}'}/step-{step:06d}*/config.yaml" for r in origins]
-            text = "\n".join([message, "", "Dumped steps (replay one with nanprobe diagnose DUMP/config.yaml):", *dumps])
+            text = "\n".join([message, "", "Dumped steps (replay one with nanprobe diagnose DUMP/config.yaml):",
+                              *dumps])
             (self.dump_dir / f"report-step-{step:06d}.txt").write_text(text + "\n", encoding="utf-8")
         if self.on_nan is OnNan.RAISE:
             raise NonFiniteError(message, self.failure)
@@ -603,7 +609,8 @@ class Watch:
         sd = dict(self.scaler.state_dict())
         before = self._scale_before
         sd["scale"] = float(before) if before is not None else float(self.scaler._init_scale)
-        sd[compat.GROWTH_TRACKER_KEY] = int(self._tracker_before) if isinstance(self._tracker_before, torch.Tensor) else 0
+        sd[compat.GROWTH_TRACKER_KEY] = (int(self._tracker_before) if isinstance(self._tracker_before, torch.Tensor)
+                                         else 0)
         return sd
 
     def _diagnose(self, config: cfg.Config) -> Report:
@@ -642,7 +649,8 @@ def _precision_hook(watch: Watch, critic: torch.nn.Module):
         device = watch._device()
         if torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
-            watch._seen = (Mode.AMP, {torch.float16: Precision.FP16, torch.bfloat16: Precision.BF16}.get(dtype, Precision.FP32))
+            watch._seen = (Mode.AMP,
+                           {torch.float16: Precision.FP16, torch.bfloat16: Precision.BF16}.get(dtype, Precision.FP32))
         else:
             dtype = next(module.parameters(), torch.zeros(())).dtype
             low = {torch.float16: Precision.FP16, torch.bfloat16: Precision.BF16}.get(dtype)

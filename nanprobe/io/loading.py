@@ -135,7 +135,8 @@ def resolve_ref(config: Config, ref: str, key: str) -> tuple[Any, str]:
                 module = importlib.import_module(target)
         except ModuleNotFoundError as exc:
             if exc.name and target.startswith(exc.name):
-                raise ConfigError(f"{key}: no module named '{target}'; use 'file.py:{attr}' for a file next to the config") from None
+                raise ConfigError(f"{key}: no module named '{target}'; "
+                                  f"use 'file.py:{attr}' for a file next to the config") from None
             raise user_error(f"importing {target}", exc, ()) from None
         except Exception as exc:
             raise user_error(f"importing {target}", exc, ()) from None
@@ -213,7 +214,8 @@ def _build_model(config: Config, ref: Any, args: dict, key: str):
     if not isinstance(module, torch.nn.Module):
         if keras_io.is_keras_model(module):  # a Keras model on another backend is not a torch module
             keras_io.import_keras(key, f"what {getattr(obj, '__name__', ref)} returns")
-        raise ConfigError(f"{key}: {getattr(obj, '__name__', ref)} returned a {type(module).__name__}, not an nn.Module")
+        raise ConfigError(f"{key}: {getattr(obj, '__name__', ref)} returned a {type(module).__name__}, "
+                          "not an nn.Module")
     return module, file, km
 
 
@@ -257,7 +259,8 @@ def load_checkpoint(config: Config, critic: torch.nn.Module, generator: torch.nn
     if not isinstance(state, dict):
         raise ConfigError(f"model.checkpoint: {path.name} holds a {type(state).__name__}, not a state_dict "
                           "or {'critic': state_dict, 'generator': state_dict}")
-    parts = {"critic": state.get("critic"), "generator": state.get("generator")} if "critic" in state else {"critic": state}
+    parts = ({"critic": state.get("critic"), "generator": state.get("generator")} if "critic" in state
+             else {"critic": state})
     for name, sd in parts.items():
         if sd is None:
             continue
@@ -313,7 +316,8 @@ def _load_state(model: torch.nn.Module, sd: dict, name: str, file: str) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+             for k in own if k in sd and sd[k].shape != own[k].shape]
 
     def few(xs):
         return ", ".join(xs[:4]) + (f" and {len(xs) - 4} more" if len(xs) > 4 else "")
@@ -398,7 +402,8 @@ def _dry_run(config: Config, loaded: Loaded) -> None:
             try:
                 fake = call_generator(loaded.generator, z, config.model.generator_call)
             except Exception as exc:
-                raise user_error(f"the generator on z of shape {list(z.shape)} (model.latent_dim)", exc, loaded.user_files) from None
+                raise user_error(f"the generator on z of shape {list(z.shape)} (model.latent_dim)", exc,
+                                 loaded.user_files) from None
             if not isinstance(fake, torch.Tensor) or tuple(fake.shape[1:]) != tuple(loaded.sample_shape):
                 got = list(fake.shape[1:]) if isinstance(fake, torch.Tensor) else type(fake).__name__
                 raise ConfigError(f"model.generator: produces samples of shape {got} but the data's are "

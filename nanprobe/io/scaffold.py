@@ -99,7 +99,8 @@ def _candidates(module) -> dict[str, Callable]:
 
 def _params(obj: Callable) -> list[inspect.Parameter]:
     try:
-        return [p for p in inspect.signature(obj).parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        return [p for p in inspect.signature(obj).parameters.values()
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     except (TypeError, ValueError):
         return []
 
@@ -225,7 +226,8 @@ def scaffold(models: str | Path, critic: str | None = None, generator: str | Non
             if not callable(obj):
                 raise ConfigError(f"{flag}: {name} in {path.name} is a {type(obj).__name__}, not a class or factory")
             found[name] = obj
-    shapes = _preferred(found, _SIZE, lambda v, d: (next((d[k] for k in _CHANNELS if isinstance(d.get(k), int)), 3), v, v))
+    shapes = _preferred(found, _SIZE,
+                        lambda v, d: (next((d[k] for k in _CHANNELS if isinstance(d.get(k), int)), 3), v, v))
     shapes += [s for s in SHAPES if s not in shapes]
     latents = _preferred(found, _LATENT, lambda v, d: (v,))
     latents += [z for z in LATENTS if z not in latents]
@@ -329,10 +331,12 @@ def _render(models: Path, found: dict, c: Guess, g: Guess | None, named_c, named
         f"  # The critic, {_why_critic(c, found, named_c is not None)}.",
         f"  critic: {ref}:{c.name}",
         f"  critic_args: {_flow(c.args)}" + (
-            "  # guessed from the argument names: check them" if c.args else "  # keyword arguments; {} = its defaults"),
+            "  # guessed from the argument names: check them" if c.args
+            else "  # keyword arguments; {} = its defaults"),
     ]
     if g is not None:
-        how = "The generator, named with --generator" if named_g is not None else "The generator, guessed from a dry forward"
+        how = ("The generator, named with --generator" if named_g is not None
+               else "The generator, guessed from a dry forward")
         lines += [
             f"  # {how}: it maps z of shape [B, {', '.join(map(str, g.latent))}] to samples "
             f"[B, {', '.join(map(str, g.shape))}], which {c.name} takes.",
@@ -346,7 +350,8 @@ def _render(models: Path, found: dict, c: Guess, g: Guess | None, named_c, named
             lines.append(f"  generator_call: \"{g.call}\"  # it takes a list of latents (StyleGAN2-style); "
                          "its first tensor out is the fakes")
     else:
-        lines += ["  # No generator found (or none that fits the critic): fakes are Gaussian noise of the data's shape.",
+        lines += ["  # No generator found (or none that fits the critic): "
+                  "fakes are Gaussian noise of the data's shape.",
                   f"  # Add one with generator: {ref}:Name and latent_dim."]
     lines += [f"  # {n}." for n in notes]
     how_shape = f"what {g.name} produces and {c.name} takes" if g is not None else f"the first shape {c.name} took"
