@@ -68,7 +68,8 @@ def _verdict(run) -> str:
     return f"{run.status.value}: {issue.kind.value} {issue.phase.value} {issue.module or '-'}"
 
 
-TARGET = {"device": "cuda"}  # what the emulated CPU replay is compared with: the GPU, or (--against cpu-native) the CPU's own kernels
+# what the emulated CPU replay is compared with: the GPU, or (--against cpu-native) the CPU's own kernels
+TARGET = {"device": "cuda"}
 
 
 def check_verdicts(rows: list, deadline: _Deadline) -> None:
@@ -247,7 +248,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.against == "cuda" else "dry run against the CPU's native kernels"
     print(f"GPU check: {name}, torch {torch.__version__}, "
           f"{time.monotonic() - started:.0f} s\n")
-    print(f"| check | case | CPU (emulated kernels) | {'CUDA' if args.against == 'cuda' else 'CPU native'} | agree / figure |")
+    print(f"| check | case | CPU (emulated kernels) | {'CUDA' if args.against == 'cuda' else 'CPU native'} "
+          "| agree / figure |")
     print("|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(c.replace("|", "/") for c in row) + " |")

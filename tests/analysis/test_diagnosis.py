@@ -46,7 +46,8 @@ def test_half_adam_with_eps_1e8_names_addcdiv_not_an_earlier_backward_underflow(
         # Minibatch-stddev backward: 20% subnormal gradients (an underflow, but not what makes the NaN).
         Op("aten.div.Tensor", r(64, 1e-3, 1e-8), r(64, 1e-3, 6e-8, sub=13, zeros=2), phase=BW, module="critic.mbstd",
           node="SqrtBackward0"),
-        Op("aten.convolution_backward.default", r(64, 1e-4, 1e-7), r(64, 1e-4, 1e-7), phase=BW, module="critic.b4.conv"),
+        Op("aten.convolution_backward.default", r(64, 1e-4, 1e-7), r(64, 1e-4, 1e-7), phase=BW,
+           module="critic.b4.conv"),
         Op("aten.lerp_.Scalar", r(64, 1e-5, 1e-8), r(64, 1e-5, 1e-7, sub=10), (1,), phase=OPT, module="critic.b4.conv",
           source=None, param=p, scalars=(0.1,)),
         Op("aten.addcmul_.default", r(64, 1e-11, 1e-14), r(64, 0.0, 0.0, zeros=64), (1,), phase=OPT,

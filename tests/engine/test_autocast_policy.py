@@ -210,7 +210,8 @@ def test_registration_is_made_once_and_kept_while_nested():
 
 def test_a_torch_whose_cuda_lists_hold_unknown_ops_is_refused_in_one_line(monkeypatch):
     real = ap._registered
-    monkeypatch.setattr(ap, "_registered", lambda key: real(key) | ({"fancy_new_op"} if key == "AutocastCUDA" else set()))
+    monkeypatch.setattr(ap, "_registered",
+                        lambda key: real(key) | ({"fancy_new_op"} if key == "AutocastCUDA" else set()))
     before = _dumps()
     with pytest.raises(nanprobe.DeviceError, match=r"also autocasts fancy_new_op; use --policy native"):
         with ap.cuda_autocast(torch.float16):
