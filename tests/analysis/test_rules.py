@@ -119,5 +119,5 @@ def test_a_penalty_already_in_fp32_is_not_told_to_scale_or_move_to_fp32():
 
 def test_every_rule_lives_in_the_one_catalogue():
     ids = [f.id for f in fx.CATALOGUE]
-    assert len(ids) == len(set(ids)) and {"logits-loss", "safe-norm", "fp32-op", "adam-eps",
-                                          "master-weights"} <= set(ids)
+    assert (len(ids) == len(set(ids))
+            and {"logits-loss", "safe-norm", "fp32-op", "adam-eps", "master-weights"} <= set(ids))

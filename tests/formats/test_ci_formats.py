@@ -67,8 +67,8 @@ def test_below_fail_on_is_a_warning(report):
     fp16 = report.runs[0]
     overflow_only = replace(report, runs=(replace(fp16, status=Status.OVERFLOW),) + report.runs[1:])
     assert annotations(overflow_only, "nan", root=ROOT)[0].startswith("::warning file=tests/fixtures/loud_models.py,")
-    assert annotations(overflow_only, "overflow",
-                       root=ROOT)[0].startswith("::error file=tests/fixtures/loud_models.py,")
+    assert annotations(overflow_only, "overflow", root=ROOT)[0].startswith(
+        "::error file=tests/fixtures/loud_models.py,")
 
 
 def test_source_outside_the_workspace_or_in_nanprobe_points_at_the_config(report, loud):
