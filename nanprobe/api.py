@@ -70,7 +70,7 @@ def _diagnose(config: cfg.Config, progress: Callable | None, verify_fix: bool, v
                                 framework=strategy.framework)
     data = datacheck.check_replayed(config, loaded.data)
     ratios = he_ratios(critic, checks=init)
-    traces: dict[Precision, replay.Trace] = {}
+    traces: dict[Precision, diagnosis.Measured] = {}
     try:
         for p in order:
             traces[p] = diagnosis.replay_measured(config, loaded, p, device, progress, traces.get(Precision.FP32))

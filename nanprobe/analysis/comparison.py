@@ -18,6 +18,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -202,10 +203,10 @@ def compare(config: Config, loaded: Loaded, device: torch.device, precisions: tu
         measured[p] = diagnosis.replay_measured(config, loaded, p, device, progress, ref)
     analyses = {p: diagnosis.analyse_trace(m, ref) for p, m in measured.items() if m.trace.error is None}
     status_of = raised.statuses({p: m.trace for p, m in measured.items()}, {p: a.status for p, a in analyses.items()})
-    ctx = {"fp32_status": status_of[Precision.FP32], "statuses": status_of,
-           "fix_settings": diagnosis.fix_settings(config, init_ratios, device.type)}
+    ctx: dict[str, Any] = {"fp32_status": status_of[Precision.FP32], "statuses": status_of,
+                           "fix_settings": diagnosis.fix_settings(config, init_ratios, device.type)}
     spans = {Precision.FP32: _spans(Precision.FP32, ref_live, None)}
-    summaries = []
+    summary_list: list[PrecisionSummary] = []
     for p, m in measured.items():
         trace = m.trace
         a = analyses.get(p)
@@ -218,7 +219,7 @@ def compare(config: Config, loaded: Loaded, device: torch.device, precisions: tu
         heads = [_headroom(e) for e in live]
         kinds = a.kinds if a is not None else {}
         eff = m.effect if a is not None else None
-        summaries.append(PrecisionSummary(
+        summary_list.append(PrecisionSummary(
             precision=p, mode=trace.mode, status=run.status, first_issue=run.first_issue, metrics=run.metrics,
             loss_rel_error=eff.loss.rel_error if eff is not None and eff.loss is not None else None,
             penalty_rel_error=eff.penalty.rel_error if eff is not None and eff.penalty is not None else None,
@@ -229,7 +230,7 @@ def compare(config: Config, loaded: Loaded, device: torch.device, precisions: tu
             departs_at=_departure(run.first_issue, deltas) if p.is_low and a is not None else None, ops=len(live),
             aligned=a.aligned if a is not None else len(live), fixes=run.fixes, kernels=trace.kernels,
             error=run.error))
-    summaries = tuple(summaries)
+    summaries = tuple(summary_list)
     return Comparison(
         config=str(config.source) if config.source else None, device=device_name, torch=torch.__version__,
         steps=config.train.steps, sample=SAMPLE, summaries=summaries, modules=_modules(order, spans),

@@ -39,7 +39,7 @@ class _Tally:
         self.lo, self.hi, self.slack = lo, hi, RANGE_SLACK * (hi - lo)
         self.samples = self.finite_samples = 0
         self.vmin, self.vmax = np.inf, -np.inf
-        self.idx = {p: [] for p in DataProblem}
+        self.idx: dict[DataProblem, list[int]] = {p: [] for p in DataProblem}
         self.count = dict.fromkeys(DataProblem, 0)
         self.nan = {"samples_with_nan": 0, "samples_with_inf": 0, "nan_values": 0, "posinf_values": 0,
                     "neginf_values": 0}

@@ -16,6 +16,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -387,7 +388,8 @@ def _after(cause: RootCause | None, m: Measured, limit: int = 4) -> tuple[fx.Cha
     if cause is None:
         return ()
     events = m.trace.events
-    out, cur = [], cause.culprit
+    out: list[OpEvent] = []
+    cur = cause.culprit
     for e in events[cause.culprit + 1:]:
         if len(out) >= limit:
             break
@@ -403,7 +405,8 @@ def _feeds(cause: RootCause | None, m: Measured) -> tuple[fx.ChainOp, ...]:
     if cause is None:
         return ()
     events = m.trace.events
-    out, todo, seen = [], list(events[cause.origin].producers), set()
+    out: list[OpEvent] = []
+    todo, seen = list(events[cause.origin].producers), set()
     while todo and len(out) < 8:
         i = todo.pop(0)
         if i in seen:
@@ -597,7 +600,7 @@ def analyse(config: Config, measured: dict, requested: tuple[Precision, ...],
     ref = measured[Precision.FP32]
     analyses = {p: analyse_trace(m, ref) for p, m in measured.items() if m.trace.error is None}
     status_of = raised.statuses({p: m.trace for p, m in measured.items()}, {p: x.status for p, x in analyses.items()})
-    ctx = {"fp32_status": status_of[Precision.FP32], "statuses": status_of,
-           "fix_settings": fix_settings(config, init_ratios, device, init_checks)}
+    ctx: dict[str, Any] = {"fp32_status": status_of[Precision.FP32], "statuses": status_of,
+                           "fix_settings": fix_settings(config, init_ratios, device, init_checks)}
     return tuple(raised.errored_run(measured[p].trace, status_of, ctx["fix_settings"])
                  if measured[p].trace.error is not None else build_run(analyses[p], ctx) for p in requested)

@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -506,7 +507,7 @@ def _assigned_from(fn: cst.CSTNode, pred) -> dict:
 class _SplitSigmoid(cst.CSTTransformer):
     """d = sigmoid(critic(x)) -> d_logits = critic(x); d = sigmoid(d_logits): the logits get a name."""
 
-    def __init__(self, names: dict, unused: set = frozenset()):
+    def __init__(self, names: dict, unused: AbstractSet = frozenset()):
         super().__init__()
         self.names = names  # name -> logits name
         self.unused = unused  # names no longer read once the loss takes the logits
@@ -601,7 +602,7 @@ def _names_in(node: cst.CSTNode) -> set:
 
 
 def _targets(stmt: cst.CSTNode) -> set:
-    out = set()
+    out: set = set()
     for small in getattr(stmt, "body", ()) if isinstance(stmt, cst.SimpleStatementLine) else ():
         if isinstance(small, cst.Assign):
             for t in small.targets:
@@ -1245,7 +1246,9 @@ def _diff_files(diff: str) -> set:
 def chosen(runs: tuple) -> str:
     """What `--patch` writes: per failing run (worst first), its best fix that has a patch and was not
     refuted by --verify-fix; a file already changed by an earlier run's choice is not changed twice."""
-    out, files, seen = [], set(), set()
+    out: list[str] = []
+    files: set[str] = set()
+    seen: set = set()
     for run in sorted(runs, key=lambda r: -r.status.severity):
         fix = next((f for f in run.fixes if f.patch and (f.check is None or f.check.value != "fails")), None)
         if fix is None or fix.patch in seen:

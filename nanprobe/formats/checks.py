@@ -38,7 +38,7 @@ def scan_progress(enabled: bool = True):
         yield on_chunk
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.3g} {unit}" if unit != "B" else f"{n} B"
@@ -99,7 +99,7 @@ def data_report(rep, console: Console | None = None, title: str = "nanprobe chec
     t = Table(header_style="bold")
     for col, justify in (("problem", "left"), ("samples", "right"), ("share", "right"), ("indices", "left"),
                          ("detail", "left")):
-        t.add_column(col, justify=justify)
+        t.add_column(col, justify=justify)  # type: ignore[arg-type]  # "left"/"right" literals above
     for problem, count, share, idx, detail in _rows(rep):
         t.add_row(Text(problem.value, style="bold red"), str(count), f"{share:.2%}", idx, detail)
     console.print(t)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.panel import Panel
 from rich.syntax import Syntax
 from rich.table import Table
@@ -141,7 +141,7 @@ def _code(text: str, lexer: str) -> Syntax:
 
 
 def _run_panel(run: RunReport) -> Panel:
-    parts = []
+    parts: list[RenderableType] = []
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
