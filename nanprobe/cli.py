@@ -157,9 +157,9 @@ def diagnose(
     if output_format is OutputFormat.JSON:
         typer.echo(report.to_json())
     elif output_format is OutputFormat.GITHUB:
-        from nanprobe.formats.github import annotations
+        from nanprobe.formats import github
 
-        for line in annotations(report, fail_on.value):
+        for line in github.annotations(report, fail_on.value):
             typer.echo(line)
     elif not quiet and json_out != "-" and patch != "-":
         table.report(report)

@@ -15,6 +15,7 @@ import sysconfig
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import FrameType
 
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -125,7 +126,7 @@ class _SourceFinder:
         return hit
 
     def find(self, depth: int = 2) -> str | None:
-        f = sys._getframe(depth)
+        f: FrameType | None = sys._getframe(depth)
         while f is not None:
             name = f.f_code.co_filename
             if self._is_user(name):

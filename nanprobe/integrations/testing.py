@@ -3,13 +3,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nanprobe.enums import FailOn
 from nanprobe.errors import ConfigError
 from nanprobe.model.verdict import failing, message
 
+if TYPE_CHECKING:
+    from nanprobe.io.config import Config
 
-def assert_precision_safe(config: str | Path | object, dtypes: Iterable[str] = ("fp16", "bf16"),
+
+def assert_precision_safe(config: Config | str | Path, dtypes: Iterable[str] = ("fp16", "bf16"),
                           fail_on: str = "overflow", **overrides):
     """Diagnose config in dtypes (fp32 is the reference) and return the Report.
 

@@ -456,7 +456,7 @@ def check(config: Config) -> Config:
     """A Config built in Python, checked key by key as a YAML one is; returns the clean copy."""
     if not isinstance(config, Config):
         raise ConfigError(f"expected a nanprobe Config or the path of a YAML config, got {_type_name(config)}")
-    sections = {}
+    sections: dict[str, Any] = {}
     for name, (cls, checks) in SECTIONS.items():
         section = getattr(config, name)
         if not isinstance(section, cls):
@@ -574,7 +574,7 @@ def to_dict(config: Config) -> dict:
             return v
         return repr(v)
 
-    out = {}
+    out: dict[str, Any] = {}
     for name in list(SECTIONS):
         section = getattr(config, name)
         out[name] = {f.name: plain(getattr(section, f.name)) for f in fields(section)}

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from nanprobe.errors import ConfigError
@@ -109,7 +110,7 @@ def named_layers(model, root: str) -> list[tuple[str, Any]]:
 
 
 def _user_line(files: set[str]) -> str | None:
-    f = sys._getframe(2)
+    f: FrameType | None = sys._getframe(2)
     while f is not None:
         name = os.path.abspath(f.f_code.co_filename)
         if name in files:

@@ -187,6 +187,7 @@ def _build_model(config: Config, ref: Any, args: dict, key: str):
         except Exception as exc:
             raise ConfigError(f"{key}: cannot copy the {type(ref).__name__} passed in ({type(exc).__name__}: {exc}); "
                               "pass its class and arguments instead") from None
+    file: str | None
     if isinstance(ref, str):
         obj, file = resolve_ref(config, ref, key)
     elif callable(ref):
@@ -195,7 +196,7 @@ def _build_model(config: Config, ref: Any, args: dict, key: str):
         raise ConfigError(f"{key}: expected 'file.py:Name' or an nn.Module, got {type(ref).__name__}")
     if not callable(obj):
         raise ConfigError(f"{key}: '{ref}' is a {type(obj).__name__}, not a class or factory returning an nn.Module")
-    km = None
+    km = None  # type: ignore[assignment]  # None unless the factory built a Keras model
     try:
         # A file that imported keras may build a Keras model: build it as Keras would, recording its layers' lines.
         module = keras_io.from_factory(obj, args, role, (file,)) if "keras" in sys.modules else obj(**args)
