@@ -196,9 +196,9 @@ def _describe_nonfinite(e: OpEvent, in_nan: bool, in_inf: bool, in_max: float) -
 
 
 def _numbers(e: OpEvent, ref: OpEvent | None, by_index: list[OpEvent], m: Measured | None = None) -> dict:
-    d = {"observed": TensorStats.of(e.row).__dict__ if e.row else None,
-         "reference": TensorStats.of(ref.row).__dict__ if ref is not None and ref.row else None,
-         "producer_ops": [by_index[p].op for p in e.producers]}
+    d: dict[str, Any] = {"observed": TensorStats.of(e.row).__dict__ if e.row else None,
+                         "reference": TensorStats.of(ref.row).__dict__ if ref is not None and ref.row else None,
+                         "producer_ops": [by_index[p].op for p in e.producers]}
     delta = m.alignment.delta(e.index) if m is not None and m.alignment is not None else None
     if delta is not None:
         d["lost_share"] = round(delta.lost, 4)
@@ -388,7 +388,7 @@ def _after(cause: RootCause | None, m: Measured, limit: int = 4) -> tuple[fx.Cha
     if cause is None:
         return ()
     events = m.trace.events
-    out: list[OpEvent] = []
+    out: list[fx.ChainOp] = []
     cur = cause.culprit
     for e in events[cause.culprit + 1:]:
         if len(out) >= limit:
@@ -405,7 +405,7 @@ def _feeds(cause: RootCause | None, m: Measured) -> tuple[fx.ChainOp, ...]:
     if cause is None:
         return ()
     events = m.trace.events
-    out: list[OpEvent] = []
+    out: list[fx.ChainOp] = []
     todo, seen = list(events[cause.origin].producers), set()
     while todo and len(out) < 8:
         i = todo.pop(0)
