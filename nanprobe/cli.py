@@ -159,7 +159,7 @@ def diagnose(
     elif output_format is OutputFormat.GITHUB:
         from nanprobe.formats import github
 
-        for line in github.annotations(report, fail_on.value):
+        for line in github.annotations(report, fail_on.value):  # type: ignore[operator]  # mypy reads it as __future__.annotations
             typer.echo(line)
     elif not quiet and json_out != "-" and patch != "-":
         table.report(report)

@@ -67,8 +67,8 @@ def _headroom(e: OpEvent) -> tuple[float | None, float | None]:
     if info is None:
         return None, None
     r = e.row
-    to_max = 0.0 if e.has_inf else (math.log2(info.max / r[st.MAX_ABS]) if r[st.MAX_ABS] > 0 else None)
-    mn = r[st.MIN_NONZERO]
+    to_max = 0.0 if e.has_inf else (math.log2(info.max / r[st.MAX_ABS]) if r[st.MAX_ABS] > 0 else None)  # type: ignore[index]  # rows are fetched before analysis
+    mn = r[st.MIN_NONZERO]  # type: ignore[index]  # rows are fetched before analysis
     to_normal = math.log2(mn / info.smallest_normal) if 0 < mn < math.inf else None
     return to_max, to_normal
 
@@ -103,8 +103,8 @@ def _spans(precision: Precision, events: list[OpEvent], deltas: dict[int, _OpDel
     out = {}
     for key, evs in groups.items():
         heads = [_headroom(e) for e in evs]
-        hi = _max(e.row[st.MAX_ABS] for e in evs if e.row[st.MAX_ABS] > 0)
-        lo = _min(e.row[st.MIN_NONZERO] for e in evs if 0 < e.row[st.MIN_NONZERO] < math.inf)
+        hi = _max(e.row[st.MAX_ABS] for e in evs if e.row[st.MAX_ABS] > 0)  # type: ignore[index]  # rows are fetched before analysis
+        lo = _min(e.row[st.MIN_NONZERO] for e in evs if 0 < e.row[st.MIN_NONZERO] < math.inf)  # type: ignore[index]  # rows are fetched before analysis
         ds = [deltas[e.index] for e in evs if e.index in deltas] if deltas is not None else []
         out[key] = RangeSpan(
             precision=precision,
@@ -165,7 +165,7 @@ def recommend(summaries: tuple[PrecisionSummary, ...]) -> Recommendation:
     parts = []
     if safe:
         others = [s.precision.value for s in safe[1:]]
-        parts.append(f"use {use.value}: it is safe as configured"
+        parts.append(f"use {use.value}: it is safe as configured"  # type: ignore[union-attr]  # not None on this path
                      + (f" and closest to fp32 ({', '.join(others)} is safe too)" if others else ""))
     else:
         parts.append("no low precision is safe as configured")

@@ -828,7 +828,7 @@ def rank(c: FixContext, limit: int = 5) -> tuple[FixSuggestion, ...]:
     out = []
     for _, _, fix in sorted(scored)[:limit]:
         reaches = fix.apply is not None and not (fix.apply.builtin_only and c.loss_kind == "custom")
-        changes = overrides(fix.apply, c) if reaches else {}
+        changes = overrides(fix.apply, c) if reaches else {}  # type: ignore[arg-type]  # not None on this path
         variant = fix.variants.get(c.framework) or Variant(fix.snippet)
         title, why = variant.title or fix.title, variant.why or fix.why
         out.append(FixSuggestion(fix.id, title.format(**v), why.format(**v), variant.snippet.format(**v),

@@ -187,12 +187,12 @@ def _functional(module: cst.Module) -> str:
             if isinstance(small, cst.Import):
                 for alias in small.names:
                     if _name(alias.name) == "torch.nn.functional" and alias.asname is not None:
-                        return alias.asname.name.value
+                        return alias.asname.name.value  # type: ignore[union-attr]  # libcst node type checked by the caller
             if isinstance(small, cst.ImportFrom) and _name(small.module or cst.Name("")) == "torch.nn" \
                     and not isinstance(small.names, cst.ImportStar):
                 for alias in small.names:
                     if alias.name.value == "functional":
-                        return alias.asname.name.value if alias.asname else "functional"
+                        return alias.asname.name.value if alias.asname else "functional"  # type: ignore[union-attr]  # libcst node type checked by the caller
     return "torch.nn.functional"
 
 
@@ -364,7 +364,7 @@ def _sigmoid_arg(node: cst.BaseExpression, sigmoids: dict) -> cst.BaseExpression
     """x for sigmoid(x), x.sigmoid(), or a name assigned from one; else None."""
     if isinstance(node, cst.Call) and _callee(node) == "sigmoid":
         if _is_method(node):
-            return node.func.value
+            return node.func.value  # type: ignore[attr-defined]  # libcst node type checked by the caller
         return node.args[0].value if node.args else None
     if isinstance(node, cst.Name) and node.value in sigmoids:
         return cst.Name(sigmoids[node.value])
@@ -395,7 +395,7 @@ class _Logits(cst.CSTTransformer):
     def _log_of(self, call: cst.Call) -> cst.BaseExpression | None:
         if _callee(call) != "log":
             return None
-        arg = call.func.value if _is_method(call) else (call.args[0].value if call.args else None)
+        arg = call.func.value if _is_method(call) else (call.args[0].value if call.args else None)  # type: ignore[attr-defined]  # libcst node type checked by the caller
         if arg is None:
             return None
         arg = _strip_eps(arg)
@@ -558,10 +558,10 @@ def _logits_loss(module: cst.Module, site: Site) -> cst.Module | None:
         used = {n for n in split if f"{split[n]}" in out.code}
         if used:
             fn2 = _enclosing(out, None, fn.name.value)
-            reads = _ordered_names(fn2)
+            reads = _ordered_names(fn2)  # type: ignore[arg-type]  # not None on this path
             # A name read only where it is assigned (once) is read nowhere else now.
             unused = {n for n in used if reads.count(n) <= 1}
-            out = _in_function(out, fn2, _SplitSigmoid({n: split[n] for n in used}, unused))
+            out = _in_function(out, fn2, _SplitSigmoid({n: split[n] for n in used}, unused))  # type: ignore[arg-type]  # not None on this path
     return out
 
 
@@ -759,8 +759,8 @@ def _gp_fp32(module: cst.Module, site: Site) -> cst.Module | None:
         t = _FloatInput(p.inputs)
         for s in region:
             floated.append(s.visit(t) if not t.done and p.inputs in _targets(s) else s)
-        region = floated
-    lead = region[0].leading_lines
+        region = floated  # type: ignore[assignment]  # libcst node type checked by the caller
+    lead = region[0].leading_lines  # type: ignore[attr-defined]  # libcst node type checked by the caller
     region = [region[0].with_changes(leading_lines=[]), *region[1:]]
     header = _expr(f"torch.autocast(device_type={p.device}.device.type, enabled=False)")
     wrapped = cst.With(items=[cst.WithItem(header)], body=cst.IndentedBlock(body=region),
@@ -1165,7 +1165,7 @@ def build_patch(fix_id: str, code: UserCode, precision: Precision, sources: tupl
 def _construction_lines(cls: type, files: set) -> Iterator[dict]:
     """While open, records for each `cls` built the (file, line) of the user's code that built it."""
     lines: dict[int, tuple] = {}
-    original = cls.__init__
+    original = cls.__init__  # type: ignore[misc]  # patches the class's __init__ on purpose
 
     def init(self, *args, **kwargs):
         f = sys._getframe(1)
@@ -1175,11 +1175,11 @@ def _construction_lines(cls: type, files: set) -> Iterator[dict]:
             lines[id(self)] = (Path(f.f_code.co_filename).resolve(), f.f_lineno)
         original(self, *args, **kwargs)
 
-    cls.__init__ = init
+    cls.__init__ = init  # type: ignore[misc]  # patches the class's __init__ on purpose
     try:
         yield lines
     finally:
-        cls.__init__ = original
+        cls.__init__ = original  # type: ignore[misc]  # restores it
 
 
 def _built_at(config, critic, module_path: str, code: UserCode) -> tuple:

@@ -82,11 +82,11 @@ class OpEvent:
 
     @property
     def has_nan(self) -> bool:
-        return self.row[st.NAN] > 0
+        return self.row[st.NAN] > 0  # type: ignore[index]  # rows are fetched before analysis
 
     @property
     def has_inf(self) -> bool:
-        return self.row[st.POSINF] + self.row[st.NEGINF] > 0
+        return self.row[st.POSINF] + self.row[st.NEGINF] > 0  # type: ignore[index]  # rows are fetched before analysis
 
 
 def _norm_name(name: str) -> str:
@@ -450,7 +450,7 @@ class OpProbe:
             src = self._producer.get(src_t)
             if src is None:
                 return False
-            row = self.events[src].row if self.events[src].row is not None else self._buf.pending(src)
+            row = self.events[src].row if self.events[src].row is not None else self._buf.pending(src)  # type: ignore[assignment]  # not None on this path
             if row is None:
                 return False
             if isinstance(row, list):

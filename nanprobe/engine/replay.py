@@ -57,7 +57,7 @@ class RandomState:
     @classmethod
     def capture(cls, seed: int | None = None) -> RandomState:
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        return cls(torch.get_rng_state(), None if cuda is None else tuple(cuda), np.random.get_state(),
+        return cls(torch.get_rng_state(), None if cuda is None else tuple(cuda), np.random.get_state(),  # type: ignore[arg-type]  # legacy get_state(): a tuple
                    random.getstate(), seed)
 
     @classmethod
@@ -325,13 +325,13 @@ class _Replay:
 
     def _set_rng(self) -> None:
         rng = self.loaded.rng
-        torch.set_rng_state(rng["cpu"])
-        if self.device.type == "cuda" and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        if rng.get("numpy") is not None:  # a dump that captured them too
-            np.random.set_state(rng["numpy"])
-        if rng.get("python") is not None:
-            random.setstate(rng["python"])
+        torch.set_rng_state(rng["cpu"])  # type: ignore[index]  # not None on this path
+        if self.device.type == "cuda" and rng.get("cuda") is not None:  # type: ignore[union-attr]  # not None on this path
+            torch.cuda.set_rng_state(rng["cuda"], self.device)  # type: ignore[index]  # not None on this path
+        if rng.get("numpy") is not None:  # type: ignore[union-attr]  # a dump that captured them too
+            np.random.set_state(rng["numpy"])  # type: ignore[index]  # not None on this path
+        if rng.get("python") is not None:  # type: ignore[union-attr]  # not None on this path
+            random.setstate(rng["python"])  # type: ignore[index]  # not None on this path
 
     def _phase(self, phase: Phase):
         if self.probe is not None:
@@ -366,12 +366,12 @@ class _Replay:
                 if self.probe is not None:
                     self.probe.fetch()
                 self.trace.stopped = f"interrupted (Ctrl-C) during step {step}"
-                exc.trace = self.trace
+                exc.trace = self.trace  # type: ignore[attr-defined]  # handed to the caller on the exception
                 raise
         return self.trace
 
     def _unscaled(self) -> None:
-        self.trace.unscaled_grads.append((self.probe.step, self.probe.sources.find()))
+        self.trace.unscaled_grads.append((self.probe.step, self.probe.sources.find()))  # type: ignore[union-attr]  # the probe is on while replaying
 
     def _inputs(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._phase(Phase.DATA)
@@ -410,13 +410,13 @@ class _Replay:
                 probe.fetch()
             first = self._first_nonfinite(start)
             key = None if first is None else (first.phase, first.module, first.source, first.op, first.node,
-                                              tuple(first.row[st.POSINF:]))
+                                              tuple(first.row[st.POSINF:]))  # type: ignore[index]  # rows are fetched before analysis
             repeats = repeats + 1 if key is not None and key == last else 0
             last = key
             if skipped and attempt < MAX_SCALER_RETRIES and repeats < PERSISTENT_REPEATS and \
                     self._scale_bound(first, metrics):
                 # Dynamic loss scaling skipped this step on purpose; training would go on at the lower scale.
-                self.trace.skipped.append((step, attempt, metrics.scale))
+                self.trace.skipped.append((step, attempt, metrics.scale))  # type: ignore[arg-type]  # only spans with values get here
                 if probe is not None:
                     probe.skip_attempt(step, attempt)
                 continue
@@ -468,7 +468,7 @@ class _Replay:
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
-            skipped = scaler.get_scale() < scale
+            skipped = scaler.get_scale() < scale  # type: ignore[operator]  # scale is set when a scaler is on
         else:
             self.optimizer.step()
             skipped = False
@@ -483,15 +483,15 @@ class _Replay:
 
     def _record_lost(self, step: int, before: dict) -> None:
         """Count unchanged weights per parameter and attach the numbers to the op that wrote it."""
-        with self.probe.paused():
+        with self.probe.paused():  # type: ignore[union-attr]  # the probe is on while replaying
             counts = updates.lost(self.optimizer, self.params, before)
         self.trace.lost[step] = counts
-        writes = self.probe.param_writes()
+        writes = self.probe.param_writes()  # type: ignore[union-attr]  # the probe is on while replaying
         for name, (moving, unchanged) in counts.items():
             idx = writes.get(name)
             if idx is None:
                 continue
-            e = self.probe.events[idx]
+            e = self.probe.events[idx]  # type: ignore[union-attr]  # the probe is on while replaying
             e.info = {**(e.info or {}), "lost_updates": {
                 "param": name, "elements": moving, "lost": unchanged, "share": round(unchanged / moving, 4)}}
 

@@ -147,8 +147,8 @@ def range_view(c: Comparison, width: int = 80) -> list[Text]:
     if not rows:
         return [Text("range view: no non-zero values recorded", style="dim")]
     spans = [m.span(Precision.FP32) for m in rows]
-    lo = math.floor(min(min(s.log2_min for s in spans), fp16.log2_min_subnormal)) - 2
-    hi = math.ceil(max(max(s.log2_max for s in spans), fp16.log2_max)) + 2
+    lo = math.floor(min(min(s.log2_min for s in spans), fp16.log2_min_subnormal)) - 2  # type: ignore[arg-type, type-var, union-attr]  # only spans with values get here
+    hi = math.ceil(max(max(s.log2_max for s in spans), fp16.log2_max)) + 2  # type: ignore[arg-type, type-var, union-attr]  # only spans with values get here
     labels = [f"{m.module} {m.phase.value}" for m in rows]
     label_w = min(max(len(x) for x in labels + ["bf16"]), 30)
     bar_w = max(20, width - label_w - 16)
@@ -183,15 +183,15 @@ def range_view(c: Comparison, width: int = 80) -> list[Text]:
            Text(f"{'bf16':<{label_w}} ") + band(bf16)]
     for label, s in zip(labels, spans):
         t = Text(f"{label[:label_w]:<{label_w}} ")
-        a, b = col(s.log2_min), col(s.log2_max)
+        a, b = col(s.log2_min), col(s.log2_max)  # type: ignore[arg-type, union-attr]  # only spans with values get here
         for i in range(bar_w):
             if a <= i <= b:
-                x = min(max(lo + (i + 0.5) * unit, s.log2_min), s.log2_max)
+                x = min(max(lo + (i + 0.5) * unit, s.log2_min), s.log2_max)  # type: ignore[union-attr]  # only spans with values get here
                 glyph, style = _CELLS[_class(x, fp16)]
                 t.append(glyph, style=style)
             else:
                 t.append("·", style="dim")
-        t.append(f" {s.log2_min:.0f}..{s.log2_max:.0f}", style="dim")
+        t.append(f" {s.log2_min:.0f}..{s.log2_max:.0f}", style="dim")  # type: ignore[union-attr]  # only spans with values get here
         out.append(t)
     out.append(Text("█ fp16 normal  ▓ fp16 subnormal (precision lost)  ░ beyond fp16 (0 or inf)", style="dim"))
     if hidden:

@@ -99,7 +99,7 @@ def _summary_table(report: Report) -> Table:
         issue = "-"
         if run.first_issue is not None:
             f = run.first_issue
-            issue = (f"{f.kind.value} in {f.phase.value} at "
+            issue = (f"{f.kind.value} in {f.phase.value} at "  # type: ignore[union-attr]  # not None on this path
                      f"{f.module or f.op.removeprefix('aten.').split('.')[0]} (step {f.step})")
         elif run.error is not None:
             e = run.error
@@ -152,7 +152,7 @@ def _run_panel(run: RunReport) -> Panel:
         grid.add_row("source", e.source or "-")
         grid.add_row("op", f"{e.op or '-'} · {e.phase.value} · step {e.step}")
     if f is not None:
-        grid.add_row("first issue", Text.assemble((f"{f.kind.value}", STYLE[Status(f.kind.value)]),
+        grid.add_row("first issue", Text.assemble((f"{f.kind.value}", STYLE[Status(f.kind.value)]),  # type: ignore[union-attr]  # not None on this path
                                                   f" · {f.phase.value} · step {f.step} · {_where(f)}"))
         grid.add_row("source", f.source or (f"optimizer step on {f.param}" if f.param else "-"))
         grid.add_row("numbers", f.detail)

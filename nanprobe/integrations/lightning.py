@@ -57,7 +57,7 @@ class NanProbeCallback(Callback):
         if self.watch is None:
             self.watch = self._make_watch(trainer, pl_module)
         self._step = self.watch.step(self.real(batch))
-        self._step.__enter__()
+        self._step.__enter__()  # type: ignore[attr-defined]  # _step was just set
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step, self._step = self._step, None

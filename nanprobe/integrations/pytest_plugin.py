@@ -117,7 +117,7 @@ class PrecisionItem(pytest.Item):
 
         if self.error is not None:
             raise NanprobeError(self.error)
-        outcome = self.parent.diagnosis()
+        outcome = self.parent.diagnosis()  # type: ignore[union-attr]  # not None on this path
         if isinstance(outcome, BaseException):
             raise outcome
         run = next((r for r in outcome.runs if r.precision.value == self.dtype), None)

@@ -308,7 +308,7 @@ class Watch:
         if replay and z is None and self.generator is not None and self.latent_dim is None:
             raise ConfigError("nanprobe.watch: pass z to step(real, z), or latent_dim to watch() when the step draws "
                               "z itself as its first random numbers")
-        self._real = real.detach().clone() if replay else None
+        self._real = real.detach().clone() if replay else None  # type: ignore[union-attr]  # not None on this path
         self._realref = real.detach() if real is not None else None
         self._z = z.detach().clone() if replay and z is not None else None
         self._snapped = replay
@@ -369,7 +369,7 @@ class Watch:
                     self._scale_before = torch.empty_like(scale)
                     self._tracker_before = torch.empty_like(compat.scaler_growth_tracker(scaler))
                 self._scale_before.copy_(scale)
-                self._tracker_before.copy_(compat.scaler_growth_tracker(scaler))
+                self._tracker_before.copy_(compat.scaler_growth_tracker(scaler))  # type: ignore[union-attr]  # not None on this path
 
     def _abort(self) -> None:
         self._active = False
@@ -407,13 +407,13 @@ class Watch:
             if real is not None and real.is_floating_point() and real.numel():
                 mn, mx = torch.aminmax(real)
                 row[_REAL] = torch.maximum(mx, -mn)
-            rec = self._recorder.values() if self._recording else None
+            rec = self._recorder.values() if self._recording else None  # type: ignore[union-attr]  # the recorder is on while watching
             if rec is not None and world > 1:  # which op, for the other ranks' messages
-                first = self._recorder.first_bad(rec)
+                first = self._recorder.first_bad(rec)  # type: ignore[union-attr]  # the recorder is on while watching
                 row[_FIRST_OP], row[_FIRST_HASH] = first[0], first[1]
             else:
                 row[_FIRST_OP] = torch.full((), -1.0)
-            row = torch.stack([v.to(device=device, dtype=torch.float64) for v in row])
+            row = torch.stack([v.to(device=device, dtype=torch.float64) for v in row])  # type: ignore[assignment]  # the list becomes one stacked tensor
         return row, params, grads, rec
 
     def _end(self, out: Any) -> None:
@@ -444,7 +444,7 @@ class Watch:
             seen = self._seen or ((Mode.AMP, self.precision) if self.precision is not None else None)
             if seen is not None and seen[0] is Mode.AMP and seen[1].is_low:
                 low = seen[1].torch_dtype
-            self.flight = self._recorder.find(host[world * _FIELDS:], low)
+            self.flight = self._recorder.find(host[world * _FIELDS:], low)  # type: ignore[union-attr]  # the recorder is on while watching
         own = rows[rank]
         bad_by_rank = {}
         for r, v in enumerate(rows):
@@ -494,7 +494,7 @@ class Watch:
             from nanprobe.io import dump
 
             root = self.dump_dir / f"rank-{rank}" if world > 1 else self.dump_dir
-            folder = dump.write(root, step, config, self.refs)
+            folder = dump.write(root, step, config, self.refs)  # type: ignore[arg-type]  # not None on this path
         where = f"; dumped to {folder} (replay it with: nanprobe diagnose {folder / 'config.yaml'})" if folder else ""
         if world == 1:
             head = f"nanprobe.watch: step {step} turned non-finite ({reason}){where}."

@@ -461,7 +461,7 @@ def check(config: Config) -> Config:
         section = getattr(config, name)
         if not isinstance(section, cls):
             raise _fail(name, f"a {cls.__name__}", section)
-        sections[name] = replace(section, **{k: checks[k](getattr(section, k), f"{name}.{k}") for k in checks})
+        sections[name] = replace(section, **{k: checks[k](getattr(section, k), f"{name}.{k}") for k in checks})  # type: ignore[type-var]  # section: the dataclass checked by isinstance above
     top = {k: TOP[k](getattr(config, k), k) for k in TOP}
     return validate(replace(config, **sections, **top))
 

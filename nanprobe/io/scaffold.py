@@ -83,7 +83,7 @@ def _hinted(name: str, pattern: re.Pattern) -> bool:
 
 def _candidates(module) -> dict[str, Callable]:
     """nn.Module classes, and factories whose name or return annotation says they build one."""
-    found = {}
+    found: dict[str, Callable] = {}
     for name, obj in vars(module).items():
         if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
             continue
@@ -189,7 +189,7 @@ def _generates(module: nn.Module, latent: tuple, name: str, file: str) -> tuple[
             lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__)
                      if os.path.abspath(f.filename) == os.path.abspath(file)]
             why = str(loading.user_error(f"{name}({call}) with z [2, {_fmt(latent, ', ')}]", exc, (file,)))
-            best = max(best, (lines[-1] if lines else 0, why), key=lambda b: b[0])
+            best = max(best, (lines[-1] if lines else 0, why), key=lambda b: b[0])  # type: ignore[arg-type, assignment, return-value]  # not None on this path
             continue
         if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() == 4 and out.shape[0] == 2:
             return tuple(out.shape[1:]), call
@@ -234,7 +234,7 @@ def scaffold(models: str | Path, critic: str | None = None, generator: str | Non
     builder = _Builder(str(path))
 
     gens: list[Guess] = []
-    rejected: dict[str, str] = {}
+    rejected: dict[str, tuple[int, str]] = {}
     for name, obj in found.items():
         if (generator is not None and name != generator) or name == critic:
             continue
@@ -338,12 +338,12 @@ def _render(models: Path, found: dict, c: Guess, g: Guess | None, named_c, named
         how = ("The generator, named with --generator" if named_g is not None
                else "The generator, guessed from a dry forward")
         lines += [
-            f"  # {how}: it maps z of shape [B, {', '.join(map(str, g.latent))}] to samples "
+            f"  # {how}: it maps z of shape [B, {', '.join(map(str, g.latent))}] to samples "  # type: ignore[arg-type]  # not None on this path
             f"[B, {', '.join(map(str, g.shape))}], which {c.name} takes.",
             f"  generator: {ref}:{g.name}",
             f"  generator_args: {_flow(g.args)}" + (
                 "  # guessed from the argument names: check them" if g.args else "  # {} = its defaults"),
-            f"  latent_dim: {g.latent[0] if len(g.latent) == 1 else _flow(list(g.latent))}"
+            f"  latent_dim: {g.latent[0] if len(g.latent) == 1 else _flow(list(g.latent))}"  # type: ignore[arg-type, index]  # not None on this path
             "  # guessed: the first z shape the generator took; z ~ N(0, 1)",
         ]
         if g.call != "z":
