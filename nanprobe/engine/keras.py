@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -85,7 +85,7 @@ class KerasPrecision:
                      if m is not None and getattr(m, "__file__", None))
 
     @contextmanager
-    def training(self):
+    def training(self) -> Iterator[None]:
         """Calls inside run as Keras's training=True (Dropout, BatchNormalization), as a train_step calls them."""
         from keras.src.backend.common import global_state
         from keras.src.layers.layer import CallContext

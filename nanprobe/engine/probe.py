@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
@@ -300,7 +300,7 @@ class OpProbe:
         return found
 
     @contextmanager
-    def paused(self):
+    def paused(self) -> Iterator[None]:
         """Ops run inside are not recorded (nanprobe's own measurements)."""
         was, self._paused = self._paused, True
         try:

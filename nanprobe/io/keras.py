@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +48,7 @@ def select_backend() -> None:
 
 
 @contextmanager
-def torch_backend():
+def torch_backend() -> Iterator[None]:
     """A keras imported inside (by nanprobe or by the user's model file) gets the torch backend.
 
     KERAS_BACKEND is restored on exit: called from Python, nanprobe runs in the user's own process, and a
@@ -68,7 +68,7 @@ def torch_backend():
             os.environ["KERAS_BACKEND"] = old
 
 
-def import_keras(key: str, what: str):
+def import_keras(key: str, what: str) -> Any:
     """keras on the torch backend, or a ConfigError saying what to install or change."""
     try:
         with torch_backend():

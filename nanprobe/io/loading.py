@@ -11,6 +11,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -87,7 +88,7 @@ def _exists(path: Path, key: str) -> bool:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
 
 
-def import_file(path: Path, key: str):
+def import_file(path: Path, key: str) -> ModuleType:
     if not _exists(path, key):
         raise ConfigError(f"{key}: file not found: {path}")
     name = f"nanprobe_user_{abs(hash(str(path.resolve())))}"

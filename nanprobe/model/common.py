@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from nanprobe.enums import FixCheck
 
@@ -42,7 +43,7 @@ class FixSuggestion:
     """--verify-fix: what the replay ran on (device, precision and mode, steps), so a CPU replay reads as one."""
 
 
-def plain(v):
+def plain(v: Any) -> Any:
     """A record as JSON-ready data: enums by value, non-finite floats as None / "inf" / "-inf"."""
     if isinstance(v, Enum):
         return v.value
