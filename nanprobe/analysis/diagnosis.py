@@ -466,7 +466,7 @@ def scale_collapse(trace: Trace) -> Finding | None:
     skip_steps = {s for s, _, _ in trace.skipped} | set(persistent)
     tried = [sc for _, _, sc in trace.skipped] + [m.scale for m in metrics]
     every = len(metrics) >= 2 and len(skip_steps) == len(metrics)
-    if not (persistent or every or min(tried) < th.SCALE_FLOOR):  # type: ignore[operator, type-var]  # only spans with values get here
+    if not (persistent or every or min(tried) < th.SCALE_FLOOR):  # type: ignore[operator, type-var]  # metrics[0].scale is set: a scaler ran
         return None
     bad = [_first_bad(trace, s, a) for s, a, _ in trace.skipped] + [_first_bad(trace, s, None) for s in persistent]
     bad = [e for e in bad if e is not None]
@@ -484,13 +484,13 @@ def scale_collapse(trace: Trace) -> Finding | None:
     never = f"; step(s) {', '.join(map(str, persistent))} never recovered" if persistent else ""
     what = "NaN" if cause.kind is FindingKind.NAN else "inf"
     detail = (f"GradScaler skipped {len(bad)} attempt(s) in {len(skip_steps)} of {len(metrics)} step(s){never}; "
-              f"the scale fell from {start:g} to {min(tried):g}. {len(events)} of the {len(bad)} skips came from "  # type: ignore[type-var]  # only spans with values get here
+              f"the scale fell from {start:g} to {min(tried):g}. {len(events)} of the {len(bad)} skips came from "  # type: ignore[type-var]  # scales are set: a scaler ran
               f"{e.op.removeprefix('aten.').rsplit('.', 1)[0]}{f' ({e.node})' if e.node else ''} in "
               f"{e.module or '(outside modules)'} making {what} ({cause.detail}): loss scaling cannot fix an op "
               f"that overflows at every scale")
     return Finding(cause.kind, e.op, e.module, e.phase, e.step, e.source, detail, e.node, e.dtype,
                    {"skipped_attempts": len(bad), "skipped_steps": sorted(skip_steps), "never_recovered": persistent,
-                    "scale_start": start, "scale_lowest": min(tried), "cause_count": len(events)}, e.index, e.param)  # type: ignore[type-var]  # only spans with values get here
+                    "scale_start": start, "scale_lowest": min(tried), "cause_count": len(events)}, e.index, e.param)  # type: ignore[type-var]  # scales are set: a scaler ran
 
 
 def unscaled_penalty(trace: Trace) -> Finding | None:

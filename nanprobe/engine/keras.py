@@ -81,7 +81,7 @@ class KerasPrecision:
 
     def library_dirs(self) -> tuple[str, ...]:
         keras = sys.modules["keras"]
-        return tuple(os.path.dirname(m.__file__) for m in (keras, sys.modules.get("optree"))  # type: ignore[misc, type-var]  # not None on this path
+        return tuple(os.path.dirname(m.__file__) for m in (keras, sys.modules.get("optree"))  # type: ignore[misc, type-var]  # __file__ checked below
                      if m is not None and getattr(m, "__file__", None))
 
     @contextmanager

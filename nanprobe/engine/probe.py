@@ -450,7 +450,7 @@ class OpProbe:
             src = self._producer.get(src_t)
             if src is None:
                 return False
-            row = self.events[src].row if self.events[src].row is not None else self._buf.pending(src)  # type: ignore[assignment]  # not None on this path
+            row = self.events[src].row if self.events[src].row is not None else self._buf.pending(src)  # type: ignore[assignment]  # a list or a pending tensor row, None checked below
             if row is None:
                 return False
             if isinstance(row, list):

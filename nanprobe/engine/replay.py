@@ -325,13 +325,14 @@ class _Replay:
 
     def _set_rng(self) -> None:
         rng = self.loaded.rng
-        torch.set_rng_state(rng["cpu"])  # type: ignore[index]  # not None on this path
-        if self.device.type == "cuda" and rng.get("cuda") is not None:  # type: ignore[union-attr]  # not None on this path
-            torch.cuda.set_rng_state(rng["cuda"], self.device)  # type: ignore[index]  # not None on this path
-        if rng.get("numpy") is not None:  # type: ignore[union-attr]  # a dump that captured them too
-            np.random.set_state(rng["numpy"])  # type: ignore[index]  # not None on this path
-        if rng.get("python") is not None:  # type: ignore[union-attr]  # not None on this path
-            random.setstate(rng["python"])  # type: ignore[index]  # not None on this path
+        assert rng is not None  # both callers check loaded.rng first
+        torch.set_rng_state(rng["cpu"])
+        if self.device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if rng.get("numpy") is not None:  # a dump that captured them too
+            np.random.set_state(rng["numpy"])
+        if rng.get("python") is not None:
+            random.setstate(rng["python"])
 
     def _phase(self, phase: Phase):
         if self.probe is not None:
@@ -410,13 +411,13 @@ class _Replay:
                 probe.fetch()
             first = self._first_nonfinite(start)
             key = None if first is None else (first.phase, first.module, first.source, first.op, first.node,
-                                              tuple(first.row[st.POSINF:]))  # type: ignore[index]  # rows are fetched before analysis
+                                              tuple(first.row[st.POSINF:]))  # type: ignore[index]  # _first_nonfinite returns events with a row
             repeats = repeats + 1 if key is not None and key == last else 0
             last = key
             if skipped and attempt < MAX_SCALER_RETRIES and repeats < PERSISTENT_REPEATS and \
                     self._scale_bound(first, metrics):
                 # Dynamic loss scaling skipped this step on purpose; training would go on at the lower scale.
-                self.trace.skipped.append((step, attempt, metrics.scale))  # type: ignore[arg-type]  # only spans with values get here
+                self.trace.skipped.append((step, attempt, metrics.scale))  # type: ignore[arg-type]  # a skipped step ran with a scaler: scale is set
                 if probe is not None:
                     probe.skip_attempt(step, attempt)
                 continue

@@ -69,6 +69,6 @@ class RecipeWatch:
 
     def __exit__(self, *exc) -> None:
         try:
-            torch.autograd.grad = self._grad  # type: ignore[assignment]  # not None on this path
+            torch.autograd.grad = self._grad  # type: ignore[assignment]  # restores the function saved in __enter__
         finally:
             self.scaler.__dict__.pop("scale", None)

@@ -189,7 +189,7 @@ def _generates(module: nn.Module, latent: tuple, name: str, file: str) -> tuple[
             lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__)
                      if os.path.abspath(f.filename) == os.path.abspath(file)]
             why = str(loading.user_error(f"{name}({call}) with z [2, {_fmt(latent, ', ')}]", exc, (file,)))
-            best = max(best, (lines[-1] if lines else 0, why), key=lambda b: b[0])  # type: ignore[arg-type, assignment, return-value]  # not None on this path
+            best = max(best, (lines[-1] if lines else 0, why), key=lambda b: b[0])  # type: ignore[arg-type, assignment, return-value]  # frames of a file have line numbers
             continue
         if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() == 4 and out.shape[0] == 2:
             return tuple(out.shape[1:]), call
