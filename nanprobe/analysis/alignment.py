@@ -85,7 +85,7 @@ class Recorder:
     """Keeps a sample of each recorded op's output and of each step's parameter gradients, and which op
     produced each gradient."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         from torch.utils.weak import WeakTensorKeyDictionary
 
         self.samples: dict[int, torch.Tensor] = {}

@@ -125,7 +125,7 @@ def overload(name: str) -> compat.OpOverload:
 # -- casting, as at::autocast::cached_cast does it ------------------------------------------------
 
 class _Local(threading.local):
-    def __init__(self):
+    def __init__(self) -> None:
         self.depth = 0  # nesting of cuda_autocast on this thread
         self.cache: dict[int, tuple] = {}  # id(fp32 leaf) -> (weakref to it, its low-precision cast)
 
