@@ -11,7 +11,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +64,8 @@ class KerasPrecision:
         # in every precision, which keeps the ops of the precisions aligned.
         return _contiguous_kernels if device.type == "cpu" else nullcontext
 
-    def fp32_wrapper(self, modules: dict, device: torch.device, precision: Precision, mode: Mode):
+    def fp32_wrapper(self, modules: dict, device: torch.device, precision: Precision,
+                     mode: Mode) -> AbstractContextManager:
         return nullcontext()  # applied when the model was built (layer.dtype_policy = "float32")
 
     def named_modules(self, root: str, model) -> list[tuple[str, Any]]:

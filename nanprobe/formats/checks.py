@@ -1,6 +1,7 @@
 """Terminal rendering of the data and initialisation checks with rich (the CLI's side)."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console, Group
@@ -18,7 +19,7 @@ INIT_ROWS = 24
 
 
 @contextmanager
-def scan_progress(enabled: bool = True):
+def scan_progress(enabled: bool = True) -> Iterator[Callable | None]:
     """A progress bar on stderr; yields the callback the scan calls per chunk: (done_bytes, total_bytes)."""
     console = Console(stderr=True)
     # Only on a terminal: piped stderr must carry nothing but the one-line errors.

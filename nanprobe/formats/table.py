@@ -1,6 +1,7 @@
 """Terminal rendering of a Report with rich (the CLI's side; the core never imports this)."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console, Group, RenderableType
@@ -15,7 +16,7 @@ from nanprobe.model.report import Finding, FixSuggestion, Report, RunReport
 
 
 @contextmanager
-def progress(enabled: bool = True):
+def progress(enabled: bool = True) -> Iterator[Callable | None]:
     """A progress bar on stderr; yields the callback the core calls per replayed step."""
     console = Console(stderr=True)
     # Only on a terminal: piped stderr must carry nothing but the one-line errors.
