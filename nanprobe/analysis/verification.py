@@ -87,9 +87,9 @@ def _against(device: torch.device, config: cfg.Config, target: Precision, trace:
 
 def _judge(fix: FixSuggestion, run: RunReport, line: str, ref: Measured, trace: Measured, target: Precision,
            against: str, fail_on: Status) -> FixSuggestion:
-    for t in (ref, trace):
-        if t.trace.error is not None:  # the step raises under the fix: it is no fix
-            left = f"the {t.precision.value} replay raised {t.trace.error.line}"
+    for t in (ref.trace, trace.trace):
+        if t.error is not None:  # the step raises under the fix: it is no fix
+            left = f"the {t.precision.value} replay raised {t.error.line}"
             return replace(fix, verified=False, check=FixCheck.FAILS, verification=f"{line}: {left}",
                            remaining=left, verified_against=against)
     ref_found, found = analyse_trace(ref, None), analyse_trace(trace, ref)

@@ -398,7 +398,7 @@ def fix_in(run, fix_id: str):
     return next(f for f in run.fixes if f.id == fix_id)
 
 
-WGAN_DOC = {"model": {"critic": "models.py:Critic", "critic_args": {"ch": 8, "depth": 4}},
+WGAN_DOC = {"model": {"critic": "models.py:Critic", "critic_args": {"ch": 8, "depth": 6}},
             "data": {"shape": [3, 8, 8], "batch_size": 4}, "loss": {"step": "train.py:critic_step"},
             "train": {"steps": 1, "grad_scaler": True, "lr": 1e-4, "betas": [0.0, 0.9905854]},
             "precision": {"dtypes": ["fp16"]}, "device": "cpu"}
@@ -560,7 +560,7 @@ def test_cli_patch_dash_prints_only_the_diff_and_it_applies(wgan_project, tmp_pa
     applied = result.stdout
     out = tmp_path / "out.diff"
     result = CliRunner().invoke(app, ["diagnose", str(wgan_project / "config.yaml"), "--patch", str(out), "-q"])
-    assert result.exit_code == 0 and out.read_text() == applied  # underflow is below the default --fail-on
+    assert result.exit_code == 1 and out.read_text() == applied  # the penalty's NaN fails the default --fail-on
     assert sorted(p.name for p in wgan_project.iterdir()) == ["config.yaml", "models.py", "train.py"]
 
 
