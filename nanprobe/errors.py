@@ -1,11 +1,6 @@
 """Errors nanprobe reports to the user as one line and exit code 2."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from nanprobe.model.report import Report
-
 
 class NanprobeError(Exception):
     """Base class: a problem with what the user gave nanprobe, never a bug in nanprobe."""
@@ -42,7 +37,7 @@ class NonFiniteError(FloatingPointError):
         """The nanprobe.integrations.watch.Failure: step, reason, report (the diagnosis) and dump folder."""
 
     @property
-    def report(self) -> Report | None:
+    def report(self):
         return self.failure.report if self.failure is not None else None
 
 
