@@ -88,7 +88,8 @@ def run(config: Path, out: Path, chunk_mb: float) -> dict:
     (getrusage/wait4's ru_maxrss would not do: exec keeps the high-water mark of the forked copy of
     this process, which has just generated the data.)
     """
-    cmd = [sys.executable, "-m", "nanprobe", "check-data", str(config), "--json", str(out), "-q", "--chunk-mb", str(chunk_mb)]
+    cmd = [sys.executable, "-m", "nanprobe", "check-data", str(config), "--json", str(out), "-q", "--chunk-mb",
+           str(chunk_mb)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT)
     peak = 0.0
@@ -116,11 +117,14 @@ def main() -> None:
         config.write_text(f"model: {{critic: 'models.py:DCGANCritic'}}\n"
                           f"data: {{source: file, path: {data.name}, shape: {list(SAMPLE)}, range: [-1, 1]}}\n")
         want_bad = sorted(set(bad["nan"]) | set(bad["inf"]))
-        base = subprocess.run([sys.executable, "-c", "import nanprobe.analysis.datacheck, nanprobe.cli, nanprobe.formats.checks;"
+        base = subprocess.run([sys.executable, "-c",
+                               "import nanprobe.analysis.datacheck, nanprobe.cli, nanprobe.formats.checks;"
                                "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"],
                               cwd=ROOT, capture_output=True, text=True, check=True)
-        print(f"peak RSS of the interpreter with check-data's modules imported, before any scan: {int(base.stdout) / 1024:.0f} MB")
-        print(f"\n{'setting':<26} {'wall s':>7} {'scan s':>7} {'GB/s':>6} {'peak RSS MB':>12} {'exit':>5}  found all injected")
+        print("peak RSS of the interpreter with check-data's modules imported, before any scan: "
+              f"{int(base.stdout) / 1024:.0f} MB")
+        print(f"\n{'setting':<26} {'wall s':>7} {'scan s':>7} {'GB/s':>6} {'peak RSS MB':>12} {'exit':>5}  "
+              "found all injected")
         for label, chunk, cold in (("64 MB chunks, cold cache", 64, True), ("64 MB chunks, warm cache", 64, False),
                                    ("8 MB chunks, warm cache", 8, False), ("512 MB chunks, warm cache", 512, False)):
             if cold:
@@ -128,7 +132,8 @@ def main() -> None:
             r = run(config, tmp / "out.json", chunk)
             rep = r["report"]
             found = (list(rep["nonfinite"]["indices"]) == want_bad and rep["nonfinite"]["count"] == len(want_bad)
-                     and list(rep["constant"]["indices"]) == bad["constant"] and rep["constant"]["count"] == len(bad["constant"])
+                     and list(rep["constant"]["indices"]) == bad["constant"]
+                     and rep["constant"]["count"] == len(bad["constant"])
                      and rep["nonfinite"]["counts"]["samples_with_nan"] == len(bad["nan"])
                      and rep["nonfinite"]["counts"]["samples_with_inf"] == len(bad["inf"]))
             print(f"{label:<26} {r['wall']:>7.1f} {rep['seconds']:>7.1f} {size / 1e9 / rep['seconds']:>6.2f} "

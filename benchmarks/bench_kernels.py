@@ -12,7 +12,7 @@ change of load on a shared machine hits them alike):
 --threads sets torch's intra-op threads (default 1): on a machine other jobs share, a second
 OpenMP thread waits for a core at every parallel region and the timings say more about the
 scheduler than about the kernels.
-"""
+"""  # noqa: E501 (the module docstring is kept verbatim)
 from __future__ import annotations
 
 import argparse
@@ -99,11 +99,13 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, "
-          f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}; medians of {args.reps} interleaved runs")
+          f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}; "
+          f"medians of {args.reps} interleaved runs")
     t = step_times(args.reps)
     w = whole(args.reps)
     t.update(w)
-    print("\nDCGAN-64 critic step + gradient penalty, batch 16, autocast (cuda op lists), no probe; then a whole diagnose:")
+    print("\nDCGAN-64 critic step + gradient penalty, batch 16, autocast (cuda op lists), no probe; "
+          "then a whole diagnose:")
     print("| variant | median wall s | x fp32 | median CPU s | x fp32 |\n|---|---:|---:|---:|---:|")
     for k, (wall, cpu) in t.items():
         ref = t["fp32"] if k in ("fp32",) or k[:4] in ("fp16", "bf16") else t["plain fp32 replay"]

@@ -41,7 +41,7 @@ def main() -> None:
         runs = {policy: cfg.with_overrides(base, policy=policy) for policy in ("native", "cuda")}
         times: dict[str, list[float]] = {policy: [] for policy in runs}
         cpu_times: dict[str, list[float]] = {policy: [] for policy in runs}
-        for policy, config in runs.items():  # warm-up
+        for config in runs.values():  # warm-up
             replay(config, loaded, precision, cpu, probe=probe)
         for _ in range(args.reps):
             for policy, config in runs.items():

@@ -142,7 +142,8 @@ def main() -> None:
 
     import torch
 
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
     for p in ("fp32", "bf16"):
         r = overhead(args.reps, p)
         print(f"probe overhead ({p}, DCGAN-64, batch 16, 1 critic step): plain {r['plain_s']:.3f}s, "

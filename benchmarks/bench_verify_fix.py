@@ -25,7 +25,7 @@ def _timed(path: Path, verify: bool, reps: int):
     for _ in range(reps):
         steps = []
         t, c = time.perf_counter(), time.process_time()
-        report = nanprobe.diagnose(path, verify_fix=verify, progress=lambda p, s, n: steps.append((p, s)))
+        report = nanprobe.diagnose(path, verify_fix=verify, progress=lambda p, s, n, steps=steps: steps.append((p, s)))
         walls.append(time.perf_counter() - t)
         cpus.append(time.process_time() - c)
         replays = sum(1 for p, s in steps if s == 0 and " + " in str(p))  # verification replays pass "fp16 + fix"
@@ -41,10 +41,10 @@ def main() -> None:
     configs = args.configs or sorted((ROOT / "configs").glob("*.yaml"))
     print(f"{'config':30} {'wall s':>13} {'ratio':>5} {'cpu s':>13} {'ratio':>5} {'replays':>7} {'patched':>7}  "
           "fixes (✓ ok, ~ improves, ✗ fails, ? not replayed; * replayed as a patch of your code)")
+    marks = {"ok": "✓", "improves": "~", "fails": "✗", "untried": "?", None: "?"}
     for path in configs:
         wall0, cpu0, _, _ = _timed(path, False, args.reps)
         wall1, cpu1, report, (replays, patched) = _timed(path, True, args.reps)
-        marks = {"ok": "✓", "improves": "~", "fails": "✗", "untried": "?", None: "?"}
 
         def mark(f):
             star = "*" if f.patch and (f.verification or "").startswith("with the patch") else ""

@@ -68,7 +68,8 @@ def _verdict(run) -> str:
     return f"{run.status.value}: {issue.kind.value} {issue.phase.value} {issue.module or '-'}"
 
 
-TARGET = {"device": "cuda"}  # what the emulated CPU replay is compared with: the GPU, or (--against cpu-native) the CPU's own kernels
+# what the emulated CPU replay is compared with: the GPU, or (--against cpu-native) the CPU's own kernels
+TARGET = {"device": "cuda"}
 
 
 def check_verdicts(rows: list, deadline: _Deadline) -> None:
@@ -99,7 +100,7 @@ def check_policy_table(rows: list) -> None:
     for dtype, label in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         wrong = []
         for name, sample in sorted(SAMPLES.items()):
-            def run(device, ctx):
+            def run(device, ctx, sample=sample, dtype=dtype):
                 torch.manual_seed(0)
                 with torch.device(device), ctx:
                     return sample(dtype).dtype
@@ -205,7 +206,7 @@ def check_probe_overhead(rows: list, reps: int) -> None:
     dev = torch.device(TARGET["device"])
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for p in (Precision.FP32, Precision.FP16, Precision.BF16):
-        def timed(probe):
+        def timed(probe, p=p):
             sync()
             t = time.perf_counter()
             replay(config, loaded, p, dev, probe=probe)
@@ -247,7 +248,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.against == "cuda" else "dry run against the CPU's native kernels"
     print(f"GPU check: {name}, torch {torch.__version__}, "
           f"{time.monotonic() - started:.0f} s\n")
-    print(f"| check | case | CPU (emulated kernels) | {'CUDA' if args.against == 'cuda' else 'CPU native'} | agree / figure |")
+    print(f"| check | case | CPU (emulated kernels) | {'CUDA' if args.against == 'cuda' else 'CPU native'} "
+          "| agree / figure |")
     print("|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(c.replace("|", "/") for c in row) + " |")

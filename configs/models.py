@@ -37,7 +37,8 @@ class DCGANCritic(nn.Module):
 class DCGANGenerator(nn.Module):
     """DCGAN generator: a linear projection of z to 4x4, then transposed convs to the image size, tanh."""
 
-    def __init__(self, latent_dim: int = 64, img: int = 32, ch: int = 32, init_std: float | None = 0.02, out_ch: int = 3):
+    def __init__(self, latent_dim: int = 64, img: int = 32, ch: int = 32, init_std: float | None = 0.02,
+                 out_ch: int = 3):
         super().__init__()
         stages = max(0, (img // 4).bit_length() - 1)
         c = ch * 2 ** max(stages - 1, 0)

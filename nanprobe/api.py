@@ -28,7 +28,8 @@ def _config(config_or_path, overrides: dict) -> cfg.Config:
     elif isinstance(config_or_path, (str, Path)):
         config = cfg.load(Path(config_or_path))
     else:
-        raise ConfigError(f"expected a nanprobe Config or the path of a YAML config, got {type(config_or_path).__name__}")
+        raise ConfigError("expected a nanprobe Config or the path of a YAML config, "
+                          f"got {type(config_or_path).__name__}")
     return cfg.with_overrides(config, **overrides) if overrides else config
 
 
@@ -69,7 +70,7 @@ def _diagnose(config: cfg.Config, progress: Callable | None, verify_fix: bool, v
                                 framework=strategy.framework)
     data = datacheck.check_replayed(config, loaded.data)
     ratios = he_ratios(critic, checks=init)
-    traces: dict[Precision, replay.Trace] = {}
+    traces: dict[Precision, diagnosis.Measured] = {}
     try:
         for p in order:
             traces[p] = diagnosis.replay_measured(config, loaded, p, device, progress, traces.get(Precision.FP32))

@@ -116,7 +116,8 @@ def diagnose(
     if json_out == "-" and output_format is not OutputFormat.TABLE:
         _fail(f"--json -: stdout already carries --format {output_format.value}; give --json a file path")
     if patch == "-" and (json_out == "-" or output_format is not OutputFormat.TABLE):
-        _fail("--patch -: stdout already carries the " + ("JSON" if json_out == "-" else f"--format {output_format.value}")
+        _fail("--patch -: stdout already carries the "
+              + ("JSON" if json_out == "-" else f"--format {output_format.value}")
               + " output; give --patch a file path")
     if patch is not None and patch != "-" and not Path(patch).parent.is_dir():
         _fail(f"--patch: folder {Path(patch).parent} does not exist")
@@ -156,9 +157,9 @@ def diagnose(
     if output_format is OutputFormat.JSON:
         typer.echo(report.to_json())
     elif output_format is OutputFormat.GITHUB:
-        from nanprobe.formats.github import annotations
+        from nanprobe.formats import github
 
-        for line in annotations(report, fail_on.value):
+        for line in github.annotations(report, fail_on.value):  # type: ignore[operator]  # mypy reads it as __future__.annotations
             typer.echo(line)
     elif not quiet and json_out != "-" and patch != "-":
         table.report(report)
@@ -237,7 +238,8 @@ def compare_precisions(
 
 @app.command("check-data")
 def check_data(
-    config: Path = typer.Argument(..., metavar="CONFIG", help="YAML config whose data.path (data.source: file) is scanned."),
+    config: Path = typer.Argument(..., metavar="CONFIG",
+                                  help="YAML config whose data.path (data.source: file) is scanned."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the JSON result to PATH ('-' for stdout)."),
     chunk_mb: float = typer.Option(64.0, "--chunk-mb", min=0.001, help="Megabytes read per chunk (bounds memory)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no terminal report (exit code only)."),
@@ -256,8 +258,10 @@ def check_data(
 
 @app.command()
 def init(
-    models: Path = typer.Argument(..., metavar="MODELS", help="The Python file that defines your critic and generator."),
-    critic: Optional[str] = typer.Option(None, "--critic", help="Name of the critic class or factory (default: guessed)."),
+    models: Path = typer.Argument(..., metavar="MODELS",
+                                  help="The Python file that defines your critic and generator."),
+    critic: Optional[str] = typer.Option(None, "--critic",
+                                         help="Name of the critic class or factory (default: guessed)."),
     generator: Optional[str] = typer.Option(None, "--generator", help="Name of the generator (default: guessed)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the config to PATH (default: stdout)."),
     force: bool = typer.Option(False, "--force", help="Overwrite PATH if it exists."),

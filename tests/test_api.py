@@ -73,12 +73,15 @@ def test_overrides_apply_to_python_configs(tiny):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model": ModelConfig(critic=42)}, "model.critic: expected 'file.py:Name' or (from Python) an nn.Module, class or function, got 42 (int)"),
+    ({"model": ModelConfig(critic=42)},
+     "model.critic: expected 'file.py:Name' or (from Python) an nn.Module, class or function, got 42 (int)"),
     ({"model": ModelConfig(critic=None)}, "model.critic is missing"),
     ({"data": DataConfig(batch_size=0)}, "data.batch_size: must be >= 1, got 0"),
     ({"data": DataConfig(source="file", path=[1, 2])}, "data.path: expected a non-empty string, got [1, 2] (list)"),
-    ({"data": DataConfig(source="file", path=torch.zeros(3, 8, 8))}, "data.path: the tensor passed has shape [3, 8, 8]; expected [N, C, H, W]"),
-    ({"loss": LossConfig(step=lambda critic, real: 0)}, "loss.step: <lambda>(critic, real) must take (critic, generator, real, z)"),
+    ({"data": DataConfig(source="file", path=torch.zeros(3, 8, 8))},
+     "data.path: the tensor passed has shape [3, 8, 8]; expected [N, C, H, W]"),
+    ({"loss": LossConfig(step=lambda critic, real: 0)},
+     "loss.step: <lambda>(critic, real) must take (critic, generator, real, z)"),
     ({"loss": LossConfig(kind="wgan")}, "loss.kind: must be one of wgan-gp, r1, hinge, non-saturating, got 'wgan'"),
     ({"train": TrainConfig(lr=-1.0)}, "train.lr: must be > 0.0, got -1.0"),
     ({"precision": PrecisionConfig(dtypes=())}, "precision.dtypes: expected a non-empty list"),

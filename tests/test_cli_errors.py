@@ -117,7 +117,7 @@ CASES: list[tuple[str, Callable[[Env], list[str]], list[str]]] = [
      ["data.batch_size: must be >= 1, got -4"]),
     ("bad-enum-loss-kind", lambda env: env.config(loss={"kind": "wgangp"}),
      ["loss.kind: must be one of", "did you mean 'wgan-gp'?"]),
-    ("number-too-large", lambda env: env.text("model: {critic: 'a.py:C'}\ntrain: {lr: %d}\n" % 10**400),
+    ("number-too-large", lambda env: env.text(f"model: {{critic: 'a.py:C'}}\ntrain: {{lr: {10**400}}}\n"),
      ["train.lr: expected a finite number"]),
     ("bad-betas", lambda env: env.config(train={"betas": [0.5, 1.5]}), ["train.betas: each beta must be in [0, 1)"]),
     ("bad-range", lambda env: env.config(data={"range": [1, -1]}), ["data.range: the low end must be below"]),

@@ -107,7 +107,8 @@ def test_compare_precisions_reports_the_error_and_recommends_the_fix(config):
     assert by["fp32"]["status"] == "ok" and by["fp16"]["status"] == by["bf16"]["status"] == "error"
     assert by["fp16"]["error"]["source"].endswith(REFUSED) and by["fp16"]["departs_at"] is None
     assert c["recommendation"]["use"] is None and c["recommendation"]["fp16_fix"]["id"] == "logits-loss"
-    assert "fp16 is not (error: RuntimeError at torch.nn.functional.binary_cross_entropy)" in c["recommendation"]["line"]
+    assert ("fp16 is not (error: RuntimeError at torch.nn.functional.binary_cross_entropy)"
+            in c["recommendation"]["line"])
 
 
 def test_compare_precisions_table_shows_the_error(config):
@@ -123,5 +124,6 @@ def test_a_step_that_raises_in_every_precision_is_exit_2_with_one_line(tmp_path)
     result = runner.invoke(app, ["diagnose", str(path)])
     assert result.exit_code == 2, (result.output, result.exception)
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("nanprobe: error: the fp32 replay (step 0, forward) raised NameError")
+    assert len(lines) == 1
+    assert lines[0].startswith("nanprobe: error: the fp32 replay (step 0, forward) raised NameError")
     assert f"tiny_models.py:{line_of(TINY, 'RAISE-IN-STEP')})" in lines[0]

@@ -86,7 +86,8 @@ def test_penalty_underflow_points_at_the_penalty_chain():
     assert run.fixes[0].apply == "loss.gp_precision: fp32"
     nonfinite = run.first_nonfinite
     assert nonfinite.node == "SqrtBackward0" and nonfinite.phase.value == "backward"
-    assert nonfinite.source == "nanprobe/engine/losses.py:45" or nonfinite.source.startswith("nanprobe/engine/losses.py:")
+    assert (nonfinite.source == "nanprobe/engine/losses.py:45"
+            or nonfinite.source.startswith("nanprobe/engine/losses.py:"))
     ops = [c.op for c in run.chain]
     assert run.chain[0].module == run.first_issue.module and ops[-1] == nonfinite.op
     assert run.first_issue.numbers["reference"]["zeros"] == 0

@@ -85,7 +85,7 @@ class Recorder:
     """Keeps a sample of each recorded op's output and of each step's parameter gradients, and which op
     produced each gradient."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         from torch.utils.weak import WeakTensorKeyDictionary
 
         self.samples: dict[int, torch.Tensor] = {}
@@ -179,7 +179,7 @@ def input_max(e: OpEvent, events: list[OpEvent]) -> float:
 
 def cancelled(e: OpEvent, ref: OpEvent, events: list[OpEvent], eps: float) -> bool:
     """A sum or difference whose fp32 result is below eps times its inputs: cancellation, not precision loss."""
-    return base(e.op) in ADDITIVE and ref.row[st.MAX_ABS] < eps * input_max(e, events)
+    return base(e.op) in ADDITIVE and ref.row[st.MAX_ABS] < eps * input_max(e, events)  # type: ignore[index]  # rows are fetched before analysis
 
 
 def _finite(row) -> bool:
@@ -230,7 +230,7 @@ def align(events: list[OpEvent], ref_events: list[OpEvent], rec: Recorder | None
         x = rec.samples.get(e.index) if rec is not None else None
         y = ref_rec.samples.get(r_idx) if ref_rec is not None else None
         lo, hi = e.row, r.row
-        n = max(lo[st.NUMEL], 1.0)
+        n = max(lo[st.NUMEL], 1.0)  # type: ignore[index]  # rows are fetched before analysis
         dt = _LOW.get(e.dtype)
         tiny = torch.finfo(dt).smallest_normal if dt is not None else torch.finfo(torch.float32).smallest_normal
         nonfinite = not _finite(lo) and _finite(hi)
@@ -240,14 +240,14 @@ def align(events: list[OpEvent], ref_events: list[OpEvent], rec: Recorder | None
             zeroed, flushed = zeroed_share(x, y), flushed_share(x, y, tiny)
         else:
             rel = None
-            if _finite(lo) and _finite(hi) and hi[st.MAX_ABS] > 0:
-                rel = abs(lo[st.MAX_ABS] / f - hi[st.MAX_ABS]) / hi[st.MAX_ABS]
-            zeroed = max(0.0, lo[st.ZEROS] - hi[st.ZEROS]) / n
-            flushed = zeroed if hi[st.MIN_NONZERO] < tiny else 0.0
-        lost = (max(0.0, lo[st.ZEROS] - hi[st.ZEROS]) + lo[st.SUBNORMAL]) / n if dt is not None else 0.0
+            if _finite(lo) and _finite(hi) and hi[st.MAX_ABS] > 0:  # type: ignore[index]  # rows are fetched before analysis
+                rel = abs(lo[st.MAX_ABS] / f - hi[st.MAX_ABS]) / hi[st.MAX_ABS]  # type: ignore[index]  # rows are fetched before analysis
+            zeroed = max(0.0, lo[st.ZEROS] - hi[st.ZEROS]) / n  # type: ignore[index]  # rows are fetched before analysis
+            flushed = zeroed if hi[st.MIN_NONZERO] < tiny else 0.0  # type: ignore[index]  # rows are fetched before analysis
+        lost = (max(0.0, lo[st.ZEROS] - hi[st.ZEROS]) + lo[st.SUBNORMAL]) / n if dt is not None else 0.0  # type: ignore[index]  # rows are fetched before analysis
         canc = cancelled(e, r, events, eps=info.eps)
         candidate = (dt is not None and _finite(lo) and lost >= th.UNDERFLOW_SHARE
-                     and hi[st.MIN_NONZERO] < th.UNDERFLOW_RANGE * tiny and not canc)
+                     and hi[st.MIN_NONZERO] < th.UNDERFLOW_RANGE * tiny and not canc)  # type: ignore[index]  # rows are fetched before analysis
         carried[e.index] = inherited if rel is None else max(rel, inherited)
         added = 0.0 if rel is None or inherited == math.inf else max(0.0, rel - inherited)
         departs = nonfinite or zeroed > 0 or (not canc and rel is not None and rel > tol)

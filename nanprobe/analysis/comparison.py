@@ -18,6 +18,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -66,8 +67,8 @@ def _headroom(e: OpEvent) -> tuple[float | None, float | None]:
     if info is None:
         return None, None
     r = e.row
-    to_max = 0.0 if e.has_inf else (math.log2(info.max / r[st.MAX_ABS]) if r[st.MAX_ABS] > 0 else None)
-    mn = r[st.MIN_NONZERO]
+    to_max = 0.0 if e.has_inf else (math.log2(info.max / r[st.MAX_ABS]) if r[st.MAX_ABS] > 0 else None)  # type: ignore[index]  # rows are fetched before analysis
+    mn = r[st.MIN_NONZERO]  # type: ignore[index]  # rows are fetched before analysis
     to_normal = math.log2(mn / info.smallest_normal) if 0 < mn < math.inf else None
     return to_max, to_normal
 
@@ -102,8 +103,8 @@ def _spans(precision: Precision, events: list[OpEvent], deltas: dict[int, _OpDel
     out = {}
     for key, evs in groups.items():
         heads = [_headroom(e) for e in evs]
-        hi = _max(e.row[st.MAX_ABS] for e in evs if e.row[st.MAX_ABS] > 0)
-        lo = _min(e.row[st.MIN_NONZERO] for e in evs if 0 < e.row[st.MIN_NONZERO] < math.inf)
+        hi = _max(e.row[st.MAX_ABS] for e in evs if e.row[st.MAX_ABS] > 0)  # type: ignore[index]  # rows are fetched before analysis
+        lo = _min(e.row[st.MIN_NONZERO] for e in evs if 0 < e.row[st.MIN_NONZERO] < math.inf)  # type: ignore[index]  # rows are fetched before analysis
         ds = [deltas[e.index] for e in evs if e.index in deltas] if deltas is not None else []
         out[key] = RangeSpan(
             precision=precision,
@@ -164,7 +165,7 @@ def recommend(summaries: tuple[PrecisionSummary, ...]) -> Recommendation:
     parts = []
     if safe:
         others = [s.precision.value for s in safe[1:]]
-        parts.append(f"use {use.value}: it is safe as configured"
+        parts.append(f"use {use.value}: it is safe as configured"  # type: ignore[union-attr]  # not None on this path
                      + (f" and closest to fp32 ({', '.join(others)} is safe too)" if others else ""))
     else:
         parts.append("no low precision is safe as configured")
@@ -202,10 +203,10 @@ def compare(config: Config, loaded: Loaded, device: torch.device, precisions: tu
         measured[p] = diagnosis.replay_measured(config, loaded, p, device, progress, ref)
     analyses = {p: diagnosis.analyse_trace(m, ref) for p, m in measured.items() if m.trace.error is None}
     status_of = raised.statuses({p: m.trace for p, m in measured.items()}, {p: a.status for p, a in analyses.items()})
-    ctx = {"fp32_status": status_of[Precision.FP32], "statuses": status_of,
-           "fix_settings": diagnosis.fix_settings(config, init_ratios, device.type)}
+    ctx: dict[str, Any] = {"fp32_status": status_of[Precision.FP32], "statuses": status_of,
+                           "fix_settings": diagnosis.fix_settings(config, init_ratios, device.type)}
     spans = {Precision.FP32: _spans(Precision.FP32, ref_live, None)}
-    summaries = []
+    summary_list: list[PrecisionSummary] = []
     for p, m in measured.items():
         trace = m.trace
         a = analyses.get(p)
@@ -218,7 +219,7 @@ def compare(config: Config, loaded: Loaded, device: torch.device, precisions: tu
         heads = [_headroom(e) for e in live]
         kinds = a.kinds if a is not None else {}
         eff = m.effect if a is not None else None
-        summaries.append(PrecisionSummary(
+        summary_list.append(PrecisionSummary(
             precision=p, mode=trace.mode, status=run.status, first_issue=run.first_issue, metrics=run.metrics,
             loss_rel_error=eff.loss.rel_error if eff is not None and eff.loss is not None else None,
             penalty_rel_error=eff.penalty.rel_error if eff is not None and eff.penalty is not None else None,
@@ -229,7 +230,7 @@ def compare(config: Config, loaded: Loaded, device: torch.device, precisions: tu
             departs_at=_departure(run.first_issue, deltas) if p.is_low and a is not None else None, ops=len(live),
             aligned=a.aligned if a is not None else len(live), fixes=run.fixes, kernels=trace.kernels,
             error=run.error))
-    summaries = tuple(summaries)
+    summaries = tuple(summary_list)
     return Comparison(
         config=str(config.source) if config.source else None, device=device_name, torch=torch.__version__,
         steps=config.train.steps, sample=SAMPLE, summaries=summaries, modules=_modules(order, spans),

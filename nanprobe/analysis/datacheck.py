@@ -39,9 +39,10 @@ class _Tally:
         self.lo, self.hi, self.slack = lo, hi, RANGE_SLACK * (hi - lo)
         self.samples = self.finite_samples = 0
         self.vmin, self.vmax = np.inf, -np.inf
-        self.idx = {p: [] for p in DataProblem}
+        self.idx: dict[DataProblem, list[int]] = {p: [] for p in DataProblem}
         self.count = dict.fromkeys(DataProblem, 0)
-        self.nan = {"samples_with_nan": 0, "samples_with_inf": 0, "nan_values": 0, "posinf_values": 0, "neginf_values": 0}
+        self.nan = {"samples_with_nan": 0, "samples_with_inf": 0, "nan_values": 0, "posinf_values": 0,
+                    "neginf_values": 0}
         self.constant_values: list[float] = []
 
     def _keep(self, problem: DataProblem, index: np.ndarray, mask: np.ndarray) -> int:
@@ -86,7 +87,8 @@ class _Tally:
     def report(self, **where) -> DataReport:
         nonfinite = BadSamples(DataProblem.NONFINITE, self.count[DataProblem.NONFINITE],
                                tuple(self.idx[DataProblem.NONFINITE]), dict(self.nan))
-        constant = BadSamples(DataProblem.CONSTANT, self.count[DataProblem.CONSTANT], tuple(self.idx[DataProblem.CONSTANT]),
+        constant = BadSamples(DataProblem.CONSTANT, self.count[DataProblem.CONSTANT],
+                              tuple(self.idx[DataProblem.CONSTANT]),
                               {"values": [round(v, 6) for v in self.constant_values[:5]]})
         rng = self._range(where.get("dtype", ""))
         rep = DataReport(nonfinite=nonfinite, constant=constant, range=rng, **where)
@@ -113,12 +115,14 @@ class _Tally:
             else:
                 cause = (f"values from {vmin:.4g} to {vmax:.4g}, outside data.range and every usual image range "
                          "(a broken decode, or the wrong dtype?)")
-        return RangeCheck((lo, hi), vmin, vmax, ok, out, round(share, 6), tuple(self.idx[DataProblem.RANGE]), cause, transform)
+        return RangeCheck((lo, hi), vmin, vmax, ok, out, round(share, 6), tuple(self.idx[DataProblem.RANGE]), cause,
+                          transform)
 
 
 def _known(vmin: float, vmax: float):
     """The narrowest usual range holding [vmin, vmax], or None."""
-    fits = [k for k in KNOWN_RANGES if vmin >= k[1] - RANGE_SLACK * (k[2] - k[1]) and vmax <= k[2] + RANGE_SLACK * (k[2] - k[1])]
+    fits = [k for k in KNOWN_RANGES
+            if vmin >= k[1] - RANGE_SLACK * (k[2] - k[1]) and vmax <= k[2] + RANGE_SLACK * (k[2] - k[1])]
     return min(fits, key=lambda k: k[2] - k[1]) if fits else None
 
 
@@ -148,7 +152,8 @@ def _fix(rep: DataReport) -> FixSuggestion:
         normalise = f"x = {r.transform}   # to data.range [{lo}, {hi}]"
     else:
         normalise = f"# {r.cause}: find where the values leave data.range [{lo}, {hi}]"
-    return fixes.adapt("data", bad_samples=_few(rep.nonfinite), constant_samples=_few(rep.constant), normalise=normalise)
+    return fixes.adapt("data", bad_samples=_few(rep.nonfinite), constant_samples=_few(rep.constant),
+                       normalise=normalise)
 
 
 def scan(config: cfg.Config, progress: Callable[[int, int], None] | None = None,

@@ -16,6 +16,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -153,12 +154,12 @@ def _fmt(x: float | None) -> str:
 
 def _underflow_detail(e: OpEvent, r: OpEvent | None, lost: float) -> str:
     dt = _LOW_DTYPES.get(e.dtype)
-    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dt, e.dtype)
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dt, e.dtype)  # type: ignore[arg-type]  # not None on this path
     tiny = torch.finfo(dt).smallest_normal if dt is not None else 0.0
     lo = e.row
-    ref = (f"fp32 |x| from {_fmt(r.row[st.MIN_NONZERO])} to {_fmt(r.row[st.MAX_ABS])}; " if r is not None else "")
-    return (f"{lost:.0%} of its {int(lo[st.NUMEL])} values are 0 or subnormal in {name} but non-zero in fp32 "
-            f"({ref}{name}: {int(lo[st.ZEROS])} zeros, {int(lo[st.SUBNORMAL])} subnormals, smallest normal {tiny:.3g})")
+    ref = (f"fp32 |x| from {_fmt(r.row[st.MIN_NONZERO])} to {_fmt(r.row[st.MAX_ABS])}; " if r is not None else "")  # type: ignore[index]  # rows are fetched before analysis
+    return (f"{lost:.0%} of its {int(lo[st.NUMEL])} values are 0 or subnormal in {name} but non-zero in fp32 "  # type: ignore[index]  # rows are fetched before analysis
+            f"({ref}{name}: {int(lo[st.ZEROS])} zeros, {int(lo[st.SUBNORMAL])} subnormals, smallest normal {tiny:.3g})")  # type: ignore[index]  # rows are fetched before analysis
 
 
 def _inputs(e: OpEvent, by_index: list[OpEvent]) -> tuple[bool, bool, float]:
@@ -169,13 +170,13 @@ def _inputs(e: OpEvent, by_index: list[OpEvent]) -> tuple[bool, bool, float]:
 def _describe_nonfinite(e: OpEvent, in_nan: bool, in_inf: bool, in_max: float) -> str:
     r = e.row
     parts = []
-    if r[st.NAN]:
-        parts.append(f"{int(r[st.NAN])} NaN")
-    if r[st.POSINF]:
-        parts.append(f"{int(r[st.POSINF])} +inf")
-    if r[st.NEGINF]:
-        parts.append(f"{int(r[st.NEGINF])} -inf")
-    made = " and ".join(parts) + f" of {int(r[st.NUMEL])} values"
+    if r[st.NAN]:  # type: ignore[index]  # rows are fetched before analysis
+        parts.append(f"{int(r[st.NAN])} NaN")  # type: ignore[index]  # rows are fetched before analysis
+    if r[st.POSINF]:  # type: ignore[index]  # rows are fetched before analysis
+        parts.append(f"{int(r[st.POSINF])} +inf")  # type: ignore[index]  # rows are fetched before analysis
+    if r[st.NEGINF]:  # type: ignore[index]  # rows are fetched before analysis
+        parts.append(f"{int(r[st.NEGINF])} -inf")  # type: ignore[index]  # rows are fetched before analysis
+    made = " and ".join(parts) + f" of {int(r[st.NUMEL])} values"  # type: ignore[index]  # rows are fetched before analysis
     if in_nan or in_inf:
         src = "inputs already holding " + ("NaN" if in_nan else "inf")
     elif e.producers:
@@ -188,16 +189,16 @@ def _describe_nonfinite(e: OpEvent, in_nan: bool, in_inf: bool, in_max: float) -
     why = _NODE_WHY.get(e.node or "")
     if why is None and e.phase is Phase.OPTIMIZER and al.base(e.op) in _DIVIDING and not (in_nan or in_inf):
         why = "the optimizer divides by sqrt(v) + eps, which is 0 where v is 0 unless eps survives " + e.dtype
-    if why is None and dt is not None and (r[st.POSINF] or r[st.NEGINF]) and not (in_nan or in_inf):
+    if why is None and dt is not None and (r[st.POSINF] or r[st.NEGINF]) and not (in_nan or in_inf):  # type: ignore[index]  # rows are fetched before analysis
         why = f"{e.dtype} max is {torch.finfo(dt).max:.6g}"
     node = f" in {e.node}" if e.node else ""
     return f"{made} from {src}{node}" + (f": {why}" if why else "")
 
 
 def _numbers(e: OpEvent, ref: OpEvent | None, by_index: list[OpEvent], m: Measured | None = None) -> dict:
-    d = {"observed": TensorStats.of(e.row).__dict__ if e.row else None,
-         "reference": TensorStats.of(ref.row).__dict__ if ref is not None and ref.row else None,
-         "producer_ops": [by_index[p].op for p in e.producers]}
+    d: dict[str, Any] = {"observed": TensorStats.of(e.row).__dict__ if e.row else None,
+                         "reference": TensorStats.of(ref.row).__dict__ if ref is not None and ref.row else None,
+                         "producer_ops": [by_index[p].op for p in e.producers]}
     delta = m.alignment.delta(e.index) if m is not None and m.alignment is not None else None
     if delta is not None:
         d["lost_share"] = round(delta.lost, 4)
@@ -224,8 +225,8 @@ def _lost_update_detail(e: OpEvent) -> str | None:
 
 def _link(e: OpEvent) -> ChainLink:
     r = e.row
-    summary = (f"max |x| {r[st.MAX_ABS]:.3g}, zeros {int(r[st.ZEROS])}/{int(r[st.NUMEL])}, "
-               f"inf {int(r[st.POSINF] + r[st.NEGINF])}, nan {int(r[st.NAN])}")
+    summary = (f"max |x| {r[st.MAX_ABS]:.3g}, zeros {int(r[st.ZEROS])}/{int(r[st.NUMEL])}, "  # type: ignore[index]  # rows are fetched before analysis
+               f"inf {int(r[st.POSINF] + r[st.NEGINF])}, nan {int(r[st.NAN])}")  # type: ignore[index]  # rows are fetched before analysis
     return ChainLink(e.op, e.module, e.phase, e.step, summary, e.index)
 
 
@@ -245,20 +246,20 @@ def _cause_finding(cause: RootCause, m: Measured, ref: Trace | None) -> Finding:
     events = m.trace.events
     e = events[cause.culprit]
     a = m.alignment
-    r = ref.events[a.delta(e.index).ref] if a is not None and ref is not None and a.delta(e.index) else None
+    r = ref.events[a.delta(e.index).ref] if a is not None and ref is not None and a.delta(e.index) else None  # type: ignore[union-attr]  # an aligned op has a delta
     numbers = _numbers(e, r, events, m)
     if cause.nonfinite is not None and cause.culprit == cause.nonfinite:
         in_nan, in_inf, in_max = _inputs(e, events)
         detail = _describe_nonfinite(e, in_nan, in_inf, in_max)
     elif cause.guard is not None and cause.culprit == cause.guard:
-        f = events[cause.nonfinite]
+        f = events[cause.nonfinite]  # type: ignore[index]  # not None on this path
         in_nan, in_inf, in_max = _inputs(f, events)
-        low = f" (fp32 |x| down to {_fmt(r.row[st.MIN_NONZERO])})" if r is not None else ""
+        low = f" (fp32 |x| down to {_fmt(r.row[st.MIN_NONZERO])})" if r is not None else ""  # type: ignore[index]  # rows are fetched before analysis
         detail = (f"the eps {cause.eps:g} it adds rounds to 0 in {e.dtype}, so its output is 0 where fp32's is "
                   f"not{low}; then {_short(f)}: "
                   f"{_describe_nonfinite(f, in_nan, in_inf, in_max)}")
     elif cause.kind is FindingKind.UNDERFLOW and _lost_update_detail(e) is not None:
-        detail = _lost_update_detail(e)
+        detail = _lost_update_detail(e)  # type: ignore[assignment]  # not None on this path
     else:
         d = a.delta(e.index) if a is not None else None
         detail = _underflow_detail(e, r, max(d.lost, d.zeroed) if d is not None else 0.0)
@@ -293,7 +294,7 @@ def _notes(m: Measured, cause: RootCause | None) -> list[str]:
     if not quiet:
         return []
     events = m.trace.events
-    named = ", ".join(f"{_short(events[i])} ({a.delta(i).lost:.0%} 0 or subnormal)" for i in quiet[:NOTES_MAX])
+    named = ", ".join(f"{_short(events[i])} ({a.delta(i).lost:.0%} 0 or subnormal)" for i in quiet[:NOTES_MAX])  # type: ignore[union-attr]  # an aligned op has a delta
     more = f" and {len(quiet) - NOTES_MAX} more" if len(quiet) > NOTES_MAX else ""
     what = "not on the path to the root cause" if cause is not None else "with no measurable effect"
     return [f"subnormals {what}: {named}{more}; {eff.summary()}"]
@@ -326,7 +327,7 @@ def analyse_trace(m: Measured | Trace, ref: Measured | Trace | None = None) -> A
     cause = nonfinite_cause(events, m.alignment)
     masked_note = None
     if cause is not None and masked(trace):
-        f = events[cause.nonfinite]
+        f = events[cause.nonfinite]  # type: ignore[index]  # not None on this path
         masked_note = (f"{_short(f)} made a non-finite value that nothing training sees inherits (the loss, "
                        f"the penalty, the gradients and the updates stay finite): masked by a later op, no effect")
         cause = None
@@ -335,7 +336,7 @@ def analyse_trace(m: Measured | Trace, ref: Measured | Trace | None = None) -> A
     if cause is None:
         cause = underflow_cause(events, m.alignment, m.effect, m.grad_ops)
     if cause is not None and m.alignment is not None:
-        under = sum(1 for i in cause.path if m.alignment.delta(i) is not None and m.alignment.delta(i).candidate)
+        under = sum(1 for i in cause.path if m.alignment.delta(i) is not None and m.alignment.delta(i).candidate)  # type: ignore[misc, union-attr]  # an aligned op has a delta
         if cause.kind is FindingKind.UNDERFLOW:
             under = max(under, 1)
         if under:
@@ -354,7 +355,7 @@ def analyse_trace(m: Measured | Trace, ref: Measured | Trace | None = None) -> A
         in_nan, in_inf, in_max = _inputs(first_nf, events)
         r = None
         if m.alignment is not None and ref_trace is not None and m.alignment.delta(first_nf.index) is not None:
-            r = ref_trace.events[m.alignment.delta(first_nf.index).ref]
+            r = ref_trace.events[m.alignment.delta(first_nf.index).ref]  # type: ignore[union-attr]  # an aligned op has a delta
         nonfinite = _finding(first_nf, makes_nonfinite(first_nf, events),
                              _describe_nonfinite(first_nf, in_nan, in_inf, in_max), _numbers(first_nf, r, events, m))
     chain: tuple[ChainLink, ...] = ()
@@ -376,7 +377,7 @@ def _chain_ops(cause: RootCause | None, m: Measured) -> tuple[fx.ChainOp, ...]:
         e = events[i]
         d = m.alignment.delta(i) if m.alignment is not None else None
         out.append(fx.ChainOp(al.base(e.op), e.node, e.dtype, e.phase, e.module, e.scalars,
-                              zeroed=bool(d is not None and (d.zeroed > 0 or d.flushed > 0)) or e.row[st.ZEROS] > 0,
+                              zeroed=bool(d is not None and (d.zeroed > 0 or d.flushed > 0)) or e.row[st.ZEROS] > 0,  # type: ignore[index]  # rows are fetched before analysis
                               nonfinite=e.has_nan or e.has_inf, cast=al.is_cast(e), lost_eps=lost_eps(e),
                               kept_eps=surviving_eps(e), index=i))
     return tuple(out)
@@ -387,7 +388,8 @@ def _after(cause: RootCause | None, m: Measured, limit: int = 4) -> tuple[fx.Cha
     if cause is None:
         return ()
     events = m.trace.events
-    out, cur = [], cause.culprit
+    out: list[fx.ChainOp] = []
+    cur = cause.culprit
     for e in events[cause.culprit + 1:]:
         if len(out) >= limit:
             break
@@ -403,7 +405,8 @@ def _feeds(cause: RootCause | None, m: Measured) -> tuple[fx.ChainOp, ...]:
     if cause is None:
         return ()
     events = m.trace.events
-    out, todo, seen = [], list(events[cause.origin].producers), set()
+    out: list[fx.ChainOp] = []
+    todo, seen = list(events[cause.origin].producers), set()
     while todo and len(out) < 8:
         i = todo.pop(0)
         if i in seen:
@@ -463,7 +466,7 @@ def scale_collapse(trace: Trace) -> Finding | None:
     skip_steps = {s for s, _, _ in trace.skipped} | set(persistent)
     tried = [sc for _, _, sc in trace.skipped] + [m.scale for m in metrics]
     every = len(metrics) >= 2 and len(skip_steps) == len(metrics)
-    if not (persistent or every or min(tried) < th.SCALE_FLOOR):
+    if not (persistent or every or min(tried) < th.SCALE_FLOOR):  # type: ignore[operator, type-var]  # metrics[0].scale is set: a scaler ran
         return None
     bad = [_first_bad(trace, s, a) for s, a, _ in trace.skipped] + [_first_bad(trace, s, None) for s in persistent]
     bad = [e for e in bad if e is not None]
@@ -471,7 +474,7 @@ def scale_collapse(trace: Trace) -> Finding | None:
         return None
     counts: dict[tuple, list[OpEvent]] = defaultdict(list)
     for e in bad:
-        counts[(e.phase, e.module, e.source, e.op, e.node)].append(e)
+        counts[(e.phase, e.module, e.source, e.op, e.node)].append(e)  # type: ignore[arg-type, union-attr]  # not None on this path
     events = max(counts.values(), key=len)
     e = events[0]
     if e.phase is Phase.DATA:
@@ -481,13 +484,13 @@ def scale_collapse(trace: Trace) -> Finding | None:
     never = f"; step(s) {', '.join(map(str, persistent))} never recovered" if persistent else ""
     what = "NaN" if cause.kind is FindingKind.NAN else "inf"
     detail = (f"GradScaler skipped {len(bad)} attempt(s) in {len(skip_steps)} of {len(metrics)} step(s){never}; "
-              f"the scale fell from {start:g} to {min(tried):g}. {len(events)} of the {len(bad)} skips came from "
+              f"the scale fell from {start:g} to {min(tried):g}. {len(events)} of the {len(bad)} skips came from "  # type: ignore[type-var]  # scales are set: a scaler ran
               f"{e.op.removeprefix('aten.').rsplit('.', 1)[0]}{f' ({e.node})' if e.node else ''} in "
               f"{e.module or '(outside modules)'} making {what} ({cause.detail}): loss scaling cannot fix an op "
               f"that overflows at every scale")
     return Finding(cause.kind, e.op, e.module, e.phase, e.step, e.source, detail, e.node, e.dtype,
                    {"skipped_attempts": len(bad), "skipped_steps": sorted(skip_steps), "never_recovered": persistent,
-                    "scale_start": start, "scale_lowest": min(tried), "cause_count": len(events)}, e.index, e.param)
+                    "scale_start": start, "scale_lowest": min(tried), "cause_count": len(events)}, e.index, e.param)  # type: ignore[type-var]  # scales are set: a scaler ran
 
 
 def unscaled_penalty(trace: Trace) -> Finding | None:
@@ -525,18 +528,19 @@ def _growth(metrics: tuple, step: int) -> float:
 def build_run(a: Analysis, context: dict) -> RunReport:
     """One precision's RunReport from its analysis and the context shared by all runs."""
     m = a.measured
-    trace = m.trace
+    trace = m.trace  # type: ignore[union-attr]  # not None on this path
     by_index = trace.events
     status, issue, nonfinite, collapse = a.status, a.issue, a.nonfinite, a.collapse
     unscaled = unscaled_penalty(trace)
     first = issue or nonfinite
     fp32_ok = context["fp32_status"] is Status.OK
-    chain_ops = _chain_ops(a.cause, m)
+    chain_ops = _chain_ops(a.cause, m)  # type: ignore[arg-type]  # not None on this path
     culprit = next((c for c in chain_ops if a.cause is not None and c.index == a.cause.culprit), None)
     chain_nodes = tuple(x.node for x in (by_index[c.index] for c in a.chain if c.index >= 0) if x.node)
     ctx = fx.FixContext(
         precision=trace.precision, mode=trace.mode, status=status, issue=issue, nonfinite=nonfinite,
-        chain_nodes=chain_nodes, chain=chain_ops, culprit=culprit, after=_after(a.cause, m), feeds=_feeds(a.cause, m), fp32_ok=fp32_ok or not trace.precision.is_low,
+        chain_nodes=chain_nodes, chain=chain_ops, culprit=culprit, after=_after(a.cause, m), feeds=_feeds(a.cause, m),  # type: ignore[arg-type]  # not None on this path
+        fp32_ok=fp32_ok or not trace.precision.is_low,
         collapse=collapse, unscaled_penalty=unscaled is not None, penalty_fp32=penalty_in_fp32(trace),
         weight_growth=_growth(tuple(trace.metrics), first.step) if first is not None else 1.0,
         other={p: s for p, s in context["statuses"].items() if p is not trace.precision}, framework=trace.framework,
@@ -596,7 +600,7 @@ def analyse(config: Config, measured: dict, requested: tuple[Precision, ...],
     ref = measured[Precision.FP32]
     analyses = {p: analyse_trace(m, ref) for p, m in measured.items() if m.trace.error is None}
     status_of = raised.statuses({p: m.trace for p, m in measured.items()}, {p: x.status for p, x in analyses.items()})
-    ctx = {"fp32_status": status_of[Precision.FP32], "statuses": status_of,
-           "fix_settings": fix_settings(config, init_ratios, device, init_checks)}
+    ctx: dict[str, Any] = {"fp32_status": status_of[Precision.FP32], "statuses": status_of,
+                           "fix_settings": fix_settings(config, init_ratios, device, init_checks)}
     return tuple(raised.errored_run(measured[p].trace, status_of, ctx["fix_settings"])
                  if measured[p].trace.error is not None else build_run(analyses[p], ctx) for p in requested)

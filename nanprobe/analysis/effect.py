@@ -159,5 +159,6 @@ def measure(precision: Precision, metrics, ref_metrics, rec: Recorder | None, re
                 lost_shares[name] = max(lost_shares.get(name, 0.0), unchanged / moving)
     lost_updates = tuple(sorted(((n, round(s, 4)) for n, s in lost_shares.items() if s >= th.LOST_UPDATE_SHARE),
                                 key=lambda x: (-x[1], x[0])))
-    return Effect(precision, tol, _scalar("loss", metrics, ref_metrics, tol), _scalar("penalty", metrics, ref_metrics, tol),
+    return Effect(precision, tol, _scalar("loss", metrics, ref_metrics, tol),
+                  _scalar("penalty", metrics, ref_metrics, tol),
                   params, grad_error(rec, ref_rec) if rec is not None and ref_rec is not None else None, lost_updates)

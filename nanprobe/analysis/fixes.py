@@ -275,7 +275,8 @@ def _bf16(c: FixContext) -> float:
     if bf16 is not None and bf16 is not Status.OK:
         return 0.0
     if c.error is not None and bf16 is not Status.OK:
-        return 0.0  # an op that raises in fp16 (no kernel for the dtype) may well raise in bf16: only a bf16 replay says
+        # an op that raises in fp16 (no kernel for the dtype) may well raise in bf16: only a bf16 replay says
+        return 0.0
     base = 84.0 if FindingKind.OVERFLOW in c.kinds() else 70.0
     return base if bf16 is Status.OK else base - 20
 
@@ -642,7 +643,8 @@ def _vars(c: FixContext) -> dict:
     attr = parts[0] + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in parts[1:])
     init_module, init_ratio = c.worst_init()
     # The layer where the finding is, when it is off the He scale itself; else the worst one.
-    at_issue = next((i for i in c.init_checks if i.flagged and c.issue is not None and i.module == c.issue.module), None)
+    at_issue = next((i for i in c.init_checks if i.flagged and c.issue is not None and i.module == c.issue.module),
+                    None)
     if at_issue is not None:
         init_module, init_ratio = at_issue.module, at_issue.ratio
     worst = next((i for i in c.init_checks if i.module == init_module), None)
@@ -659,7 +661,8 @@ def _vars(c: FixContext) -> dict:
         "constant_samples": "see nanprobe check-data", "normalise": _NORMALISE,
         "init_std": f"{worst.std:.3g}" if worst else "?", "init_he": f"{worst.he:.3g}" if worst else "?",
         "init_call": worst.call if worst else "nn.init.kaiming_normal_(layer.weight, a=0.2)",
-        "init_flagged": ", ".join(flagged[:6]) + (f" and {len(flagged) - 6} more" if len(flagged) > 6 else "") or "none",
+        "init_flagged": (", ".join(flagged[:6]) + (f" and {len(flagged) - 6} more" if len(flagged) > 6 else "")
+                         or "none"),
         "collapse_at": collapse_at, **_culprit_vars(c), "layer_name": module.rsplit("/", 1)[-1],
         "layer_attr": parts[0].split("/")[0] + "".join(f'.get_layer("{p}")' for p in module.split("/")[1:]),
     }
@@ -825,7 +828,7 @@ def rank(c: FixContext, limit: int = 5) -> tuple[FixSuggestion, ...]:
     out = []
     for _, _, fix in sorted(scored)[:limit]:
         reaches = fix.apply is not None and not (fix.apply.builtin_only and c.loss_kind == "custom")
-        changes = overrides(fix.apply, c) if reaches else {}
+        changes = overrides(fix.apply, c) if reaches else {}  # type: ignore[arg-type]  # not None on this path
         variant = fix.variants.get(c.framework) or Variant(fix.snippet)
         title, why = variant.title or fix.title, variant.why or fix.why
         out.append(FixSuggestion(fix.id, title.format(**v), why.format(**v), variant.snippet.format(**v),

@@ -142,6 +142,7 @@ def check(model: nn.Module, batch: torch.Tensor | None = None, root: str = "crit
     return tuple(out)
 
 
-def he_ratios(model: torch.nn.Module, root: str = "critic", checks: tuple[InitCheck, ...] | None = None) -> dict[str, float]:
+def he_ratios(model: torch.nn.Module, root: str = "critic",
+              checks: tuple[InitCheck, ...] | None = None) -> dict[str, float]:
     """Module path -> std of its weight / its He value, for layers with a weight matrix or kernel."""
     return {c.module: c.ratio for c in (checks if checks is not None else check(model, None, root))}

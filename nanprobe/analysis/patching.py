@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -186,12 +187,12 @@ def _functional(module: cst.Module) -> str:
             if isinstance(small, cst.Import):
                 for alias in small.names:
                     if _name(alias.name) == "torch.nn.functional" and alias.asname is not None:
-                        return alias.asname.name.value
+                        return alias.asname.name.value  # type: ignore[union-attr]  # libcst node type checked by the caller
             if isinstance(small, cst.ImportFrom) and _name(small.module or cst.Name("")) == "torch.nn" \
                     and not isinstance(small.names, cst.ImportStar):
                 for alias in small.names:
                     if alias.name.value == "functional":
-                        return alias.asname.name.value if alias.asname else "functional"
+                        return alias.asname.name.value if alias.asname else "functional"  # type: ignore[union-attr]  # libcst node type checked by the caller
     return "torch.nn.functional"
 
 
@@ -363,7 +364,7 @@ def _sigmoid_arg(node: cst.BaseExpression, sigmoids: dict) -> cst.BaseExpression
     """x for sigmoid(x), x.sigmoid(), or a name assigned from one; else None."""
     if isinstance(node, cst.Call) and _callee(node) == "sigmoid":
         if _is_method(node):
-            return node.func.value
+            return node.func.value  # type: ignore[attr-defined]  # libcst node type checked by the caller
         return node.args[0].value if node.args else None
     if isinstance(node, cst.Name) and node.value in sigmoids:
         return cst.Name(sigmoids[node.value])
@@ -394,7 +395,7 @@ class _Logits(cst.CSTTransformer):
     def _log_of(self, call: cst.Call) -> cst.BaseExpression | None:
         if _callee(call) != "log":
             return None
-        arg = call.func.value if _is_method(call) else (call.args[0].value if call.args else None)
+        arg = call.func.value if _is_method(call) else (call.args[0].value if call.args else None)  # type: ignore[attr-defined]  # libcst node type checked by the caller
         if arg is None:
             return None
         arg = _strip_eps(arg)
@@ -506,7 +507,7 @@ def _assigned_from(fn: cst.CSTNode, pred) -> dict:
 class _SplitSigmoid(cst.CSTTransformer):
     """d = sigmoid(critic(x)) -> d_logits = critic(x); d = sigmoid(d_logits): the logits get a name."""
 
-    def __init__(self, names: dict, unused: set = frozenset()):
+    def __init__(self, names: dict, unused: AbstractSet = frozenset()):
         super().__init__()
         self.names = names  # name -> logits name
         self.unused = unused  # names no longer read once the loss takes the logits
@@ -557,10 +558,10 @@ def _logits_loss(module: cst.Module, site: Site) -> cst.Module | None:
         used = {n for n in split if f"{split[n]}" in out.code}
         if used:
             fn2 = _enclosing(out, None, fn.name.value)
-            reads = _ordered_names(fn2)
+            reads = _ordered_names(fn2)  # type: ignore[arg-type]  # not None on this path
             # A name read only where it is assigned (once) is read nowhere else now.
             unused = {n for n in used if reads.count(n) <= 1}
-            out = _in_function(out, fn2, _SplitSigmoid({n: split[n] for n in used}, unused))
+            out = _in_function(out, fn2, _SplitSigmoid({n: split[n] for n in used}, unused))  # type: ignore[arg-type]  # not None on this path
     return out
 
 
@@ -601,7 +602,7 @@ def _names_in(node: cst.CSTNode) -> set:
 
 
 def _targets(stmt: cst.CSTNode) -> set:
-    out = set()
+    out: set = set()
     for small in getattr(stmt, "body", ()) if isinstance(stmt, cst.SimpleStatementLine) else ():
         if isinstance(small, cst.Assign):
             for t in small.targets:
@@ -758,8 +759,8 @@ def _gp_fp32(module: cst.Module, site: Site) -> cst.Module | None:
         t = _FloatInput(p.inputs)
         for s in region:
             floated.append(s.visit(t) if not t.done and p.inputs in _targets(s) else s)
-        region = floated
-    lead = region[0].leading_lines
+        region = floated  # type: ignore[assignment]  # libcst node type checked by the caller
+    lead = region[0].leading_lines  # type: ignore[attr-defined]  # libcst node type checked by the caller
     region = [region[0].with_changes(leading_lines=[]), *region[1:]]
     header = _expr(f"torch.autocast(device_type={p.device}.device.type, enabled=False)")
     wrapped = cst.With(items=[cst.WithItem(header)], body=cst.IndentedBlock(body=region),
@@ -832,7 +833,8 @@ def _add_scaler_param(module: cst.Module, helper: str, step: str | None) -> cst.
                 return updated.with_changes(params=params.with_changes(kwonly_params=[*params.kwonly_params, new]))
             last = params.params[-1] if params.params else None
             if last is not None and last.comma is cst.MaybeSentinel.DEFAULT:
-                fixed = [*params.params[:-1], last.with_changes(comma=cst.Comma(whitespace_after=cst.SimpleWhitespace(" ")))]
+                fixed = [*params.params[:-1],
+                         last.with_changes(comma=cst.Comma(whitespace_after=cst.SimpleWhitespace(" ")))]
             else:
                 fixed = list(params.params)
             return updated.with_changes(params=params.with_changes(params=[*fixed, new]))
@@ -1163,7 +1165,7 @@ def build_patch(fix_id: str, code: UserCode, precision: Precision, sources: tupl
 def _construction_lines(cls: type, files: set) -> Iterator[dict]:
     """While open, records for each `cls` built the (file, line) of the user's code that built it."""
     lines: dict[int, tuple] = {}
-    original = cls.__init__
+    original = cls.__init__  # type: ignore[misc]  # patches the class's __init__ on purpose
 
     def init(self, *args, **kwargs):
         f = sys._getframe(1)
@@ -1173,11 +1175,11 @@ def _construction_lines(cls: type, files: set) -> Iterator[dict]:
             lines[id(self)] = (Path(f.f_code.co_filename).resolve(), f.f_lineno)
         original(self, *args, **kwargs)
 
-    cls.__init__ = init
+    cls.__init__ = init  # type: ignore[misc]  # patches the class's __init__ on purpose
     try:
         yield lines
     finally:
-        cls.__init__ = original
+        cls.__init__ = original  # type: ignore[misc]  # restores it
 
 
 def _built_at(config, critic, module_path: str, code: UserCode) -> tuple:
@@ -1200,7 +1202,8 @@ def _built_at(config, critic, module_path: str, code: UserCode) -> tuple:
 
 
 def _sources(run) -> tuple:
-    return tuple(f.source for f in (run.first_nonfinite, run.first_issue, run.scale_collapse) if f is not None and f.source)
+    return tuple(f.source for f in (run.first_nonfinite, run.first_issue, run.scale_collapse)
+                 if f is not None and f.source)
 
 
 def attach(config, critic, runs: tuple) -> tuple:
@@ -1224,7 +1227,8 @@ def attach(config, critic, runs: tuple) -> tuple:
                 cache[key] = build_patch(fix.id, code, run.precision, _sources(run), module, critic_site,
                                          config=config)
             patch = cache[key]
-            fixes.append(fix if patch is None else replace(fix, patch=patch.diff(), snippet=patch.excerpt() or fix.snippet))
+            fixes.append(fix if patch is None else replace(fix, patch=patch.diff(),
+                                                           snippet=patch.excerpt() or fix.snippet))
         out.append(replace(run, fixes=tuple(fixes)))
     return tuple(out)
 
@@ -1242,7 +1246,9 @@ def _diff_files(diff: str) -> set:
 def chosen(runs: tuple) -> str:
     """What `--patch` writes: per failing run (worst first), its best fix that has a patch and was not
     refuted by --verify-fix; a file already changed by an earlier run's choice is not changed twice."""
-    out, files, seen = [], set(), set()
+    out: list[str] = []
+    files: set[str] = set()
+    seen: set = set()
     for run in sorted(runs, key=lambda r: -r.status.severity):
         fix = next((f for f in run.fixes if f.patch and (f.check is None or f.check.value != "fails")), None)
         if fix is None or fix.patch in seen:

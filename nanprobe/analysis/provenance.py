@@ -160,11 +160,12 @@ def walk(start: int, events: list[OpEvent], alignment: Alignment | None) -> tupl
     return tuple(reversed(path))
 
 
-def _guard(path: tuple[int, ...], events: list[OpEvent], alignment: Alignment | None) -> tuple[int | None, float | None]:
+def _guard(path: tuple[int, ...], events: list[OpEvent],
+           alignment: Alignment | None) -> tuple[int | None, float | None]:
     for i in path:
         eps = lost_eps(events[i])
         d = alignment.delta(i) if alignment is not None else None
-        if eps is not None and (d is None or d.zeroed > 0 or d.nonfinite or events[i].row[st.ZEROS] > 0):
+        if eps is not None and (d is None or d.zeroed > 0 or d.nonfinite or events[i].row[st.ZEROS] > 0):  # type: ignore[index]  # rows are fetched before analysis
             return i, eps
     return None, None
 
@@ -203,7 +204,7 @@ def nonfinite_cause(events: list[OpEvent], alignment: Alignment | None) -> RootC
     elif guard is not None or origin == f.index or not lost_range:
         # An origin that only carries rounding error (weights that drifted from fp32's over the steps, a long
         # chain of roundings) did not make the value non-finite by itself: the op that did is the culprit.
-        culprit, kind = f.index, kind_f
+        culprit, kind = f.index, kind_f  # type: ignore[assignment]  # not None on this path
     else:
         culprit, kind = origin, FindingKind.UNDERFLOW
     return RootCause(culprit, kind, origin, path, f.index, guard, eps, _secondary(path, alignment))
@@ -231,7 +232,7 @@ def underflow_cause(events: list[OpEvent], alignment: Alignment | None, effect: 
         # is on the path by chance.
         on = [i for i in path if (d := alignment.delta(i)) is not None and d.candidate
               and (d.zeroed > 0 or d.added > alignment.tolerance)]
-        if not on and alignment.delta(path[0]) is not None and alignment.delta(path[0]).flushed > 0:
+        if not on and alignment.delta(path[0]) is not None and alignment.delta(path[0]).flushed > 0:  # type: ignore[union-attr]  # an aligned op has a delta
             on = [path[0]]  # the walk ended where values below the smallest normal start to flush
         # Zeros where fp32's values are well inside the range are a sum cancelling, not an underflow.
         if on:
@@ -240,7 +241,7 @@ def underflow_cause(events: list[OpEvent], alignment: Alignment | None, effect: 
                              secondary=tuple(i for i in candidates if i not in set(path)))
     scalars_off = any(s is not None and s.off for s in (effect.loss, effect.penalty))
     if scalars_off and candidates:
-        culprit = max(candidates, key=lambda i: (alignment.delta(i).lost, -i))
+        culprit = max(candidates, key=lambda i: (alignment.delta(i).lost, -i))  # type: ignore[union-attr]  # an aligned op has a delta
         return RootCause(culprit, FindingKind.UNDERFLOW, culprit, (culprit,),
                          secondary=tuple(i for i in candidates if i != culprit))
     return None

@@ -34,4 +34,4 @@ def errored_run(trace: Trace, status_of: dict[Precision, Status], fix_settings: 
         precision=trace.precision, mode=trace.mode, status=Status.ERROR,
         precision_problem=trace.precision.is_low and fp32_ok, first_issue=None, first_nonfinite=None,
         fixes=fx.rank(ctx), metrics=tuple(trace.metrics), ops=len(trace.events), notes=tuple(notes),
-        failed_step=error.step, kernels=trace.kernels, error=error)
+        failed_step=error.step, kernels=trace.kernels, error=error)  # type: ignore[union-attr]  # not None on this path

@@ -172,7 +172,8 @@ def _patched(config: cfg.Config, run: RunReport, fix: FixSuggestion, loaded: Loa
         return _untried(fix, "not replayed: the patched file is passed in from Python as a live object, which a "
                              "patch of its source cannot change; apply the patch and run again")
     target = run.precision
-    on_step = None if progress is None else (lambda p, step, steps: progress(f"{p.value} + {fix.id} (patched)", step, steps))
+    on_step = None if progress is None else (
+        lambda p, step, steps: progress(f"{p.value} + {fix.id} (patched)", step, steps))
     try:
         with patching.patched_code(code, patch) as mapping:
             fixed = patching.patched_config(config, code, mapping)

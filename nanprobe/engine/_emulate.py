@@ -39,6 +39,7 @@ batch-norm backward against the CPU's).
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -213,7 +214,7 @@ def _dropout(func, args, kwargs):
 
 
 class _EmulateMode(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None) -> Any:
         kwargs = kwargs or {}
         plan = _plan(func)
         if plan.native or not (_has_low(args) or _has_low(kwargs.values())):

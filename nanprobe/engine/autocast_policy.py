@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import warnings
 import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 
@@ -124,7 +125,7 @@ def overload(name: str) -> compat.OpOverload:
 # -- casting, as at::autocast::cached_cast does it ------------------------------------------------
 
 class _Local(threading.local):
-    def __init__(self):
+    def __init__(self) -> None:
         self.depth = 0  # nesting of cuda_autocast on this thread
         self.cache: dict[int, tuple] = {}  # id(fp32 leaf) -> (weakref to it, its low-precision cast)
 
@@ -268,7 +269,7 @@ def _register() -> torch.library.Library:
 
 
 @contextmanager
-def cuda_op_lists():
+def cuda_op_lists() -> Iterator[None]:
     """While inside, CPU autocast casts each op as CUDA autocast would (process-wide, reentrant).
 
     The registrations are made on the first entry and removed on the last exit, exceptions
@@ -287,7 +288,7 @@ def cuda_op_lists():
             _users -= 1
             if _users == 0:
                 lib, _library = _library, None
-                lib._destroy()  # deregisters every kernel this library added
+                lib._destroy()  # type: ignore[union-attr]  # set by the first user; deregisters its kernels
 
 
 def is_active() -> bool:
@@ -296,7 +297,8 @@ def is_active() -> bool:
 
 
 @contextmanager
-def cuda_autocast(dtype: torch.dtype = torch.float16, enabled: bool = True, cache_enabled: bool = True):
+def cuda_autocast(dtype: torch.dtype = torch.float16, enabled: bool = True,
+                  cache_enabled: bool = True) -> Iterator[None]:
     """In place of torch.autocast("cpu", dtype=...): CPU autocast with CUDA's op lists."""
     with cuda_op_lists(), torch.autocast("cpu", dtype=dtype, enabled=enabled, cache_enabled=cache_enabled):
         _local.depth += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -61,7 +62,7 @@ def _wrap(forward, device_type: str, out_dtype: torch.dtype | None):
 
 
 @contextmanager
-def outside_autocast(modules: dict, device_type: str, half_dtype: torch.dtype | None = None):
+def outside_autocast(modules: dict, device_type: str, half_dtype: torch.dtype | None = None) -> Iterator[None]:
     """Run `modules` with autocast off on fp32 inputs; with half_dtype (half mode, where the caller keeps
     their weights fp32) cast their outputs back to it."""
     saved = []

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +64,8 @@ class KerasPrecision:
         # in every precision, which keeps the ops of the precisions aligned.
         return _contiguous_kernels if device.type == "cpu" else nullcontext
 
-    def fp32_wrapper(self, modules: dict, device: torch.device, precision: Precision, mode: Mode):
+    def fp32_wrapper(self, modules: dict, device: torch.device, precision: Precision,
+                     mode: Mode) -> AbstractContextManager:
         return nullcontext()  # applied when the model was built (layer.dtype_policy = "float32")
 
     def named_modules(self, root: str, model) -> list[tuple[str, Any]]:
@@ -81,11 +82,11 @@ class KerasPrecision:
 
     def library_dirs(self) -> tuple[str, ...]:
         keras = sys.modules["keras"]
-        return tuple(os.path.dirname(m.__file__) for m in (keras, sys.modules.get("optree"))
+        return tuple(os.path.dirname(m.__file__) for m in (keras, sys.modules.get("optree"))  # type: ignore[misc, type-var]  # __file__ checked below
                      if m is not None and getattr(m, "__file__", None))
 
     @contextmanager
-    def training(self):
+    def training(self) -> Iterator[None]:
         """Calls inside run as Keras's training=True (Dropout, BatchNormalization), as a train_step calls them."""
         from keras.src.backend.common import global_state
         from keras.src.layers.layer import CallContext

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ class StepContext:
     """sqrt (hand-written) or vector_norm."""
     device_type: str
     """Autocast device type."""
-    scaler: object | None
+    scaler: Any | None
     """An enabled torch.amp.GradScaler: the penalty follows the AMP recipe."""
     generator_call: object = "z"
     """model.generator_call: "z", "[z]" or a function (generator, z) -> fakes."""

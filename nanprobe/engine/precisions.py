@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 import torch
@@ -36,7 +36,8 @@ class PrecisionStrategy(Protocol):
     def op_lists(self, precision: Precision, mode: Mode, device: torch.device, policy: Policy) -> Callable:
         """A factory of the context around the whole replay (whose autocast op lists it follows)."""
 
-    def fp32_wrapper(self, modules: dict, device: torch.device, precision: Precision, mode: Mode):
+    def fp32_wrapper(self, modules: dict, device: torch.device, precision: Precision,
+                     mode: Mode) -> AbstractContextManager:
         """The context that runs `modules` in fp32 (precision.fp32_modules)."""
 
     def named_modules(self, root: str, model) -> list[tuple[str, Any]]:
@@ -51,7 +52,7 @@ class PrecisionStrategy(Protocol):
     def library_dirs(self) -> tuple[str, ...]:
         """Folders of library code the source lines skip, besides torch's and the standard library's."""
 
-    def training(self):
+    def training(self) -> AbstractContextManager:
         """The context the step runs in so the models run in training mode."""
 
 
@@ -93,7 +94,8 @@ class TorchPrecision:
             return cuda_op_lists
         return nullcontext
 
-    def fp32_wrapper(self, modules: dict, device: torch.device, precision: Precision, mode: Mode):
+    def fp32_wrapper(self, modules: dict, device: torch.device, precision: Precision,
+                     mode: Mode) -> AbstractContextManager:
         half = precision.is_low and mode is Mode.HALF
         return fp32_modules.outside_autocast(modules, device.type, precision.torch_dtype if half else None)
 
@@ -109,7 +111,7 @@ class TorchPrecision:
     def library_dirs(self) -> tuple[str, ...]:
         return ()
 
-    def training(self):
+    def training(self) -> AbstractContextManager:
         return nullcontext()
 
 

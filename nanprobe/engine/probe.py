@@ -12,9 +12,10 @@ import os
 import re
 import sys
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import FrameType
 
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -81,11 +82,11 @@ class OpEvent:
 
     @property
     def has_nan(self) -> bool:
-        return self.row[st.NAN] > 0
+        return self.row[st.NAN] > 0  # type: ignore[index]  # rows are fetched before analysis
 
     @property
     def has_inf(self) -> bool:
-        return self.row[st.POSINF] + self.row[st.NEGINF] > 0
+        return self.row[st.POSINF] + self.row[st.NEGINF] > 0  # type: ignore[index]  # rows are fetched before analysis
 
 
 def _norm_name(name: str) -> str:
@@ -125,7 +126,7 @@ class _SourceFinder:
         return hit
 
     def find(self, depth: int = 2) -> str | None:
-        f = sys._getframe(depth)
+        f: FrameType | None = sys._getframe(depth)
         while f is not None:
             name = f.f_code.co_filename
             if self._is_user(name):
@@ -299,7 +300,7 @@ class OpProbe:
         return found
 
     @contextmanager
-    def paused(self):
+    def paused(self) -> Iterator[None]:
         """Ops run inside are not recorded (nanprobe's own measurements)."""
         was, self._paused = self._paused, True
         try:
@@ -449,7 +450,7 @@ class OpProbe:
             src = self._producer.get(src_t)
             if src is None:
                 return False
-            row = self.events[src].row if self.events[src].row is not None else self._buf.pending(src)
+            row = self.events[src].row if self.events[src].row is not None else self._buf.pending(src)  # type: ignore[assignment]  # a list or a pending tensor row, None checked below
             if row is None:
                 return False
             if isinstance(row, list):

@@ -133,11 +133,11 @@ class FlightRecorder(OpProbe):
             named = {}
             for root, model in self.modules.items():
                 named.update({f"{root}.{n}": p for n, p in model.named_parameters()})
-            self.name_params(named, self.optimizer)
+            self.name_params(named, self.optimizer)  # type: ignore[arg-type]  # Parameters are Tensors; only read
             self._opt_hooks = [self.optimizer.register_step_pre_hook(self._optimizer_begins),
                                self.optimizer.register_step_post_hook(self._optimizer_ends)]
         try:
-            return super().__enter__()
+            return super().__enter__()  # type: ignore[return-value]  # OpProbe.__enter__ returns self
         except BaseException:
             self._remove_opt_hooks()
             raise
@@ -190,7 +190,8 @@ class FlightRecorder(OpProbe):
             outs = [out]
         elif isinstance(out, (list, tuple)) and out:
             outs = [t for t in out if isinstance(t, torch.Tensor)]
-        elif args and compat.op_schema(func).is_mutable:  # in-place foreach ops return nothing: their first argument changed
+        # in-place foreach ops return nothing: their first argument changed
+        elif args and compat.op_schema(func).is_mutable:
             first = args[0]
             outs = [first] if isinstance(first, torch.Tensor) else [t for t in first if isinstance(t, torch.Tensor)]
         else:

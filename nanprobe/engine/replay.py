@@ -57,7 +57,7 @@ class RandomState:
     @classmethod
     def capture(cls, seed: int | None = None) -> RandomState:
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        return cls(torch.get_rng_state(), None if cuda is None else tuple(cuda), np.random.get_state(),
+        return cls(torch.get_rng_state(), None if cuda is None else tuple(cuda), np.random.get_state(),  # type: ignore[arg-type]  # legacy get_state(): a tuple
                    random.getstate(), seed)
 
     @classmethod
@@ -187,7 +187,8 @@ def check_dtype(device: torch.device, precision: Precision, mode: Mode) -> None:
             (a.to(dt) @ a.to(dt)).sum()
     except Exception as exc:
         raise DeviceError(f"precision.dtypes: {precision.value} is not supported on {device.type} "
-                          f"in {mode.value} mode ({str(exc).splitlines()[0][:120]}); drop it from precision.dtypes") from None
+                          f"in {mode.value} mode ({str(exc).splitlines()[0][:120]}); "
+                          "drop it from precision.dtypes") from None
 
 
 def kernels_for(config: Config, precision: Precision, device: torch.device) -> Kernels:
@@ -206,7 +207,8 @@ def make_optimizer(config: Config, params) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay, foreach=False)
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.betas[0], weight_decay=t.weight_decay, foreach=False)
-    return torch.optim.RMSprop(params, lr=t.lr, momentum=t.betas[0], eps=t.eps, weight_decay=t.weight_decay, foreach=False)
+    return torch.optim.RMSprop(params, lr=t.lr, momentum=t.betas[0], eps=t.eps, weight_decay=t.weight_decay,
+                               foreach=False)
 
 
 def _batch(config: Config, loaded: Loaded, step: int, probe: OpProbe | None) -> torch.Tensor:
@@ -323,6 +325,7 @@ class _Replay:
 
     def _set_rng(self) -> None:
         rng = self.loaded.rng
+        assert rng is not None  # both callers check loaded.rng first
         torch.set_rng_state(rng["cpu"])
         if self.device.type == "cuda" and rng.get("cuda") is not None:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
@@ -364,12 +367,12 @@ class _Replay:
                 if self.probe is not None:
                     self.probe.fetch()
                 self.trace.stopped = f"interrupted (Ctrl-C) during step {step}"
-                exc.trace = self.trace
+                exc.trace = self.trace  # type: ignore[attr-defined]  # handed to the caller on the exception
                 raise
         return self.trace
 
     def _unscaled(self) -> None:
-        self.trace.unscaled_grads.append((self.probe.step, self.probe.sources.find()))
+        self.trace.unscaled_grads.append((self.probe.step, self.probe.sources.find()))  # type: ignore[union-attr]  # the probe is on while replaying
 
     def _inputs(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._phase(Phase.DATA)
@@ -382,7 +385,8 @@ class _Replay:
             self._set_rng()  # the captured step drew z first, from this state
         if latents is not None:
             b = real.shape[0]
-            z = latents[[(step * b + i) % len(latents) for i in range(b)]].to(device=self.device, dtype=self.model_dtype)
+            z = latents[[(step * b + i) % len(latents) for i in range(b)]].to(device=self.device,
+                                                                              dtype=self.model_dtype)
         elif self.generator is not None:
             z = torch.randn(real.shape[0], *self.config.model.latent_dim, device=self.device, dtype=self.model_dtype)
         if step == 0 and self.loaded.rng is not None and latents is not None:
@@ -407,13 +411,13 @@ class _Replay:
                 probe.fetch()
             first = self._first_nonfinite(start)
             key = None if first is None else (first.phase, first.module, first.source, first.op, first.node,
-                                              tuple(first.row[st.POSINF:]))
+                                              tuple(first.row[st.POSINF:]))  # type: ignore[index]  # _first_nonfinite returns events with a row
             repeats = repeats + 1 if key is not None and key == last else 0
             last = key
             if skipped and attempt < MAX_SCALER_RETRIES and repeats < PERSISTENT_REPEATS and \
                     self._scale_bound(first, metrics):
                 # Dynamic loss scaling skipped this step on purpose; training would go on at the lower scale.
-                self.trace.skipped.append((step, attempt, metrics.scale))
+                self.trace.skipped.append((step, attempt, metrics.scale))  # type: ignore[arg-type]  # a skipped step ran with a scaler: scale is set
                 if probe is not None:
                     probe.skip_attempt(step, attempt)
                 continue
@@ -465,7 +469,7 @@ class _Replay:
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
-            skipped = scaler.get_scale() < scale
+            skipped = scaler.get_scale() < scale  # type: ignore[operator]  # scale is set when a scaler is on
         else:
             self.optimizer.step()
             skipped = False
@@ -480,15 +484,15 @@ class _Replay:
 
     def _record_lost(self, step: int, before: dict) -> None:
         """Count unchanged weights per parameter and attach the numbers to the op that wrote it."""
-        with self.probe.paused():
+        with self.probe.paused():  # type: ignore[union-attr]  # the probe is on while replaying
             counts = updates.lost(self.optimizer, self.params, before)
         self.trace.lost[step] = counts
-        writes = self.probe.param_writes()
+        writes = self.probe.param_writes()  # type: ignore[union-attr]  # the probe is on while replaying
         for name, (moving, unchanged) in counts.items():
             idx = writes.get(name)
             if idx is None:
                 continue
-            e = self.probe.events[idx]
+            e = self.probe.events[idx]  # type: ignore[union-attr]  # the probe is on while replaying
             e.info = {**(e.info or {}), "lost_updates": {
                 "param": name, "elements": moving, "lost": unchanged, "share": round(unchanged / moving, 4)}}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -44,7 +45,7 @@ class RecipeWatch:
         self.scaler = scaler
         self.on_unscaled = on_unscaled
         self._scaled = WeakTensorKeyDictionary()
-        self._grad = None
+        self._grad: Callable[..., Any] | None = None
 
     def __enter__(self) -> RecipeWatch:
         grad, scale, scaled = torch.autograd.grad, self.scaler.scale, self._scaled
@@ -68,6 +69,6 @@ class RecipeWatch:
 
     def __exit__(self, *exc) -> None:
         try:
-            torch.autograd.grad = self._grad
+            torch.autograd.grad = self._grad  # type: ignore[assignment]  # restores the function saved in __enter__
         finally:
             self.scaler.__dict__.pop("scale", None)

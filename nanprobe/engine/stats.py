@@ -15,7 +15,8 @@ import torch
 NUMEL, MAX_ABS, MIN_NONZERO, ZEROS, SUBNORMAL, POSINF, NEGINF, NAN = range(8)
 ROW_WIDTH = 8
 
-_SMALLEST_NORMAL = {dt: torch.finfo(dt).smallest_normal for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+_SMALLEST_NORMAL = {dt: torch.finfo(dt).smallest_normal for dt in (torch.float16, torch.bfloat16, torch.float32,
+                                                                   torch.float64)}
 _FLOATS = frozenset(_SMALLEST_NORMAL)
 
 

@@ -1,6 +1,7 @@
 """Terminal rendering of the data and initialisation checks with rich (the CLI's side)."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console, Group
@@ -18,7 +19,7 @@ INIT_ROWS = 24
 
 
 @contextmanager
-def scan_progress(enabled: bool = True):
+def scan_progress(enabled: bool = True) -> Iterator[Callable | None]:
     """A progress bar on stderr; yields the callback the scan calls per chunk: (done_bytes, total_bytes)."""
     console = Console(stderr=True)
     # Only on a terminal: piped stderr must carry nothing but the one-line errors.
@@ -38,7 +39,7 @@ def scan_progress(enabled: bool = True):
         yield on_chunk
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.3g} {unit}" if unit != "B" else f"{n} B"
@@ -86,7 +87,8 @@ def data_report(rep, console: Console | None = None, title: str = "nanprobe chec
     rate = f", {_size(rep.nbytes / rep.seconds)}/s" if rep.seconds > 0 and rep.scope == "file" else ""
     mapped = "memory-mapped" if rep.memory_mapped else "read whole (not memory-mapped)"
     console.print(Text.assemble((f"{title} ", "bold"), rep.path, (
-        f"  ({rep.format} {rep.dtype} {list(rep.shape)}, {_size(rep.nbytes)}, {mapped}, {rep.seconds:.2f} s{rate})", "dim")))
+        f"  ({rep.format} {rep.dtype} {list(rep.shape)}, {_size(rep.nbytes)}, {mapped}, {rep.seconds:.2f} s{rate})",
+        "dim")))
     for note in rep.notes:
         console.print(Text.assemble(("note: ", "bold yellow"), note))
     if rep.ok:
@@ -96,8 +98,9 @@ def data_report(rep, console: Console | None = None, title: str = "nanprobe chec
                            f"[{r.expected[0]:g}, {r.expected[1]:g}]{seen}.", style="bold green"))
         return
     t = Table(header_style="bold")
-    for col, justify in (("problem", "left"), ("samples", "right"), ("share", "right"), ("indices", "left"), ("detail", "left")):
-        t.add_column(col, justify=justify)
+    for col, justify in (("problem", "left"), ("samples", "right"), ("share", "right"), ("indices", "left"),
+                         ("detail", "left")):
+        t.add_column(col, justify=justify)  # type: ignore[arg-type]  # "left"/"right" literals above
     for problem, count, share, idx, detail in _rows(rep):
         t.add_row(Text(problem.value, style="bold red"), str(count), f"{share:.2%}", idx, detail)
     console.print(t)
@@ -132,12 +135,14 @@ def init_table(checks, console: Console) -> None:
         return
     shown = flagged + [c for c in checks if not c.flagged][:max(0, INIT_ROWS - len(flagged))]
     shown.sort(key=lambda c: checks.index(c))
-    t = Table(title="initialisation: weight std against He (for the activation after) and Glorot; output std on the first batch",
+    t = Table(title="initialisation: weight std against He (for the activation after) and Glorot; "
+                    "output std on the first batch",
               title_justify="left", header_style="bold")
     for col in ("module", "std", "He", "× He", "Glorot", "out std", "after"):
         t.add_column(col, justify="left" if col in ("module", "after") else "right", no_wrap=col == "module")
     for c in shown:
-        t.add_row(c.module, f"{c.std:.3g}", f"{c.he:.3g}", Text(f"{c.ratio:.3g}", style="bold red" if c.flagged else ""),
+        t.add_row(c.module, f"{c.std:.3g}", f"{c.he:.3g}",
+                  Text(f"{c.ratio:.3g}", style="bold red" if c.flagged else ""),
                   f"{c.glorot:.3g}", "-" if c.output_std is None else f"{c.output_std:.3g}",
                   c.nonlinearity.replace("leaky_relu", "leaky") + (" (assumed)" if c.assumed else ""))
     console.print(t)

@@ -66,7 +66,8 @@ def summary_table(c: Comparison) -> Table:
               title_justify="left")
     t.add_column("")
     for s in c.summaries:
-        t.add_column(f"{s.precision.value} ({s.mode.value})" if s.precision.is_low else s.precision.value, justify="right")
+        t.add_column(f"{s.precision.value} ({s.mode.value})" if s.precision.is_low else s.precision.value,
+                     justify="right")
 
     def row(name, fn):
         t.add_row(name, *(fn(s) for s in c.summaries))
@@ -88,7 +89,8 @@ def summary_table(c: Comparison) -> Table:
 
 def module_table(c: Comparison, top: int) -> Table:
     low = [s.precision for s in c.summaries if s.precision.is_low]
-    t = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, title=f"per module: top {min(top, len(c.modules))} "
+    t = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False,
+              title=f"per module: top {min(top, len(c.modules))} "
               f"of {len(c.modules)} by error added there", title_justify="left",
               caption="headroom: powers of two left to the dtype's max / above its smallest normal (< 0: subnormal); "
               "◀: where the dtype departs from fp32",
@@ -105,7 +107,8 @@ def module_table(c: Comparison, top: int) -> Table:
             if s is None:
                 continue
             mark = " ◀" if (m.module, m.phase, p) in departed else ""
-            t.add_row(f"{m.module} {m.phase.value}" if i == 0 else "", p.value + mark, _err(s.rel_error), _pct(s.flushed),
+            t.add_row(f"{m.module} {m.phase.value}" if i == 0 else "", p.value + mark, _err(s.rel_error),
+                      _pct(s.flushed),
                       f"{_room0(s.headroom_max)} / {_room0(s.headroom_normal)}",
                       style="bold" if mark else None)
     return t
@@ -144,8 +147,8 @@ def range_view(c: Comparison, width: int = 80) -> list[Text]:
     if not rows:
         return [Text("range view: no non-zero values recorded", style="dim")]
     spans = [m.span(Precision.FP32) for m in rows]
-    lo = math.floor(min(min(s.log2_min for s in spans), fp16.log2_min_subnormal)) - 2
-    hi = math.ceil(max(max(s.log2_max for s in spans), fp16.log2_max)) + 2
+    lo = math.floor(min(min(s.log2_min for s in spans), fp16.log2_min_subnormal)) - 2  # type: ignore[arg-type, type-var, union-attr]  # only spans with values get here
+    hi = math.ceil(max(max(s.log2_max for s in spans), fp16.log2_max)) + 2  # type: ignore[arg-type, type-var, union-attr]  # only spans with values get here
     labels = [f"{m.module} {m.phase.value}" for m in rows]
     label_w = min(max(len(x) for x in labels + ["bf16"]), 30)
     bar_w = max(20, width - label_w - 16)
@@ -180,15 +183,15 @@ def range_view(c: Comparison, width: int = 80) -> list[Text]:
            Text(f"{'bf16':<{label_w}} ") + band(bf16)]
     for label, s in zip(labels, spans):
         t = Text(f"{label[:label_w]:<{label_w}} ")
-        a, b = col(s.log2_min), col(s.log2_max)
+        a, b = col(s.log2_min), col(s.log2_max)  # type: ignore[arg-type, union-attr]  # only spans with values get here
         for i in range(bar_w):
             if a <= i <= b:
-                x = min(max(lo + (i + 0.5) * unit, s.log2_min), s.log2_max)
+                x = min(max(lo + (i + 0.5) * unit, s.log2_min), s.log2_max)  # type: ignore[union-attr]  # only spans with values get here
                 glyph, style = _CELLS[_class(x, fp16)]
                 t.append(glyph, style=style)
             else:
                 t.append("·", style="dim")
-        t.append(f" {s.log2_min:.0f}..{s.log2_max:.0f}", style="dim")
+        t.append(f" {s.log2_min:.0f}..{s.log2_max:.0f}", style="dim")  # type: ignore[union-attr]  # only spans with values get here
         out.append(t)
     out.append(Text("█ fp16 normal  ▓ fp16 subnormal (precision lost)  ░ beyond fp16 (0 or inf)", style="dim"))
     if hidden:
@@ -210,13 +213,15 @@ def _departure_lines(c: Comparison) -> list[Text]:
             continue
         if d is None:
             out.append(Text.assemble((f"{s.precision.value}", "bold"), " stays close to fp32: nothing training sees "
-                                     f"(loss, penalty, parameter gradients) is off by more than {EFFECT_TOLERANCE_EPS:g} eps of "
-                                     f"{s.precision.value} ({_err(EFFECT_TOLERANCE_EPS * _eps(s.precision))}) through an underflow, "
+                                     "(loss, penalty, parameter gradients) is off by more than "
+                                     f"{EFFECT_TOLERANCE_EPS:g} eps of {s.precision.value} "
+                                     f"({_err(EFFECT_TOLERANCE_EPS * _eps(s.precision))}) through an underflow, "
                                      "and nothing goes non-finite"))
             continue
         out.append(Text.assemble(
             (f"{s.precision.value}", "bold"), " departs from fp32 at ", (f"{d.module} · {d.phase.value}", "bold"),
-            f" (step {d.step}, {_op(d.op)}{', ' + d.source if d.source else ''}), the op diagnose names: relative error "
+            f" (step {d.step}, {_op(d.op)}{', ' + d.source if d.source else ''}), "
+            "the op diagnose names: relative error "
             f"{_err(d.rel_error)}, {_err(d.added_error)} of it added there, {_pct(d.flushed)} of values flushed to 0"))
     return out
 

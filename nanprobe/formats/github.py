@@ -45,7 +45,7 @@ def location(finding: Finding | ReplayError | None, config: str | None, root: Pa
     return (_relative(Path(config), root) if config else None), None
 
 
-def annotations(report: Report, fail_on: FailOn | str = FailOn.OVERFLOW, root: Path | None = None) -> list[str]:
+def annotations(report: Report, fail_on: FailOn | str = FailOn.OVERFLOW, root: Path | None = None) -> list[str]:  # type: ignore[no-redef]  # public name, next to __future__'s
     """An ::error for each run at or above fail_on, a ::warning for a finding below it, at its source line.
 
     root is the folder paths are made relative to: $GITHUB_WORKSPACE when set, else the working directory.

@@ -22,8 +22,8 @@ def plot_ranges(c: Comparison, path: Path) -> None:
     try:
         ranges = {r.precision: r for r in c.dtype_ranges}
         spans = [s for m in rows for s in m.spans if s.log2_min is not None]
-        lo = min([ranges[Precision.FP16].log2_min_subnormal] + [s.log2_min for s in spans]) - 4
-        hi = max([ranges[Precision.FP16].log2_max] + [s.log2_max for s in spans]) + 4
+        lo = min([ranges[Precision.FP16].log2_min_subnormal] + [s.log2_min for s in spans]) - 4  # type: ignore[operator, type-var]  # only spans with values get here
+        hi = max([ranges[Precision.FP16].log2_max] + [s.log2_max for s in spans]) + 4  # type: ignore[operator, type-var]  # only spans with values get here
         for p, colour, alpha in ((Precision.BF16, "tab:blue", 0.06), (Precision.FP16, "tab:green", 0.12)):
             r = ranges[p]
             ax.axvspan(max(lo, r.log2_min_normal), min(hi, r.log2_max), color=colour, alpha=alpha,

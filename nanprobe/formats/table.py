@@ -1,9 +1,10 @@
 """Terminal rendering of a Report with rich (the CLI's side; the core never imports this)."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.panel import Panel
 from rich.syntax import Syntax
 from rich.table import Table
@@ -15,7 +16,7 @@ from nanprobe.model.report import Finding, FixSuggestion, Report, RunReport
 
 
 @contextmanager
-def progress(enabled: bool = True):
+def progress(enabled: bool = True) -> Iterator[Callable | None]:
     """A progress bar on stderr; yields the callback the core calls per replayed step."""
     console = Console(stderr=True)
     # Only on a terminal: piped stderr must carry nothing but the one-line errors.
@@ -24,7 +25,8 @@ def progress(enabled: bool = True):
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn("[bold]replaying[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+    bar = Progress(TextColumn("[bold]replaying[/] {task.description}"), BarColumn(),
+                   TextColumn("{task.completed}/{task.total} steps"),
                    TimeElapsedColumn(), console=console, transient=True)
     tasks: dict = {}
 
@@ -98,7 +100,8 @@ def _summary_table(report: Report) -> Table:
         issue = "-"
         if run.first_issue is not None:
             f = run.first_issue
-            issue = f"{f.kind.value} in {f.phase.value} at {f.module or f.op.removeprefix('aten.').split('.')[0]} (step {f.step})"
+            issue = (f"{f.kind.value} in {f.phase.value} at "  # type: ignore[union-attr]  # not None on this path
+                     f"{f.module or f.op.removeprefix('aten.').split('.')[0]} (step {f.step})")
         elif run.error is not None:
             e = run.error
             issue = f"{e.exception} in {e.phase.value} at {file_line(e.source)} (step {e.step})"
@@ -139,7 +142,7 @@ def _code(text: str, lexer: str) -> Syntax:
 
 
 def _run_panel(run: RunReport) -> Panel:
-    parts = []
+    parts: list[RenderableType] = []
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
@@ -150,7 +153,7 @@ def _run_panel(run: RunReport) -> Panel:
         grid.add_row("source", e.source or "-")
         grid.add_row("op", f"{e.op or '-'} · {e.phase.value} · step {e.step}")
     if f is not None:
-        grid.add_row("first issue", Text.assemble((f"{f.kind.value}", STYLE[Status(f.kind.value)]),
+        grid.add_row("first issue", Text.assemble((f"{f.kind.value}", STYLE[Status(f.kind.value)]),  # type: ignore[union-attr]  # not None on this path
                                                   f" · {f.phase.value} · step {f.step} · {_where(f)}"))
         grid.add_row("source", f.source or (f"optimizer step on {f.param}" if f.param else "-"))
         grid.add_row("numbers", f.detail)
@@ -162,13 +165,15 @@ def _run_panel(run: RunReport) -> Panel:
         grid.add_row("first non-finite", f"{n.phase.value} · step {n.step} · {_where(n)} · {n.source or '-'}")
         grid.add_row("", n.detail)
     if run.chain and len(run.chain) > 1:
-        hops = " → ".join(("…" if c.index < 0 else f"{c.module + ':' if c.module else ''}{c.op.removeprefix('aten.').split('.')[0]}")
+        hops = " → ".join(("…" if c.index < 0
+                           else f"{c.module + ':' if c.module else ''}{c.op.removeprefix('aten.').split('.')[0]}")
                           for c in run.chain)
         grid.add_row("chain", hops)
     for note in run.notes:
         grid.add_row("note", note)
     if run.lost_updates:
-        grid.add_row("lost updates", ", ".join(f"{u.module} {u.share:.0%} of {u.elements}" for u in run.lost_updates[:6])
+        grid.add_row("lost updates",
+                     ", ".join(f"{u.module} {u.share:.0%} of {u.elements}" for u in run.lost_updates[:6])
                      + (f" (+{len(run.lost_updates) - 6} modules)" if len(run.lost_updates) > 6 else ""))
     if run.scale_collapse is not None and run.scale_collapse is not f:
         grid.add_row("scale collapse", f"{run.scale_collapse.phase.value} · step {run.scale_collapse.step} · "
@@ -204,7 +209,8 @@ def _run_panel(run: RunReport) -> Panel:
         checked = any(f.verification for f in run.fixes)
         for other in run.fixes[1:] if checked else run.fixes[1:3]:
             parts.append(Text.assemble(("also: ", "dim"), *_mark(other), (other.id, "cyan"), f"  {other.title}",
-                                       (" (patch: --patch)" if other.patch and other.check is FixCheck.OK else "", "dim")))
+                                       (" (patch: --patch)" if other.patch and other.check is FixCheck.OK else "",
+                                        "dim")))
             if other.verification:
                 parts.append(Text.assemble("      ", (other.verification, "dim")))
     title = f"{run.precision.value} ({run.mode.value}): {run.status.value}"

@@ -18,7 +18,8 @@ except ImportError:  # the standalone package
     try:
         from pytorch_lightning.callbacks import Callback
     except ImportError:
-        raise ImportError("nanprobe.integrations.lightning needs Lightning: pip install 'nanprobe[lightning]'") from None
+        raise ImportError("nanprobe.integrations.lightning needs Lightning: "
+                          "pip install 'nanprobe[lightning]'") from None
 
 from nanprobe.integrations.watch import Watch
 
@@ -56,7 +57,7 @@ class NanProbeCallback(Callback):
         if self.watch is None:
             self.watch = self._make_watch(trainer, pl_module)
         self._step = self.watch.step(self.real(batch))
-        self._step.__enter__()
+        self._step.__enter__()  # type: ignore[attr-defined]  # _step was just set
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step, self._step = self._step, None

@@ -117,7 +117,7 @@ class PrecisionItem(pytest.Item):
 
         if self.error is not None:
             raise NanprobeError(self.error)
-        outcome = self.parent.diagnosis()
+        outcome = self.parent.diagnosis()  # type: ignore[union-attr]  # not None on this path
         if isinstance(outcome, BaseException):
             raise outcome
         run = next((r for r in outcome.runs if r.precision.value == self.dtype), None)
@@ -127,7 +127,7 @@ class PrecisionItem(pytest.Item):
         if FailOn(self.config.getoption("nanprobe_fail_on")).fails(run.status):
             raise NanprobeFailure(message(run))
         if run.status is not Status.OK:
-            warnings.warn(NanprobeWarning(f"{self.path.name}: {headline(run)}"))
+            warnings.warn(NanprobeWarning(f"{self.path.name}: {headline(run)}"), stacklevel=2)
 
     def repr_failure(self, excinfo, style=None):
         from nanprobe.errors import NanprobeError

@@ -3,14 +3,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nanprobe.enums import FailOn
 from nanprobe.errors import ConfigError
 from nanprobe.model.verdict import failing, message
 
+if TYPE_CHECKING:
+    from nanprobe.io.config import Config
+    from nanprobe.model.report import Report
 
-def assert_precision_safe(config: str | Path | object, dtypes: Iterable[str] = ("fp16", "bf16"),
-                          fail_on: str = "overflow", **overrides):
+
+def assert_precision_safe(config: Config | str | Path, dtypes: Iterable[str] = ("fp16", "bf16"),
+                          fail_on: str = "overflow", **overrides) -> Report:
     """Diagnose config in dtypes (fp32 is the reference) and return the Report.
 
     Raises AssertionError with each failing precision's verdict, culprit and top fix when a status

@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -139,7 +139,7 @@ class _Step:
         self.watch._begin(self.real, self.z)
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if exc_type is None:
             self.watch._end(self.loss)
         else:
@@ -174,7 +174,8 @@ class Watch:
             raise ConfigError("nanprobe.watch: a dump names the generator by its class, so with dump_dir the "
                               f"generator must be an nn.Module (got {type(generator).__name__}); pass the module")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise ConfigError(f"nanprobe.watch: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise ConfigError("nanprobe.watch: optimizer must be a torch.optim.Optimizer, "
+                              f"got {type(optimizer).__name__}")
         if optimizer is not None:
             owned = {id(p) for p in critic.parameters()}
             if not any(id(p) in owned for g in optimizer.param_groups for p in g["params"]):
@@ -250,7 +251,8 @@ class Watch:
         """`with w.step(real, z):` around a training step, or `w.step(fn, real, z)` to call fn(real, z) watched."""
         if args and callable(args[0]) and not isinstance(args[0], torch.Tensor):
             fn, rest = args[0], args[1:]
-            call_kw = dict(kwargs, **({"real": real} if real is not None else {}), **({"z": z} if z is not None else {}))
+            call_kw = dict(kwargs, **({"real": real} if real is not None else {}),
+                           **({"z": z} if z is not None else {}))
             real_ = rest[0] if rest else real
             z_ = rest[1] if len(rest) > 1 else z
             with _Step(self, real_, z_) as s:
@@ -274,7 +276,7 @@ class Watch:
         self._block = True
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if self._session or not self._block:
             self.close()
         elif exc_type is None:
@@ -306,7 +308,7 @@ class Watch:
         if replay and z is None and self.generator is not None and self.latent_dim is None:
             raise ConfigError("nanprobe.watch: pass z to step(real, z), or latent_dim to watch() when the step draws "
                               "z itself as its first random numbers")
-        self._real = real.detach().clone() if replay else None
+        self._real = real.detach().clone() if replay else None  # type: ignore[union-attr]  # not None on this path
         self._realref = real.detach() if real is not None else None
         self._z = z.detach().clone() if replay and z is not None else None
         self._snapped = replay
@@ -367,7 +369,7 @@ class Watch:
                     self._scale_before = torch.empty_like(scale)
                     self._tracker_before = torch.empty_like(compat.scaler_growth_tracker(scaler))
                 self._scale_before.copy_(scale)
-                self._tracker_before.copy_(compat.scaler_growth_tracker(scaler))
+                self._tracker_before.copy_(compat.scaler_growth_tracker(scaler))  # type: ignore[union-attr]  # not None on this path
 
     def _abort(self) -> None:
         self._active = False
@@ -399,18 +401,19 @@ class Watch:
             if after is not None:
                 row[_SCALE_AFTER] = after.reshape(())
             before = self._scale_before if scaler is not None else None
-            row[_SCALE_BEFORE] = before.reshape(()) if isinstance(before, torch.Tensor) else torch.full((), float(before or 0))
+            row[_SCALE_BEFORE] = (before.reshape(()) if isinstance(before, torch.Tensor)
+                                  else torch.full((), float(before or 0)))
             real = self._realref
             if real is not None and real.is_floating_point() and real.numel():
                 mn, mx = torch.aminmax(real)
                 row[_REAL] = torch.maximum(mx, -mn)
-            rec = self._recorder.values() if self._recording else None
+            rec = self._recorder.values() if self._recording else None  # type: ignore[union-attr]  # the recorder is on while watching
             if rec is not None and world > 1:  # which op, for the other ranks' messages
-                first = self._recorder.first_bad(rec)
+                first = self._recorder.first_bad(rec)  # type: ignore[union-attr]  # the recorder is on while watching
                 row[_FIRST_OP], row[_FIRST_HASH] = first[0], first[1]
             else:
                 row[_FIRST_OP] = torch.full((), -1.0)
-            row = torch.stack([v.to(device=device, dtype=torch.float64) for v in row])
+            row = torch.stack([v.to(device=device, dtype=torch.float64) for v in row])  # type: ignore[assignment]  # the list becomes one stacked tensor
         return row, params, grads, rec
 
     def _end(self, out: Any) -> None:
@@ -441,7 +444,7 @@ class Watch:
             seen = self._seen or ((Mode.AMP, self.precision) if self.precision is not None else None)
             if seen is not None and seen[0] is Mode.AMP and seen[1].is_low:
                 low = seen[1].torch_dtype
-            self.flight = self._recorder.find(host[world * _FIELDS:], low)
+            self.flight = self._recorder.find(host[world * _FIELDS:], low)  # type: ignore[union-attr]  # the recorder is on while watching
         own = rows[rank]
         bad_by_rank = {}
         for r, v in enumerate(rows):
@@ -459,7 +462,8 @@ class Watch:
             if not any("weights" in b for b in bad_by_rank.values()):
                 if self._skips_in_row <= self.max_skips:
                     return  # loss scaling skipped the step on purpose; training goes on at a lower scale
-                self._fail(step, {r: [f"the GradScaler skipped {self._skips_in_row} steps in a row (scale now {after:g})"]
+                self._fail(step,
+                           {r: [f"the GradScaler skipped {self._skips_in_row} steps in a row (scale now {after:g})"]
                                   for r in range(world)}, rows)
                 return
         elif not bad_by_rank:
@@ -490,15 +494,16 @@ class Watch:
             from nanprobe.io import dump
 
             root = self.dump_dir / f"rank-{rank}" if world > 1 else self.dump_dir
-            folder = dump.write(root, step, config, self.refs)
+            folder = dump.write(root, step, config, self.refs)  # type: ignore[arg-type]  # not None on this path
         where = f"; dumped to {folder} (replay it with: nanprobe diagnose {folder / 'config.yaml'})" if folder else ""
         if world == 1:
             head = f"nanprobe.watch: step {step} turned non-finite ({reason}){where}."
         else:
             first = "; ".join(f"rank {r} of {world} ({reasons[r]})" for r in origins)
             followed = [r for r in bad_by_rank if r not in origins]
-            head = (f"nanprobe.watch: step {step} turned non-finite on {first}" + (f"; rank{'s' if len(followed) > 1 else ''} {', '.join(map(str, followed))} "
-                                     "followed through the gradient all-reduce" if followed else "") + f"{where}.")
+            head = (f"nanprobe.watch: step {step} turned non-finite on {first}"
+                    + (f"; rank{'s' if len(followed) > 1 else ''} {', '.join(map(str, followed))} "
+                       "followed through the gradient all-reduce" if followed else "") + f"{where}.")
         lines = [head]
         if world > 1 and rank not in origins:
             lines += [self._other_rank(r, rows[r]) for r in origins if rows[r][_FIRST_OP] >= 0]
@@ -525,7 +530,8 @@ class Watch:
             # The one report of the run: the ranks that failed and where their steps were dumped.
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             dumps = [f"  rank {r}: {self.dump_dir / f'rank-{r}'}/step-{step:06d}*/config.yaml" for r in origins]
-            text = "\n".join([message, "", "Dumped steps (replay one with nanprobe diagnose DUMP/config.yaml):", *dumps])
+            text = "\n".join([message, "", "Dumped steps (replay one with nanprobe diagnose DUMP/config.yaml):",
+                              *dumps])
             (self.dump_dir / f"report-step-{step:06d}.txt").write_text(text + "\n", encoding="utf-8")
         if self.on_nan is OnNan.RAISE:
             raise NonFiniteError(message, self.failure)
@@ -603,7 +609,8 @@ class Watch:
         sd = dict(self.scaler.state_dict())
         before = self._scale_before
         sd["scale"] = float(before) if before is not None else float(self.scaler._init_scale)
-        sd[compat.GROWTH_TRACKER_KEY] = int(self._tracker_before) if isinstance(self._tracker_before, torch.Tensor) else 0
+        sd[compat.GROWTH_TRACKER_KEY] = (int(self._tracker_before) if isinstance(self._tracker_before, torch.Tensor)
+                                         else 0)
         return sd
 
     def _diagnose(self, config: cfg.Config) -> Report:
@@ -642,7 +649,8 @@ def _precision_hook(watch: Watch, critic: torch.nn.Module):
         device = watch._device()
         if torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
-            watch._seen = (Mode.AMP, {torch.float16: Precision.FP16, torch.bfloat16: Precision.BF16}.get(dtype, Precision.FP32))
+            watch._seen = (Mode.AMP,
+                           {torch.float16: Precision.FP16, torch.bfloat16: Precision.BF16}.get(dtype, Precision.FP32))
         else:
             dtype = next(module.parameters(), torch.zeros(())).dtype
             low = {torch.float16: Precision.FP16, torch.bfloat16: Precision.BF16}.get(dtype)

@@ -37,7 +37,8 @@ class ModelConfig:
     StyleGAN2's generators take); a tuple or list it returns gives its first tensor. From Python, also a
     function (generator, z) -> fakes."""
     checkpoint: Any = None
-    """{"critic": sd, "generator": sd} or a bare critic state_dict, loaded with weights_only=True (Python API: the dict itself)."""
+    """{"critic": sd, "generator": sd} or a bare critic state_dict, loaded with weights_only=True (Python API: the
+    dict itself)."""
     init: str = "default"
     """default (the weights as built and loaded) | he: the critic's conv/linear weights redrawn at the He
     scale for LeakyReLU(0.2), biases zeroed (on nanprobe's copy; your model and files are untouched)."""
@@ -50,7 +51,8 @@ class DataConfig:
     source: str = "synthetic"
     """synthetic (uniform in `range`) or file (.npy or .pt tensor [N, C, H, W])."""
     path: Any = None
-    """The data file when source is file; step k uses samples [k*B, (k+1)*B) in file order (Python API: a tensor or array)."""
+    """The data file when source is file; step k uses samples [k*B, (k+1)*B) in file order (Python API: a tensor or
+    array)."""
     shape: tuple | None = None
     """Shape of one sample (C, H, W): [3, 64, 64] when synthetic and unset; checked against the file."""
     range: tuple = (-1.0, 1.0)
@@ -108,7 +110,8 @@ class PrecisionConfig:
     policy: Policy = Policy.CUDA
     """cuda: a CPU replay casts each op as CUDA autocast would; native: the device's own autocast."""
     kernels: Kernels = Kernels.EMULATED
-    """emulated: a CPU replay computes fp16/bf16 ops in fp32 and rounds each output, as GPU kernels do; native: the CPU's own kernels (CUDA: always its own)."""
+    """emulated: a CPU replay computes fp16/bf16 ops in fp32 and rounds each output, as GPU kernels do; native: the
+    CPU's own kernels (CUDA: always its own)."""
     fp32_modules: tuple = ()
     """Module paths (critic.net.6) run outside autocast on fp32 inputs, with fp32 weights in half mode; for a Keras
     model, layer paths (critic/conv32), built with the float32 dtype policy."""
@@ -119,9 +122,11 @@ class StateConfig:
     """Training state captured by nanprobe.watch, so a dumped step replays exactly (all optional)."""
 
     z: Any = None
-    """The step's generator input, a .pt tensor [B, *latent_dim] (Python API: the tensor); None draws it from the seed."""
+    """The step's generator input, a .pt tensor [B, *latent_dim] (Python API: the tensor); None draws it from the
+    seed."""
     rng: Any = None
-    """A .pt file {"cpu": state, "cuda": state} set before the step (before z when z is not given); None seeds with `seed`."""
+    """A .pt file {"cpu": state, "cuda": state} set before the step (before z when z is not given); None seeds with
+    `seed`."""
     optimizer: Any = None
     """The optimizer's state_dict before the step (.pt), loaded into the replay's optimizer."""
     scaler: Any = None
@@ -451,12 +456,12 @@ def check(config: Config) -> Config:
     """A Config built in Python, checked key by key as a YAML one is; returns the clean copy."""
     if not isinstance(config, Config):
         raise ConfigError(f"expected a nanprobe Config or the path of a YAML config, got {_type_name(config)}")
-    sections = {}
+    sections: dict[str, Any] = {}
     for name, (cls, checks) in SECTIONS.items():
         section = getattr(config, name)
         if not isinstance(section, cls):
             raise _fail(name, f"a {cls.__name__}", section)
-        sections[name] = replace(section, **{k: checks[k](getattr(section, k), f"{name}.{k}") for k in checks})
+        sections[name] = replace(section, **{k: checks[k](getattr(section, k), f"{name}.{k}") for k in checks})  # type: ignore[type-var]  # section: the dataclass checked by isinstance above
     top = {k: TOP[k](getattr(config, k), k) for k in TOP}
     return validate(replace(config, **sections, **top))
 
@@ -464,7 +469,8 @@ def check(config: Config) -> Config:
 def validate(config: Config) -> Config:
     """Checks that span several keys; returns the config unchanged."""
     if config.model.critic is None and config.loss.step is None:
-        raise ConfigError("model.critic is missing; set it to 'models.py:Critic' (a file next to the config) or 'package.module:Critic'")
+        raise ConfigError("model.critic is missing; set it to 'models.py:Critic' (a file next to the config) "
+                          "or 'package.module:Critic'")
     if config.model.critic is None:
         raise ConfigError("model.critic is missing; a custom loss.step still needs the critic it trains")
     if config.data.source == "file" and config.data.path is None:
@@ -516,7 +522,8 @@ def resolve(config: Config, p: Path) -> Path:
     return p if p.is_absolute() else config.base_dir / p
 
 
-_OVERRIDE_SECTIONS = {"dtypes": "precision", "mode": "precision", "policy": "precision", "kernels": "precision", "steps": "train"}
+_OVERRIDE_SECTIONS = {"dtypes": "precision", "mode": "precision", "policy": "precision", "kernels": "precision",
+                      "steps": "train"}
 
 
 def with_overrides(config: Config, **overrides: Any) -> Config:
@@ -552,7 +559,8 @@ def to_dict(config: Config) -> dict:
             return str(v)
         if hasattr(v, "shape") and hasattr(v, "dtype"):  # a tensor or array passed from Python
             return f"<{type(v).__name__} {list(v.shape)} {v.dtype}>"
-        if isinstance(v, dict) and not all(isinstance(x, (str, int, float, bool, type(None), list, tuple)) for x in v.values()):
+        if isinstance(v, dict) and not all(isinstance(x, (str, int, float, bool, type(None), list, tuple))
+                                           for x in v.values()):
             return f"<state_dict of {len(v)} entries>"
         if callable(v):  # a module, class or function passed from Python
             return f"<{getattr(v, '__qualname__', type(v).__name__)}>"
@@ -566,7 +574,7 @@ def to_dict(config: Config) -> dict:
             return v
         return repr(v)
 
-    out = {}
+    out: dict[str, Any] = {}
     for name in list(SECTIONS):
         section = getattr(config, name)
         out[name] = {f.name: plain(getattr(section, f.name)) for f in fields(section)}

@@ -91,7 +91,8 @@ def references(critic: torch.nn.Module, generator: torch.nn.Module | None, loss_
             _check_args(obj, args, key)
         out[key] = Ref(ref, file, args)
     if loss_fn is not None:
-        ref, file = _given_ref(loss_ref, "loss_ref") if loss_ref else _auto_ref(loss_fn, "the loss function", "loss_ref")
+        ref, file = _given_ref(loss_ref, "loss_ref") if loss_ref else _auto_ref(loss_fn, "the loss function",
+                                                                                "loss_ref")
         out["step"] = Ref(ref, file, {})
     return out
 

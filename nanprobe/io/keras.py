@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from nanprobe.errors import ConfigError
@@ -47,7 +48,7 @@ def select_backend() -> None:
 
 
 @contextmanager
-def torch_backend():
+def torch_backend() -> Iterator[None]:
     """A keras imported inside (by nanprobe or by the user's model file) gets the torch backend.
 
     KERAS_BACKEND is restored on exit: called from Python, nanprobe runs in the user's own process, and a
@@ -67,7 +68,7 @@ def torch_backend():
             os.environ["KERAS_BACKEND"] = old
 
 
-def import_keras(key: str, what: str):
+def import_keras(key: str, what: str) -> Any:
     """keras on the torch backend, or a ConfigError saying what to install or change."""
     try:
         with torch_backend():
@@ -109,7 +110,7 @@ def named_layers(model, root: str) -> list[tuple[str, Any]]:
 
 
 def _user_line(files: set[str]) -> str | None:
-    f = sys._getframe(2)
+    f: FrameType | None = sys._getframe(2)
     while f is not None:
         name = os.path.abspath(f.f_code.co_filename)
         if name in files:

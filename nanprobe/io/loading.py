@@ -11,6 +11,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -87,7 +88,7 @@ def _exists(path: Path, key: str) -> bool:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
 
 
-def import_file(path: Path, key: str):
+def import_file(path: Path, key: str) -> ModuleType:
     if not _exists(path, key):
         raise ConfigError(f"{key}: file not found: {path}")
     name = f"nanprobe_user_{abs(hash(str(path.resolve())))}"
@@ -135,7 +136,8 @@ def resolve_ref(config: Config, ref: str, key: str) -> tuple[Any, str]:
                 module = importlib.import_module(target)
         except ModuleNotFoundError as exc:
             if exc.name and target.startswith(exc.name):
-                raise ConfigError(f"{key}: no module named '{target}'; use 'file.py:{attr}' for a file next to the config") from None
+                raise ConfigError(f"{key}: no module named '{target}'; "
+                                  f"use 'file.py:{attr}' for a file next to the config") from None
             raise user_error(f"importing {target}", exc, ()) from None
         except Exception as exc:
             raise user_error(f"importing {target}", exc, ()) from None
@@ -186,6 +188,7 @@ def _build_model(config: Config, ref: Any, args: dict, key: str):
         except Exception as exc:
             raise ConfigError(f"{key}: cannot copy the {type(ref).__name__} passed in ({type(exc).__name__}: {exc}); "
                               "pass its class and arguments instead") from None
+    file: str | None
     if isinstance(ref, str):
         obj, file = resolve_ref(config, ref, key)
     elif callable(ref):
@@ -194,7 +197,7 @@ def _build_model(config: Config, ref: Any, args: dict, key: str):
         raise ConfigError(f"{key}: expected 'file.py:Name' or an nn.Module, got {type(ref).__name__}")
     if not callable(obj):
         raise ConfigError(f"{key}: '{ref}' is a {type(obj).__name__}, not a class or factory returning an nn.Module")
-    km = None
+    km = None  # type: ignore[assignment]  # None unless the factory built a Keras model
     try:
         # A file that imported keras may build a Keras model: build it as Keras would, recording its layers' lines.
         module = keras_io.from_factory(obj, args, role, (file,)) if "keras" in sys.modules else obj(**args)
@@ -213,7 +216,8 @@ def _build_model(config: Config, ref: Any, args: dict, key: str):
     if not isinstance(module, torch.nn.Module):
         if keras_io.is_keras_model(module):  # a Keras model on another backend is not a torch module
             keras_io.import_keras(key, f"what {getattr(obj, '__name__', ref)} returns")
-        raise ConfigError(f"{key}: {getattr(obj, '__name__', ref)} returned a {type(module).__name__}, not an nn.Module")
+        raise ConfigError(f"{key}: {getattr(obj, '__name__', ref)} returned a {type(module).__name__}, "
+                          "not an nn.Module")
     return module, file, km
 
 
@@ -257,7 +261,8 @@ def load_checkpoint(config: Config, critic: torch.nn.Module, generator: torch.nn
     if not isinstance(state, dict):
         raise ConfigError(f"model.checkpoint: {path.name} holds a {type(state).__name__}, not a state_dict "
                           "or {'critic': state_dict, 'generator': state_dict}")
-    parts = {"critic": state.get("critic"), "generator": state.get("generator")} if "critic" in state else {"critic": state}
+    parts = ({"critic": state.get("critic"), "generator": state.get("generator")} if "critic" in state
+             else {"critic": state})
     for name, sd in parts.items():
         if sd is None:
             continue
@@ -313,7 +318,8 @@ def _load_state(model: torch.nn.Module, sd: dict, name: str, file: str) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+             for k in own if k in sd and sd[k].shape != own[k].shape]
 
     def few(xs):
         return ", ".join(xs[:4]) + (f" and {len(xs) - 4} more" if len(xs) > 4 else "")
@@ -398,7 +404,8 @@ def _dry_run(config: Config, loaded: Loaded) -> None:
             try:
                 fake = call_generator(loaded.generator, z, config.model.generator_call)
             except Exception as exc:
-                raise user_error(f"the generator on z of shape {list(z.shape)} (model.latent_dim)", exc, loaded.user_files) from None
+                raise user_error(f"the generator on z of shape {list(z.shape)} (model.latent_dim)", exc,
+                                 loaded.user_files) from None
             if not isinstance(fake, torch.Tensor) or tuple(fake.shape[1:]) != tuple(loaded.sample_shape):
                 got = list(fake.shape[1:]) if isinstance(fake, torch.Tensor) else type(fake).__name__
                 raise ConfigError(f"model.generator: produces samples of shape {got} but the data's are "

@@ -83,7 +83,7 @@ def _hinted(name: str, pattern: re.Pattern) -> bool:
 
 def _candidates(module) -> dict[str, Callable]:
     """nn.Module classes, and factories whose name or return annotation says they build one."""
-    found = {}
+    found: dict[str, Callable] = {}
     for name, obj in vars(module).items():
         if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
             continue
@@ -99,7 +99,8 @@ def _candidates(module) -> dict[str, Callable]:
 
 def _params(obj: Callable) -> list[inspect.Parameter]:
     try:
-        return [p for p in inspect.signature(obj).parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        return [p for p in inspect.signature(obj).parameters.values()
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     except (TypeError, ValueError):
         return []
 
@@ -188,7 +189,7 @@ def _generates(module: nn.Module, latent: tuple, name: str, file: str) -> tuple[
             lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__)
                      if os.path.abspath(f.filename) == os.path.abspath(file)]
             why = str(loading.user_error(f"{name}({call}) with z [2, {_fmt(latent, ', ')}]", exc, (file,)))
-            best = max(best, (lines[-1] if lines else 0, why), key=lambda b: b[0])
+            best = max(best, (lines[-1] if lines else 0, why), key=lambda b: b[0])  # type: ignore[arg-type, assignment, return-value]  # frames of a file have line numbers
             continue
         if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() == 4 and out.shape[0] == 2:
             return tuple(out.shape[1:]), call
@@ -225,14 +226,15 @@ def scaffold(models: str | Path, critic: str | None = None, generator: str | Non
             if not callable(obj):
                 raise ConfigError(f"{flag}: {name} in {path.name} is a {type(obj).__name__}, not a class or factory")
             found[name] = obj
-    shapes = _preferred(found, _SIZE, lambda v, d: (next((d[k] for k in _CHANNELS if isinstance(d.get(k), int)), 3), v, v))
+    shapes = _preferred(found, _SIZE,
+                        lambda v, d: (next((d[k] for k in _CHANNELS if isinstance(d.get(k), int)), 3), v, v))
     shapes += [s for s in SHAPES if s not in shapes]
     latents = _preferred(found, _LATENT, lambda v, d: (v,))
     latents += [z for z in LATENTS if z not in latents]
     builder = _Builder(str(path))
 
     gens: list[Guess] = []
-    rejected: dict[str, str] = {}
+    rejected: dict[str, tuple[int, str]] = {}
     for name, obj in found.items():
         if (generator is not None and name != generator) or name == critic:
             continue
@@ -329,24 +331,27 @@ def _render(models: Path, found: dict, c: Guess, g: Guess | None, named_c, named
         f"  # The critic, {_why_critic(c, found, named_c is not None)}.",
         f"  critic: {ref}:{c.name}",
         f"  critic_args: {_flow(c.args)}" + (
-            "  # guessed from the argument names: check them" if c.args else "  # keyword arguments; {} = its defaults"),
+            "  # guessed from the argument names: check them" if c.args
+            else "  # keyword arguments; {} = its defaults"),
     ]
     if g is not None:
-        how = "The generator, named with --generator" if named_g is not None else "The generator, guessed from a dry forward"
+        how = ("The generator, named with --generator" if named_g is not None
+               else "The generator, guessed from a dry forward")
         lines += [
-            f"  # {how}: it maps z of shape [B, {', '.join(map(str, g.latent))}] to samples "
+            f"  # {how}: it maps z of shape [B, {', '.join(map(str, g.latent))}] to samples "  # type: ignore[arg-type]  # not None on this path
             f"[B, {', '.join(map(str, g.shape))}], which {c.name} takes.",
             f"  generator: {ref}:{g.name}",
             f"  generator_args: {_flow(g.args)}" + (
                 "  # guessed from the argument names: check them" if g.args else "  # {} = its defaults"),
-            f"  latent_dim: {g.latent[0] if len(g.latent) == 1 else _flow(list(g.latent))}"
+            f"  latent_dim: {g.latent[0] if len(g.latent) == 1 else _flow(list(g.latent))}"  # type: ignore[arg-type, index]  # not None on this path
             "  # guessed: the first z shape the generator took; z ~ N(0, 1)",
         ]
         if g.call != "z":
             lines.append(f"  generator_call: \"{g.call}\"  # it takes a list of latents (StyleGAN2-style); "
                          "its first tensor out is the fakes")
     else:
-        lines += ["  # No generator found (or none that fits the critic): fakes are Gaussian noise of the data's shape.",
+        lines += ["  # No generator found (or none that fits the critic): "
+                  "fakes are Gaussian noise of the data's shape.",
                   f"  # Add one with generator: {ref}:Name and latent_dim."]
     lines += [f"  # {n}." for n in notes]
     how_shape = f"what {g.name} produces and {c.name} takes" if g is not None else f"the first shape {c.name} took"

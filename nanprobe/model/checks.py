@@ -19,7 +19,8 @@ class BadSamples:
     indices: tuple[int, ...]
     """Their indices in the file, the first MAX_INDICES."""
     counts: dict = field(default_factory=dict)
-    """Details: for non-finite, samples with NaN / with Inf and values NaN / +inf / -inf; for constant, the first values."""
+    """Details: for non-finite, samples with NaN / with Inf and values NaN / +inf / -inf; for constant, the first
+    values."""
 
 
 @dataclass(frozen=True)

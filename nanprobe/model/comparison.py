@@ -39,7 +39,8 @@ class RangeSpan:
     added_error: float | None
     """Worst error an op here adds to the error its inputs already carry (relative error minus the inputs')."""
     flushed: float | None
-    """Worst share of sampled values flushed to 0 here: non-zero in fp32 but below this dtype's smallest normal (None for fp32)."""
+    """Worst share of sampled values flushed to 0 here: non-zero in fp32 but below this dtype's smallest normal (None
+    for fp32)."""
     headroom_max: float | None
     """Powers of two left before the op's dtype overflows: min log2(max_dtype / max|x|); 0 when it did."""
     headroom_normal: float | None

@@ -71,7 +71,8 @@ def build(ops: list[Op], precision=Precision.FP16, mode=Mode.AMP, metrics=None, 
     # A non-finite value that reaches nothing training sees is masked: these traces' losses inherit theirs.
     metrics = metrics or [StepMetrics(0, float("nan") if nonfinite else 1.0, 10.0, float("nan") if nonfinite else 1.0)]
     ref_metrics = ref_metrics or [StepMetrics(0, 1.0, 10.0, 1.0)]
-    b = Built(Trace(Precision.FP32, mode, ref_events, list(ref_metrics)), Trace(precision, mode, low_events, list(metrics)))
+    b = Built(Trace(Precision.FP32, mode, ref_events, list(ref_metrics)),
+              Trace(precision, mode, low_events, list(metrics)))
     for k, (x, y) in (samples or {}).items():
         b.low_rec.samples[low_idx[k]] = x
         b.ref_rec.samples[ref_idx[k]] = y
@@ -91,7 +92,8 @@ def diagnose(b: Built, **settings):
     low = diagnosis.measure_against(b.low, b.low_rec, ref)
     analyses = diagnosis.analyse_all({Precision.FP32: ref, b.low.precision: low})
     ctx = {"fp32_status": analyses[Precision.FP32].status,
-           "statuses": {Precision.FP32: analyses[Precision.FP32].status, b.low.precision: analyses[b.low.precision].status,
+           "statuses": {Precision.FP32: analyses[Precision.FP32].status,
+                        b.low.precision: analyses[b.low.precision].status,
                         Precision.BF16: Status.OK},
            "fix_settings": {**SETTINGS, **settings}}
     return diagnosis.build_run(analyses[b.low.precision], ctx)

@@ -134,7 +134,8 @@ def test_sqrt_penalty_at_small_init_blames_the_input_grad_flush_then_sqrt_backwa
     run = _fp16(nanprobe.diagnose(_config(DCGANCritic(ch=4, std=0.01, extra=1), wgan_gp_step, _real())))
     assert run.status.value == "nan"
     issue = run.first_issue
-    assert (issue.kind.value, issue.phase.value) == ("underflow", "input-grad") and issue.module.startswith("critic.net.")
+    assert ((issue.kind.value, issue.phase.value) == ("underflow", "input-grad")
+            and issue.module.startswith("critic.net."))
     assert run.first_nonfinite.node == "SqrtBackward0"
     assert run.chain[-1].op == run.first_nonfinite.op and any("sqrt" in c.op for c in run.chain)
     assert {f.id for f in run.fixes[:2]} & {"gp-fp32", "safe-norm"}

@@ -77,7 +77,8 @@ def test_chunk_boundaries_inside_the_bad_samples_change_nothing(tmp_path, chunk_
 
 def test_progress_reports_bytes_per_chunk(tmp_path):
     seen = []
-    nanprobe.check_data(save(tmp_path, clean(10)), progress=lambda done, total: seen.append((done, total)), chunk_mb=4 * ROW_MB)
+    nanprobe.check_data(save(tmp_path, clean(10)), progress=lambda done, total: seen.append((done, total)),
+                        chunk_mb=4 * ROW_MB)
     total = 10 * int(np.prod(SHAPE)) * 4
     assert seen == [(4 * total // 10, total), (8 * total // 10, total), (total, total)]
 
@@ -201,7 +202,8 @@ def test_cli_reports_problems_with_exit_1(tmp_path):
 def test_cli_clean_exit_0(tmp_path):
     result = runner.invoke(app, ["check-data", str(save(tmp_path, clean()))])
     assert result.exit_code == 0, result.output
-    assert "40 samples: no NaN or Inf, no constant image, values within data.range [-1, 1]" in " ".join(result.output.split())
+    assert ("40 samples: no NaN or Inf, no constant image, values within data.range [-1, 1]"
+            in " ".join(result.output.split()))
 
 
 def test_cli_range_mismatch_names_the_cause(tmp_path):
@@ -229,7 +231,8 @@ def test_cli_json_stdout_and_file(tmp_path):
 @pytest.mark.parametrize("doc, message", [
     ({"model": {"critic": "x.py:C"}}, "data.source is synthetic: there is no data file to scan"),
     ({"model": {"critic": "x.py:C"}, "data": {"source": "file", "path": "nope.npy"}}, "data.path: file not found: "),
-    ({"model": {"critic": "x.py:C"}, "data": {"source": "file", "path": "d.csv"}}, "data.path: d.csv must be a .npy or .pt file"),
+    ({"model": {"critic": "x.py:C"}, "data": {"source": "file", "path": "d.csv"}},
+     "data.path: d.csv must be a .npy or .pt file"),
 ])
 def test_cli_errors_exit_2_with_one_line(tmp_path, doc, message):
     (tmp_path / "d.csv").write_text("1,2\n")
@@ -243,7 +246,8 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, doc, message):
 
 def test_cli_wrong_shape_and_rank_exit_2(tmp_path):
     result = runner.invoke(app, ["check-data", str(save(tmp_path, clean(), shape=[1, 8, 8]))])
-    assert result.exit_code == 2 and "data.shape: [1, 8, 8] does not match data.npy, whose samples are [3, 8, 8]" in result.stderr
+    assert result.exit_code == 2
+    assert "data.shape: [1, 8, 8] does not match data.npy, whose samples are [3, 8, 8]" in result.stderr
     result = runner.invoke(app, ["check-data", str(save(tmp_path, np.zeros(5, np.float32)))])
     assert result.exit_code == 2 and "has shape [5]; expected [N, C, H, W]" in result.stderr
 

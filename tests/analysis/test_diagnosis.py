@@ -11,20 +11,20 @@ IG, BW, FW, OPT = Phase.INPUT_GRAD, Phase.BACKWARD, Phase.FORWARD, Phase.OPTIMIZ
 
 def test_sqrt_penalty_nan_is_blamed_on_the_input_grad_flush_not_an_early_forward_subnormal(synth):
     """DCGAN critic at small init, hand-written sqrt(sum(g**2)) under fp16 autocast."""
-    r, O = synth.row, synth.Op
+    r, Op = synth.row, synth.Op
     ops = [
         # A forward conv with 6% subnormal activations: harmless, and earlier than everything else.
-        O("aten.convolution.default", r(1000, 0.5, 1e-6), r(1000, 0.5, 1e-6, sub=60), module="critic.net.0"),
-        O("aten.leaky_relu.default", r(1000, 0.5, 1e-6), r(1000, 0.5, 1e-6, sub=60), (0,), module="critic.net.1"),
+        Op("aten.convolution.default", r(1000, 0.5, 1e-6), r(1000, 0.5, 1e-6, sub=60), module="critic.net.0"),
+        Op("aten.leaky_relu.default", r(1000, 0.5, 1e-6), r(1000, 0.5, 1e-6, sub=60), (0,), module="critic.net.1"),
         # The penalty's input gradient: ~1e-9 in fp32, flushed to zero in fp16.
-        O("aten.convolution_backward.default", r(96, 1e-7, 1e-10), r(96, 1e-7, 6e-8, zeros=90, sub=6), (1,),
+        Op("aten.convolution_backward.default", r(96, 1e-7, 1e-10), r(96, 1e-7, 6e-8, zeros=90, sub=6), (1,),
           phase=IG, module="critic.net.0", node="ConvolutionBackward0"),
-        O("aten.pow.Tensor_Scalar", r(96, 1e-14, 1e-20), r(96, 0.0, 0.0, zeros=96), (2,), phase=FW, scalars=(2.0,)),
-        O("aten.sum.dim_IntList", r(8, 1e-13, 1e-14), r(8, 0.0, 0.0, zeros=8), (3,)),
-        O("aten.sqrt.default", r(8, 3e-7, 1e-7), r(8, 0.0, 0.0, zeros=8), (4,)),
-        O("aten.mul.Tensor", r(8, 2.5, 2.5), r(8, 2.5, 2.5), (), phase=BW, node="SqrtBackward0"),
-        O("aten.div.Tensor", r(8, 1e7, 1e6), r(8, 0.0, 0.0, ninf=8), (6, 5), phase=BW, node="SqrtBackward0"),
-        O("aten.mul.Tensor", r(96, 1e-3, 1e-9), r(96, 0.0, 0.0, nan=96), (7, 2), phase=BW, node="PowBackward0"),
+        Op("aten.pow.Tensor_Scalar", r(96, 1e-14, 1e-20), r(96, 0.0, 0.0, zeros=96), (2,), phase=FW, scalars=(2.0,)),
+        Op("aten.sum.dim_IntList", r(8, 1e-13, 1e-14), r(8, 0.0, 0.0, zeros=8), (3,)),
+        Op("aten.sqrt.default", r(8, 3e-7, 1e-7), r(8, 0.0, 0.0, zeros=8), (4,)),
+        Op("aten.mul.Tensor", r(8, 2.5, 2.5), r(8, 2.5, 2.5), (), phase=BW, node="SqrtBackward0"),
+        Op("aten.div.Tensor", r(8, 1e7, 1e6), r(8, 0.0, 0.0, ninf=8), (6, 5), phase=BW, node="SqrtBackward0"),
+        Op("aten.mul.Tensor", r(96, 1e-3, 1e-9), r(96, 0.0, 0.0, nan=96), (7, 2), phase=BW, node="PowBackward0"),
     ]
     run = synth.diagnose(synth.build(ops))
     assert run.status.value == "nan"
@@ -40,24 +40,25 @@ def test_sqrt_penalty_nan_is_blamed_on_the_input_grad_flush_not_an_early_forward
 
 def test_half_adam_with_eps_1e8_names_addcdiv_not_an_earlier_backward_underflow(synth):
     """StyleGAN2-like critic cast .half(), Adam eps=1e-8: sqrt(v) + eps == 0 in fp16."""
-    r, O = synth.row, synth.Op
+    r, Op = synth.row, synth.Op
     p = "critic.b4.conv.weight"
     ops = [
         # Minibatch-stddev backward: 20% subnormal gradients (an underflow, but not what makes the NaN).
-        O("aten.div.Tensor", r(64, 1e-3, 1e-8), r(64, 1e-3, 6e-8, sub=13, zeros=2), phase=BW, module="critic.mbstd",
+        Op("aten.div.Tensor", r(64, 1e-3, 1e-8), r(64, 1e-3, 6e-8, sub=13, zeros=2), phase=BW, module="critic.mbstd",
           node="SqrtBackward0"),
-        O("aten.convolution_backward.default", r(64, 1e-4, 1e-7), r(64, 1e-4, 1e-7), phase=BW, module="critic.b4.conv"),
-        O("aten.lerp_.Scalar", r(64, 1e-5, 1e-8), r(64, 1e-5, 1e-7, sub=10), (1,), phase=OPT, module="critic.b4.conv",
+        Op("aten.convolution_backward.default", r(64, 1e-4, 1e-7), r(64, 1e-4, 1e-7), phase=BW,
+           module="critic.b4.conv"),
+        Op("aten.lerp_.Scalar", r(64, 1e-5, 1e-8), r(64, 1e-5, 1e-7, sub=10), (1,), phase=OPT, module="critic.b4.conv",
           source=None, param=p, scalars=(0.1,)),
-        O("aten.addcmul_.default", r(64, 1e-11, 1e-14), r(64, 0.0, 0.0, zeros=64), (1,), phase=OPT,
+        Op("aten.addcmul_.default", r(64, 1e-11, 1e-14), r(64, 0.0, 0.0, zeros=64), (1,), phase=OPT,
           module="critic.b4.conv", source=None, param=p),
-        O("aten.sqrt.default", r(64, 3e-6, 1e-7), r(64, 0.0, 0.0, zeros=64), (3,), phase=OPT, module="critic.b4.conv",
+        Op("aten.sqrt.default", r(64, 3e-6, 1e-7), r(64, 0.0, 0.0, zeros=64), (3,), phase=OPT, module="critic.b4.conv",
           source=None, param=p),
-        O("aten.div.Tensor", r(64, 1e-4, 3e-6), r(64, 0.0, 0.0, zeros=64), (4,), phase=OPT, module="critic.b4.conv",
+        Op("aten.div.Tensor", r(64, 1e-4, 3e-6), r(64, 0.0, 0.0, zeros=64), (4,), phase=OPT, module="critic.b4.conv",
           source=None, param=p),
-        O("aten.add_.Tensor", r(64, 1e-4, 1e-8), r(64, 0.0, 0.0, zeros=64), (5,), phase=OPT, module="critic.b4.conv",
+        Op("aten.add_.Tensor", r(64, 1e-4, 1e-8), r(64, 0.0, 0.0, zeros=64), (5,), phase=OPT, module="critic.b4.conv",
           source=None, param=p, scalars=(1e-8,)),
-        O("aten.addcdiv_.default", r(64, 0.1, 1e-3), r(64, 0.0, 0.0, nan=3, pinf=30, ninf=31), (2, 6), phase=OPT,
+        Op("aten.addcdiv_.default", r(64, 0.1, 1e-3), r(64, 0.0, 0.0, nan=3, pinf=30, ninf=31), (2, 6), phase=OPT,
           module="critic.b4.conv", source=None, param=p, scalars=(-1e-4,)),
     ]
     run = synth.diagnose(synth.build(ops, mode=Mode.HALF), eps=1e-8)
@@ -71,16 +72,16 @@ def test_half_adam_with_eps_1e8_names_addcdiv_not_an_earlier_backward_underflow(
 
 def test_log_of_one_plus_exp_names_the_overflow_on_the_fake_branch(synth):
     """log(1 + exp(x)) under the CPU's own autocast: exp underflows on one branch, overflows on the other."""
-    r, O = synth.row, synth.Op
+    r, Op = synth.row, synth.Op
     ops = [
-        O("aten.convolution.default", r(8, 30.0, 1.0), r(8, 30.0, 1.0), module="critic.out"),       # D(real) < 0
-        O("aten.exp.default", r(8, 1e-6, 1e-13), r(8, 1e-6, 6e-8, zeros=3, sub=5), (0,), source="loss.py:3"),
-        O("aten.add.Tensor", r(8, 1.0, 1.0), r(8, 1.0, 1.0), (1,), source="loss.py:3"),
-        O("aten.log.default", r(8, 1e-6, 1e-13), r(8, 0.0, 0.0, zeros=8), (2,), source="loss.py:3"),
-        O("aten.convolution.default", r(8, 15.0, 12.0), r(8, 15.0, 12.0), module="critic.out"),     # D(fake) ~ 12
-        O("aten.exp.default", r(8, 3.2e6, 1.6e5), r(8, 6e4, 6e4, pinf=6), (4,), source="loss.py:4"),
-        O("aten.add.Tensor", r(8, 3.2e6, 1.6e5), r(8, 6e4, 6e4, pinf=6), (5,), source="loss.py:4"),
-        O("aten.log.default", r(8, 15.0, 12.0), r(8, 11.0, 11.0, pinf=6), (6,), source="loss.py:4"),
+        Op("aten.convolution.default", r(8, 30.0, 1.0), r(8, 30.0, 1.0), module="critic.out"),       # D(real) < 0
+        Op("aten.exp.default", r(8, 1e-6, 1e-13), r(8, 1e-6, 6e-8, zeros=3, sub=5), (0,), source="loss.py:3"),
+        Op("aten.add.Tensor", r(8, 1.0, 1.0), r(8, 1.0, 1.0), (1,), source="loss.py:3"),
+        Op("aten.log.default", r(8, 1e-6, 1e-13), r(8, 0.0, 0.0, zeros=8), (2,), source="loss.py:3"),
+        Op("aten.convolution.default", r(8, 15.0, 12.0), r(8, 15.0, 12.0), module="critic.out"),     # D(fake) ~ 12
+        Op("aten.exp.default", r(8, 3.2e6, 1.6e5), r(8, 6e4, 6e4, pinf=6), (4,), source="loss.py:4"),
+        Op("aten.add.Tensor", r(8, 3.2e6, 1.6e5), r(8, 6e4, 6e4, pinf=6), (5,), source="loss.py:4"),
+        Op("aten.log.default", r(8, 15.0, 12.0), r(8, 11.0, 11.0, pinf=6), (6,), source="loss.py:4"),
     ]
     for o in ops:
         o.low_dtype = "float16" if o.op != "aten.convolution.default" else "float16"
@@ -92,12 +93,12 @@ def test_log_of_one_plus_exp_names_the_overflow_on_the_fake_branch(synth):
 
 def test_penalty_critic_with_small_effect_is_not_underflow_only_notes(synth):
     """WGAN-GP/R1 critic in fp16: its input gradient is 30% subnormal, the penalty moves 6e-4, gradients < 1%."""
-    r, O = synth.row, synth.Op
+    r, Op = synth.row, synth.Op
     ops = [
-        O("aten.convolution.default", r(64, 1.0, 1e-3), r(64, 1.0, 1e-3), module="critic.net.0"),
-        O("aten.convolution_backward.default", r(64, 1e-4, 1e-9), r(64, 1e-4, 6e-8, sub=20, zeros=1), (0,), phase=IG,
+        Op("aten.convolution.default", r(64, 1.0, 1e-3), r(64, 1.0, 1e-3), module="critic.net.0"),
+        Op("aten.convolution_backward.default", r(64, 1e-4, 1e-9), r(64, 1e-4, 6e-8, sub=20, zeros=1), (0,), phase=IG,
           module="critic.net.0"),
-        O("aten.convolution_backward.default", r(64, 1e-2, 1e-6), r(64, 1e-2, 1e-6), (1,), phase=BW,
+        Op("aten.convolution_backward.default", r(64, 1e-2, 1e-6), r(64, 1e-2, 1e-6), (1,), phase=BW,
           module="critic.net.0"),
     ]
     g = torch.linspace(-1, 1, 256)
@@ -112,14 +113,14 @@ def test_penalty_critic_with_small_effect_is_not_underflow_only_notes(synth):
 
 def test_gradients_zeroed_by_an_unscaled_backward_are_underflow_with_the_effect_shown(synth):
     """fp16 autocast with no GradScaler: a layer's weight gradient flushes to zero in the backward."""
-    r, O = synth.row, synth.Op
+    r, Op = synth.row, synth.Op
     ops = [
-        O("aten.convolution.default", r(64, 1.0, 1e-3), r(64, 1.0, 1e-3), module="critic.net.0"),
-        O("aten.leaky_relu_backward.default", r(64, 1e-6, 1e-10), r(64, 1e-6, 6e-8, zeros=40, sub=20), phase=BW,
+        Op("aten.convolution.default", r(64, 1.0, 1e-3), r(64, 1.0, 1e-3), module="critic.net.0"),
+        Op("aten.leaky_relu_backward.default", r(64, 1e-6, 1e-10), r(64, 1e-6, 6e-8, zeros=40, sub=20), phase=BW,
           module="critic.net.1"),
-        O("aten.convolution_backward.default", r(64, 1e-7, 1e-11), r(64, 0.0, 0.0, zeros=64), (1, 0), phase=BW,
+        Op("aten.convolution_backward.default", r(64, 1e-7, 1e-11), r(64, 0.0, 0.0, zeros=64), (1, 0), phase=BW,
           module="critic.net.0"),
-        O("aten._to_copy.default", r(64, 1e-7, 1e-11), r(64, 0.0, 0.0, zeros=64), (2,), phase=BW,
+        Op("aten._to_copy.default", r(64, 1e-7, 1e-11), r(64, 0.0, 0.0, zeros=64), (2,), phase=BW,
           module="critic.net.0", low_dtype="float32", low_only=True),
     ]
     g = torch.linspace(1e-9, 1e-7, 256)
@@ -157,12 +158,12 @@ def test_recommendation_ranks_safe_precisions_by_measured_error_not_by_habit():
 
 def test_a_nan_that_a_later_op_masks_is_a_note_not_a_finding(synth):
     """F.normalize's backward at a zero vector: 0/0 inside the norm's backward, masked before the gradient."""
-    r, O = synth.row, synth.Op
+    r, Op = synth.row, synth.Op
     ops = [
-        O("aten.linalg_vector_norm.default", r(8, 2.0, 1.0, zeros=1), r(8, 2.0, 1.0, zeros=1), module="critic"),
-        O("aten.div.Tensor", r(64, 1.0, 0.1), r(64, 1.0, 0.1, nan=8), (0,), phase=BW, module="critic",
+        Op("aten.linalg_vector_norm.default", r(8, 2.0, 1.0, zeros=1), r(8, 2.0, 1.0, zeros=1), module="critic"),
+        Op("aten.div.Tensor", r(64, 1.0, 0.1), r(64, 1.0, 0.1, nan=8), (0,), phase=BW, module="critic",
           node="LinalgVectorNormBackward0"),
-        O("aten.masked_fill.Scalar", r(64, 1.0, 0.1, zeros=8), r(64, 1.0, 0.1, zeros=8), (1,), phase=BW,
+        Op("aten.masked_fill.Scalar", r(64, 1.0, 0.1, zeros=8), r(64, 1.0, 0.1, zeros=8), (1,), phase=BW,
           module="critic", node="LinalgVectorNormBackward0"),
     ]
     finite = [StepMetrics(0, 1.0, None, 1.0)]

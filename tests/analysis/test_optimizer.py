@@ -117,7 +117,8 @@ def test_bf16_half_mode_loses_updates(lost_bf16):
     assert lost["param"] == issue["param"] and lost["share"] >= LOST_UPDATE_SHARE
     assert lost["lost"] / lost["elements"] == pytest.approx(lost["share"], abs=1e-4)
     per_module = {u["module"]: u for u in bf16["lost_updates"]}
-    assert per_module[issue["module"]]["share"] >= LOST_UPDATE_SHARE and per_module[issue["module"]]["dtype"] == "bfloat16"
+    assert per_module[issue["module"]]["share"] >= LOST_UPDATE_SHARE
+    assert per_module[issue["module"]]["dtype"] == "bfloat16"
     assert bf16["fixes"][0]["id"] == "master-weights" and bf16["fixes"][0]["apply"] == "precision.mode: amp"
     assert len(per_module) >= 2 and all(0 < u["lost"] <= u["elements"] for u in per_module.values())
     assert "lost updates" in text and "below half an ulp" in text and "addcdiv_ on critic.net.0.weight" in text

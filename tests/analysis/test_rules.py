@@ -15,13 +15,13 @@ def _ids(run) -> list[str]:
 
 def test_log_of_sigmoid_through_an_autocast_cast_is_logits_loss(synth):
     """Under the cuda policy log runs in fp32: a cast sits between sigmoid (fp16) and log."""
-    r, O = synth.row, synth.Op
+    r, Op = synth.row, synth.Op
     ops = [
-        O("aten.addmm.default", r(8, 20.0, 18.0), r(8, 20.0, 18.0), module="critic.fc"),
-        O("aten.sigmoid.default", r(8, 1.0, 1e-9), r(8, 1.0, 1e-4, zeros=4), (0,), source="loss.py:7"),
-        O("aten._to_copy.default", r(8, 1.0, 1e-9), r(8, 1.0, 1e-4, zeros=4), (1,), source="loss.py:7",
+        Op("aten.addmm.default", r(8, 20.0, 18.0), r(8, 20.0, 18.0), module="critic.fc"),
+        Op("aten.sigmoid.default", r(8, 1.0, 1e-9), r(8, 1.0, 1e-4, zeros=4), (0,), source="loss.py:7"),
+        Op("aten._to_copy.default", r(8, 1.0, 1e-9), r(8, 1.0, 1e-4, zeros=4), (1,), source="loss.py:7",
           low_dtype="float32", low_only=True),
-        O("aten.log.default", r(8, 20.7, 1e-9), r(8, 9.2, 1e-4, ninf=4), (2,), source="loss.py:7"),
+        Op("aten.log.default", r(8, 20.7, 1e-9), r(8, 9.2, 1e-4, ninf=4), (2,), source="loss.py:7"),
     ]
     run = synth.diagnose(synth.build(ops))
     assert run.first_issue.op == "aten.sigmoid.default" and run.first_issue.kind.value == "underflow"
@@ -30,12 +30,12 @@ def test_log_of_sigmoid_through_an_autocast_cast_is_logits_loss(synth):
 
 
 def test_log_of_one_minus_sigmoid_is_logits_loss(synth):
-    r, O = synth.row, synth.Op
+    r, Op = synth.row, synth.Op
     ops = [
-        O("aten.addmm.default", r(8, 20.0, 18.0), r(8, 20.0, 18.0), module="critic.fc"),
-        O("aten.sigmoid.default", r(8, 1.0, 1.0), r(8, 1.0, 1.0), (0,), source="loss.py:8"),
-        O("aten.rsub.Scalar", r(8, 1e-8, 1e-9), r(8, 0.0, 0.0, zeros=8), (1,), source="loss.py:8"),
-        O("aten.log.default", r(8, 20.7, 18.0), r(8, 0.0, 0.0, ninf=8), (2,), source="loss.py:8"),
+        Op("aten.addmm.default", r(8, 20.0, 18.0), r(8, 20.0, 18.0), module="critic.fc"),
+        Op("aten.sigmoid.default", r(8, 1.0, 1.0), r(8, 1.0, 1.0), (0,), source="loss.py:8"),
+        Op("aten.rsub.Scalar", r(8, 1e-8, 1e-9), r(8, 0.0, 0.0, zeros=8), (1,), source="loss.py:8"),
+        Op("aten.log.default", r(8, 20.7, 18.0), r(8, 0.0, 0.0, ninf=8), (2,), source="loss.py:8"),
     ]
     run = synth.diagnose(synth.build(ops))
     assert run.first_issue.op == "aten.rsub.Scalar"
@@ -44,14 +44,14 @@ def test_log_of_one_minus_sigmoid_is_logits_loss(synth):
 
 def test_pixelnorm_in_a_half_model_is_safe_norm(synth):
     """ProGAN PixelNorm x * rsqrt(mean(x*x) + 1e-8) with .half(): x*x flushes, the eps is 0, rsqrt is inf."""
-    r, O = synth.row, synth.Op
+    r, Op = synth.row, synth.Op
     m = "G.pixelnorm"
     ops = [
-        O("aten.addmm.default", r(64, 1e-3, 1e-5), r(64, 1e-3, 1e-5), module="G.fc"),
-        O("aten.mul.Tensor", r(64, 1e-6, 1e-10), r(64, 0.0, 0.0, zeros=64), (0, 0), module=m),
-        O("aten.mean.dim", r(4, 1e-7, 1e-8), r(4, 0.0, 0.0, zeros=4), (1,), module=m),
-        O("aten.add.Tensor", r(4, 1e-7, 1e-8), r(4, 0.0, 0.0, zeros=4), (2,), module=m, scalars=(1e-8,)),
-        O("aten.rsqrt.default", r(4, 1e4, 3e3), r(4, 0.0, 0.0, pinf=4), (3,), module=m),
+        Op("aten.addmm.default", r(64, 1e-3, 1e-5), r(64, 1e-3, 1e-5), module="G.fc"),
+        Op("aten.mul.Tensor", r(64, 1e-6, 1e-10), r(64, 0.0, 0.0, zeros=64), (0, 0), module=m),
+        Op("aten.mean.dim", r(4, 1e-7, 1e-8), r(4, 0.0, 0.0, zeros=4), (1,), module=m),
+        Op("aten.add.Tensor", r(4, 1e-7, 1e-8), r(4, 0.0, 0.0, zeros=4), (2,), module=m, scalars=(1e-8,)),
+        Op("aten.rsqrt.default", r(4, 1e4, 3e3), r(4, 0.0, 0.0, pinf=4), (3,), module=m),
     ]
     run = synth.diagnose(synth.build(ops, mode=Mode.HALF))
     issue = run.first_issue
@@ -63,11 +63,11 @@ def test_pixelnorm_in_a_half_model_is_safe_norm(synth):
 
 
 def test_exp_overflow_is_the_op_in_fp32(synth):
-    r, O = synth.row, synth.Op
+    r, Op = synth.row, synth.Op
     ops = [
-        O("aten.bmm.default", r(64, 40.0, 1.0), r(64, 40.0, 1.0), module="attn"),
-        O("aten.exp.default", r(64, 2.4e17, 2.0), r(64, 6e4, 2.0, pinf=3), (0,), module="attn"),
-        O("aten.sum.dim_IntList", r(8, 2.4e17, 3.0), r(8, 6e4, 3.0, pinf=3), (1,), module="attn"),
+        Op("aten.bmm.default", r(64, 40.0, 1.0), r(64, 40.0, 1.0), module="attn"),
+        Op("aten.exp.default", r(64, 2.4e17, 2.0), r(64, 6e4, 2.0, pinf=3), (0,), module="attn"),
+        Op("aten.sum.dim_IntList", r(8, 2.4e17, 3.0), r(8, 6e4, 3.0, pinf=3), (1,), module="attn"),
     ]
     run = synth.diagnose(synth.build(ops))
     assert run.first_issue.op == "aten.exp.default" and run.first_issue.kind.value == "overflow"
@@ -78,14 +78,14 @@ def test_exp_overflow_is_the_op_in_fp32(synth):
 
 def test_adam_addcdiv_with_a_surviving_eps_is_not_told_adam_eps(synth):
     """eps=1e-4 survives fp16: an inf in addcdiv_ comes from somewhere else, and adam-eps is already in place."""
-    r, O = synth.row, synth.Op
+    r, Op = synth.row, synth.Op
     p = "critic.fc.weight"
     ops = [
-        O("aten.lerp_.Scalar", r(8, 1e5, 1.0), r(8, 6e4, 1.0, pinf=1), phase=OPT, module="critic.fc", source=None,
+        Op("aten.lerp_.Scalar", r(8, 1e5, 1.0), r(8, 6e4, 1.0, pinf=1), phase=OPT, module="critic.fc", source=None,
           param=p),
-        O("aten.add_.Tensor", r(8, 1.0, 1e-4), r(8, 1.0, 1e-4), phase=OPT, module="critic.fc", source=None, param=p,
+        Op("aten.add_.Tensor", r(8, 1.0, 1e-4), r(8, 1.0, 1e-4), phase=OPT, module="critic.fc", source=None, param=p,
           scalars=(1e-4,)),
-        O("aten.addcdiv_.default", r(8, 1.0, 1e-2), r(8, 1.0, 1e-2, pinf=1), (0, 1), phase=OPT, module="critic.fc",
+        Op("aten.addcdiv_.default", r(8, 1.0, 1e-2), r(8, 1.0, 1e-2, pinf=1), (0, 1), phase=OPT, module="critic.fc",
           source=None, param=p),
     ]
     run = synth.diagnose(synth.build(ops, mode=Mode.HALF), eps=1e-4)
@@ -119,4 +119,5 @@ def test_a_penalty_already_in_fp32_is_not_told_to_scale_or_move_to_fp32():
 
 def test_every_rule_lives_in_the_one_catalogue():
     ids = [f.id for f in fx.CATALOGUE]
-    assert len(ids) == len(set(ids)) and {"logits-loss", "safe-norm", "fp32-op", "adam-eps", "master-weights"} <= set(ids)
+    assert (len(ids) == len(set(ids))
+            and {"logits-loss", "safe-norm", "fp32-op", "adam-eps", "master-weights"} <= set(ids))

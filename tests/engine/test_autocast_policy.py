@@ -192,7 +192,7 @@ def test_registration_is_removed_after_an_exception_inside():
     before = _dumps()
     with pytest.raises(ZeroDivisionError):
         with ap.cuda_autocast(torch.float16):
-            1 / 0
+            _ = 1 / 0
     assert not ap.is_active() and _dumps() == before
 
 
@@ -210,7 +210,8 @@ def test_registration_is_made_once_and_kept_while_nested():
 
 def test_a_torch_whose_cuda_lists_hold_unknown_ops_is_refused_in_one_line(monkeypatch):
     real = ap._registered
-    monkeypatch.setattr(ap, "_registered", lambda key: real(key) | ({"fancy_new_op"} if key == "AutocastCUDA" else set()))
+    monkeypatch.setattr(ap, "_registered",
+                        lambda key: real(key) | ({"fancy_new_op"} if key == "AutocastCUDA" else set()))
     before = _dumps()
     with pytest.raises(nanprobe.DeviceError, match=r"also autocasts fancy_new_op; use --policy native"):
         with ap.cuda_autocast(torch.float16):
@@ -301,8 +302,16 @@ def test_bad_policy_in_the_yaml_is_one_line_and_exit_2(write_config):
 
 # One small call per op of the table, through its public API where it has one.
 _V, _M, _S = (lambda d: _x((6,)).to(d)), (lambda d: _x((4, 4)).to(d)), (lambda d: _x((2, 3, 4, 4)).to(d))
-_POS = (lambda d: (_x((4, 4)).abs() + 0.5).to(d))
-_UNIT = (lambda d: (_x((4, 4)).tanh() * 0.5).to(d))
+
+
+def _POS(d):
+    return (_x((4, 4)).abs() + 0.5).to(d)
+
+
+def _UNIT(d):
+    return (_x((4, 4)).tanh() * 0.5).to(d)
+
+
 SAMPLES = {
     "conv1d": lambda d: F.conv1d(_x((1, 3, 8)).to(d), _x((2, 3, 3))),
     "conv2d": lambda d: F.conv2d(_S(d), _x((2, 3, 3, 3))),

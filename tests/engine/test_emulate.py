@@ -201,7 +201,8 @@ def test_penalty_double_backward_and_adam_step_in_half_mode(foreach):
         assert all(p.dtype is H for p in critic.parameters())
         assert [p.untyped_storage().data_ptr() for p in critic.parameters()] == storages
         assert all(s["exp_avg"].dtype is H for s in opt.state.values())
-        results[kernels] = (loss.float().item(), penalty.float().item(), [p.detach().float() for p in critic.parameters()])
+        results[kernels] = (loss.float().item(), penalty.float().item(),
+                            [p.detach().float() for p in critic.parameters()])
     assert results["emulated"][0] == pytest.approx(results["native"][0], rel=1e-2)
     assert results["emulated"][1] == pytest.approx(results["native"][1], rel=2e-2)
     for a, b in zip(results["emulated"][2], results["native"][2]):

@@ -55,7 +55,8 @@ def test_error_at_the_users_source_line(report):
     lines = annotations(report, "overflow", root=ROOT)
     assert len(lines) == 1  # bf16 is ok: no annotation
     head, sep, text = lines[0].partition("::fp16 (amp): nan%0A")
-    assert head == f"::error file=tests/fixtures/loud_models.py,line={line_of(LOUD, 'LOUD-HEAD')},title=nanprobe fp16 (amp)%3A nan"
+    assert head == (f"::error file=tests/fixtures/loud_models.py,line={line_of(LOUD, 'LOUD-HEAD')},"
+                    "title=nanprobe fp16 (amp)%3A nan")
     assert sep and "\n" not in lines[0] and "\r" not in lines[0]
     assert _unescape(lines[0].split("::", 2)[2]) == message(fp16)
     assert "first issue: overflow in forward at critic · mul, step 0" in message(fp16)
@@ -66,7 +67,8 @@ def test_below_fail_on_is_a_warning(report):
     fp16 = report.runs[0]
     overflow_only = replace(report, runs=(replace(fp16, status=Status.OVERFLOW),) + report.runs[1:])
     assert annotations(overflow_only, "nan", root=ROOT)[0].startswith("::warning file=tests/fixtures/loud_models.py,")
-    assert annotations(overflow_only, "overflow", root=ROOT)[0].startswith("::error file=tests/fixtures/loud_models.py,")
+    assert annotations(overflow_only, "overflow", root=ROOT)[0].startswith(
+        "::error file=tests/fixtures/loud_models.py,")
 
 
 def test_source_outside_the_workspace_or_in_nanprobe_points_at_the_config(report, loud):
@@ -115,7 +117,8 @@ def test_cli_format_github_and_junit(loud, tmp_path, monkeypatch):
     assert result.exit_code == 1, result.output
     lines = result.stdout.splitlines()
     assert len(lines) == 1 and lines[0].startswith(
-        f"::error file=tests/fixtures/loud_models.py,line={line_of(LOUD, 'LOUD-HEAD')},title=nanprobe fp16 (amp)%3A nan::")
+        f"::error file=tests/fixtures/loud_models.py,line={line_of(LOUD, 'LOUD-HEAD')},"
+        "title=nanprobe fp16 (amp)%3A nan::")
     cases = ET.parse(junit).getroot().findall("testsuite/testcase")
     assert [(c.get("name"), c.find("failure") is not None) for c in cases] == [("fp16", True), ("bf16", False)]
 
@@ -129,7 +132,8 @@ def test_cli_format_json_prints_the_report_only(loud):
 def test_cli_json_to_stdout_conflicts_with_another_stdout_format(loud):
     result = runner.invoke(app, ["diagnose", str(loud), "--format", "github", "--json", "-"])
     assert result.exit_code == 2
-    assert result.stderr == "nanprobe: error: --json -: stdout already carries --format github; give --json a file path\n"
+    assert result.stderr == ("nanprobe: error: --json -: stdout already carries --format github; "
+                             "give --json a file path\n")
 
 
 def test_cli_config_error_with_format_github_is_an_annotation_too(tmp_path, monkeypatch):

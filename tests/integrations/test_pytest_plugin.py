@@ -57,7 +57,8 @@ def test_healthy_passes_and_underflowing_penalty_fails_with_culprit_and_fix(pyte
     result.stdout.fnmatch_lines([
         "*_ wgan_gp_fp16_underflow.yaml fp16 _*",
         "fp16 (amp): nan",
-        "first issue: underflow in input-grad at critic.net.* · convolution_backward (ConvolutionBackward0), step 0, models.py:*",
+        "first issue: underflow in input-grad at critic.net.* · convolution_backward (ConvolutionBackward0), "
+        "step 0, models.py:*",
         "fix: gp-fp32  Compute the gradient penalty outside autocast, in fp32 (in the config: loss.gp_precision: fp32)",
         "FAILED wgan_gp_fp16_underflow.yaml::fp16 - fp16 (amp): nan*",
     ])
@@ -120,7 +121,8 @@ def test_user_code_error_during_replay_fails_with_one_line(pytester):
     config = _tiny(pytester, model={"critic": base_doc()["model"]["critic"].replace("TinyCritic", "RaisingCritic")})
     result = pytester.runpytest(*_plugin(), "--nanprobe", str(config), "-p", "no:cacheprovider")
     result.assert_outcomes(failed=2)
-    result.stdout.fnmatch_lines(["nanprobe: error: building RaisingCritic raised RuntimeError: RaisingCritic refuses to build (*tiny_models.py:*)"])
+    result.stdout.fnmatch_lines(["nanprobe: error: building RaisingCritic raised RuntimeError: "
+                                 "RaisingCritic refuses to build (*tiny_models.py:*)"])
 
 
 @pytest.mark.parametrize("value, error", [

@@ -154,7 +154,8 @@ def test_a_scaler_that_skips_every_step_is_a_failure(tiny):
     critic, generator, opt = models(tiny)
     scaler = torch.amp.GradScaler("cpu")
     w = nanprobe.watch(critic, generator, opt, scaler, loss=steps.zero_norm_step, max_skips=2)
-    with pytest.raises(nanprobe.NonFiniteError, match=r"step 2 turned non-finite \(the GradScaler skipped 3 steps in a row"):
+    with pytest.raises(nanprobe.NonFiniteError,
+                       match=r"step 2 turned non-finite \(the GradScaler skipped 3 steps in a row"):
         train(critic, generator, opt, batches(4), steps.zero_norm_step, w, scaler=scaler)
     assert w.skipped == 3
     assert w.config().state.scaler["scale"] == 65536.0 / 4  # the scale before the failing step
@@ -170,7 +171,8 @@ def test_dump_writes_only_its_folder_and_replays_the_same_verdict(tiny, tmp_path
     dump = w.failure.dump
     assert w.failure.report is None and dump == tmp_path / "dumps" / "step-000000"
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted(
-        ["batch.pt", "checkpoint.pt", "config.yaml", "optimizer.pt", "rng.pt", "tiny_models.py", "watch_steps.py", "z.pt"])
+        ["batch.pt", "checkpoint.pt", "config.yaml", "optimizer.pt", "rng.pt", "tiny_models.py", "watch_steps.py",
+         "z.pt"])
     assert checksums(FIXTURES) == fixtures
     assert torch.equal(torch.load(dump / "batch.pt"), data[0][0])
 
@@ -198,10 +200,12 @@ def test_a_dump_replays_the_optimizer_state_from_before_the_step(tiny, tmp_path)
 @pytest.mark.parametrize("kwargs, message", [
     ({"on_nan": "explode"}, "on_nan must be one of raise, warn, dump, got 'explode'"),
     ({"on_nan": "dump"}, "on_nan='dump' needs dump_dir"),
-    ({"loss": "wgan"}, "loss.kind: must be one of wgan-gp, r1, hinge, non-saturating, got 'wgan' (did you mean 'wgan-gp'?)"),
+    ({"loss": "wgan"},
+     "loss.kind: must be one of wgan-gp, r1, hinge, non-saturating, got 'wgan' (did you mean 'wgan-gp'?)"),
     ({"loss": lambda critic, real: 0}, "must take (critic, generator, real, z)"),
     ({"loss": lambda c, g, r, z: 0, "dump_dir": "d"}, "a dump's config cannot name the loss function (<lambda>"),
-    ({"critic_args": {"ch": 8}, "dump_dir": "d"}, "TinyCritic(**{'ch': 8}) builds a critic whose weights do not fit yours"),
+    ({"critic_args": {"ch": 8}, "dump_dir": "d"},
+     "TinyCritic(**{'ch': 8}) builds a critic whose weights do not fit yours"),
     ({"critic_args": {"width": 8}, "dump_dir": "d"}, "TinyCritic(**critic_args) raised TypeError"),
     ({"max_skips": -1}, "max_skips must be an integer >= 0"),
     ({"precision": "fp8"}, "precision: must be one of fp32, fp16, bf16"),

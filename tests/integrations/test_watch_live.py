@@ -214,4 +214,5 @@ def test_an_optimizer_closure_keeps_the_forward_phase():
             opt.step(closure)
             opt.step(closure=closure)
     culprit = w.failure.culprit
-    assert (culprit.phase.value, culprit.module, culprit.op) == ("forward", "critic.features.0", "aten._to_copy.default")
+    assert (culprit.phase.value, culprit.module, culprit.op) == ("forward", "critic.features.0",
+                                                                 "aten._to_copy.default")

@@ -50,7 +50,8 @@ FULL_DOC = {
         "grad_scaler": True,
         "grad_clip": 1.5,
     },
-    "precision": {"mode": "half", "dtypes": ["fp16", "bf16"], "policy": "native", "kernels": "native", "fp32_modules": ["critic.net.2"]},
+    "precision": {"mode": "half", "dtypes": ["fp16", "bf16"], "policy": "native", "kernels": "native",
+                  "fp32_modules": ["critic.net.2"]},
     "state": {"z": "dump/z.pt", "rng": "dump/rng.pt", "optimizer": "dump/optimizer.pt", "scaler": "dump/scaler.pt"},
     "device": "cpu",
     "seed": 7,
@@ -84,7 +85,8 @@ def test_load_full_config(tmp_path):
     assert c.loss == cfg.LossConfig("r1", 5.0, "fp32", "vector_norm", "steps.py:critic_step")
     assert c.train == cfg.TrainConfig("adamw", 2e-4, (0.5, 0.99), 1e-6, 0.01, 3, True, 1.5)
     assert c.model.init == "he"
-    assert c.precision == cfg.PrecisionConfig(Mode.HALF, (Precision.FP16, Precision.BF16), Policy.NATIVE, Kernels.NATIVE,
+    assert c.precision == cfg.PrecisionConfig(Mode.HALF, (Precision.FP16, Precision.BF16), Policy.NATIVE,
+                                              Kernels.NATIVE,
                                               ("critic.net.2",))
     assert c.state == cfg.StateConfig(*(Path(f"dump/{n}.pt") for n in ("z", "rng", "optimizer", "scaler")))
     assert c.device == "cpu"
@@ -276,7 +278,8 @@ def test_yaml_syntax_error_names_the_line(tmp_path, text, where):
     ({"precision": {"dtypes": []}}, "precision.dtypes: expected a non-empty list of fp32, fp16, bf16"),
     ({"precision": {"dtypes": ["fp16", "float16"]}}, "precision.dtypes: must be one of fp32, fp16, bf16"),
     ({"precision": {"mode": "amp16"}}, "precision.mode: must be one of amp, half, got 'amp16' (did you mean 'amp'?)"),
-    ({"precision": {"policy": "cude"}}, "precision.policy: must be one of cuda, native, got 'cude' (did you mean 'cuda'?)"),
+    ({"precision": {"policy": "cude"}},
+     "precision.policy: must be one of cuda, native, got 'cude' (did you mean 'cuda'?)"),
     ({"precision": {"polcy": "cuda"}}, "unknown key 'precision.polcy'; did you mean 'policy'?"),
     ({"device": "cuda:1"}, "device: must be one of auto, cpu, cuda, got 'cuda:1' (did you mean 'cuda'?)"),
     ({"seed": -1}, "seed: must be >= 0, got -1"),

@@ -336,7 +336,8 @@ def test_user_folder_leaves_sys_path_after_import(tmp_path):
     (tmp_path / "mine.py").write_text(
         "import torch\nimport helper_mod\n\n"
         "class C(torch.nn.Module):\n"
-        "    def __init__(self):\n        super().__init__()\n        self.l = torch.nn.Linear(4, helper_mod.SCALE - 1)\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.l = torch.nn.Linear(4, helper_mod.SCALE - 1)\n"
         "    def forward(self, x):\n        return self.l(x.flatten(1))\n")
     config = cfg.from_dict({"model": {"critic": "mine.py:C"}, "data": {"shape": [4]}}, base_dir=tmp_path)
     loaded = loading.load(config)
