@@ -69,6 +69,7 @@ def _diagnose(config: cfg.Config, progress: Callable | None, verify_fix: bool, v
     init = initialisation.check(critic, replay.first_batch(config, loaded),  # the critic as the replays see it
                                 framework=strategy.framework)
     data = datacheck.check_replayed(config, loaded.data)
+    problems = tuple(p.value for p in data.problems) if data is not None else ()
     ratios = he_ratios(critic, checks=init)
     traces: dict[Precision, diagnosis.Measured] = {}
     try:
@@ -86,10 +87,10 @@ def _diagnose(config: cfg.Config, progress: Callable | None, verify_fix: bool, v
         report = None
         if Precision.FP32 in traces:
             done = tuple(p for p in requested if p in traces)
-            runs = diagnosis.analyse(config, traces, done, ratios, device.type, init)
+            runs = diagnosis.analyse(config, traces, done, ratios, device.type, init, problems)
             report = _report(config, device, runs, data=data, init=init, interrupted=note)
         raise Interrupted(report) from None
-    runs = diagnosis.analyse(config, traces, requested, ratios, device.type, init)
+    runs = diagnosis.analyse(config, traces, requested, ratios, device.type, init, problems)
     runs = patching.attach(config, loaded.critic, runs)
     if verify_fix:
         try:

@@ -560,13 +560,15 @@ def build_run(a: Analysis, context: dict) -> RunReport:
         kernels=trace.kernels)
 
 
-def fix_settings(config: Config, init_ratios: dict, device: str, init_checks: tuple = ()) -> dict:
+def fix_settings(config: Config, init_ratios: dict, device: str, init_checks: tuple = (),
+                 data_problems: tuple = ()) -> dict:
     t, loss = config.train, config.loss
     return {"loss_kind": "custom" if loss.step else loss.kind, "gp_fp32": loss.gp_precision == "fp32",
             "grad_scaler": t.grad_scaler, "grad_clip": t.grad_clip, "optimizer": t.optimizer, "eps": t.eps,
             "lr": t.lr, "init_ratios": init_ratios, "device": device, "init_checks": init_checks,
             "fp32_modules": tuple(config.precision.fp32_modules), "betas": tuple(t.betas),
-            "weight_decay": t.weight_decay, "gp_weight": loss.gp_weight, "step_name": _step_name(loss.step)}
+            "weight_decay": t.weight_decay, "gp_weight": loss.gp_weight, "step_name": _step_name(loss.step),
+            "data_problems": data_problems}
 
 
 def _step_name(step) -> str | None:
@@ -590,7 +592,8 @@ def analyse_all(measured: dict) -> dict:
 
 
 def analyse(config: Config, measured: dict, requested: tuple[Precision, ...],
-            init_ratios: dict, device: str, init_checks: tuple = ()) -> tuple[RunReport, ...]:
+            init_ratios: dict, device: str, init_checks: tuple = (),
+            data_problems: tuple = ()) -> tuple[RunReport, ...]:
     """RunReports for the requested precisions (fp32 is the reference whether requested or not).
 
     `measured` maps each precision to its Measured replay (a bare Trace is judged on its statistics only).
@@ -601,6 +604,6 @@ def analyse(config: Config, measured: dict, requested: tuple[Precision, ...],
     analyses = {p: analyse_trace(m, ref) for p, m in measured.items() if m.trace.error is None}
     status_of = raised.statuses({p: m.trace for p, m in measured.items()}, {p: x.status for p, x in analyses.items()})
     ctx: dict[str, Any] = {"fp32_status": status_of[Precision.FP32], "statuses": status_of,
-                           "fix_settings": fix_settings(config, init_ratios, device, init_checks)}
+                           "fix_settings": fix_settings(config, init_ratios, device, init_checks, data_problems)}
     return tuple(raised.errored_run(measured[p].trace, status_of, ctx["fix_settings"])
                  if measured[p].trace.error is not None else build_run(analyses[p], ctx) for p in requested)

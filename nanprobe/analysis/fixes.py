@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nanprobe.enums import FindingKind, Framework, Mode, Phase, Precision, Status
+from nanprobe.enums import DataProblem, FindingKind, Framework, Mode, Phase, Precision, Status
 from nanprobe.model.report import Finding, FixSuggestion, ReplayError
 from nanprobe.thresholds import DIVERGENCE_GROWTH, INIT_FACTOR, INIT_SMALL_FACTOR, SAFE_EPS, init_off_scale
 
@@ -95,6 +95,8 @@ class FixContext:
     """Module path -> weight std / He std."""
     init_checks: tuple = ()
     """initialisation.InitCheck per weight layer (for the init fix's module, numbers and call)."""
+    data_problems: tuple = ()
+    """What the data check found in the replayed samples (DataProblem values: non-finite, constant, range)."""
     device: str = "cuda"
     """Device type for snippets."""
     fp32_modules: tuple = ()
@@ -357,7 +359,15 @@ def _fp32_op(c: FixContext) -> float:
 
 
 def _data(c: FixContext) -> float:
-    return 100.0 if c.issue is not None and c.issue.phase is Phase.DATA else 0.0
+    if c.issue is not None and c.issue.phase is Phase.DATA:
+        return 100.0
+    # A constant image's (x - min) / (max - min) is 0/0 in every precision: when fp32 fails too and the
+    # replayed samples hold constant or non-finite images, the data is the cause, wherever the NaN appears.
+    bad = {DataProblem.NONFINITE.value, DataProblem.CONSTANT.value} & set(c.data_problems)
+    fp32 = c.status if c.precision is Precision.FP32 else c.other.get(Precision.FP32)
+    if bad and fp32 in (Status.NAN, Status.OVERFLOW) and c.status in (Status.NAN, Status.OVERFLOW):
+        return 95.0
+    return 0.0
 
 
 def _op_name(op: str | None) -> str:
@@ -401,7 +411,8 @@ CATALOGUE: tuple[Fix, ...] = (
         "x = x[~(bad | constant)]\n"
         "{normalise}",
         None, _data,
-        when="NaN or Inf in the batch (phase data; fp32 fails too), or what check-data finds: non-finite or "
+        when="NaN or Inf in the batch (phase data; fp32 fails too); a run that fails in fp32 too while the "
+             "replayed samples hold non-finite or constant images; or what check-data finds: non-finite or "
              "constant samples, values outside data.range",
         variants={Framework.KERAS: Variant(
         "x = np.asarray(batch, dtype=\"float32\")      # channels-last, as Keras has it\n"
