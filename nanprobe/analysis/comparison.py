@@ -18,11 +18,10 @@ import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from nanprobe.analysis import diagnosis, raised
+from nanprobe.analysis import diagnosis
 from nanprobe.analysis.alignment import Alignment, Recorder, flushed_share, relative_error, sample  # noqa: F401
 from nanprobe.engine import stats as st
 from nanprobe.engine.probe import OpEvent
@@ -201,17 +200,14 @@ def compare(config: Config, loaded: Loaded, device: torch.device, precisions: tu
         order.setdefault(_row_key(e), e.index)
     for p in low:
         measured[p] = diagnosis.replay_measured(config, loaded, p, device, progress, ref)
-    analyses = {p: diagnosis.analyse_trace(m, ref) for p, m in measured.items() if m.trace.error is None}
-    status_of = raised.statuses({p: m.trace for p, m in measured.items()}, {p: a.status for p, a in analyses.items()})
-    ctx: dict[str, Any] = {"fp32_status": status_of[Precision.FP32], "statuses": status_of,
-                           "fix_settings": diagnosis.fix_settings(config, init_ratios, device.type)}
+    analyses = diagnosis.analyse_all(measured)
+    ctx = diagnosis.shared_context(config, measured, analyses, init_ratios, device.type)
     spans = {Precision.FP32: _spans(Precision.FP32, ref_live, None)}
     summary_list: list[PrecisionSummary] = []
     for p, m in measured.items():
         trace = m.trace
         a = analyses.get(p)
-        # a replay that raised: no departure to measure, the error is the finding
-        run = raised.errored_run(trace, status_of, ctx["fix_settings"]) if a is None else diagnosis.build_run(a, ctx)
+        run = diagnosis.run_report(m, a, ctx)  # a replay that raised: no departure to measure
         live = _live(trace.events)
         deltas = _deltas(m.alignment) if m.alignment is not None else {}
         if p.is_low:

@@ -578,17 +578,26 @@ def _step_name(step) -> str | None:
     return step.rpartition(":")[2] or None if isinstance(step, str) else getattr(step, "__name__", None)
 
 
-def shared_context(config: Config, analyses: dict, init_ratios: dict, device: str, init_checks: tuple = ()) -> dict:
-    """What every run's fix ranking shares: fp32's status, each precision's status, the config's settings."""
-    return {"fp32_status": analyses[Precision.FP32].status,
-            "statuses": {p: x.status for p, x in analyses.items()},
-            "fix_settings": fix_settings(config, init_ratios, device, init_checks)}
-
-
 def analyse_all(measured: dict) -> dict:
-    """Analysis per precision (fp32 is the reference)."""
+    """Analysis per precision (fp32 is the reference); a replay that raised has none: its finding is the error."""
     ref = measured[Precision.FP32]
-    return {p: analyse_trace(m, ref) for p, m in measured.items()}
+    return {p: analyse_trace(m, ref) for p, m in measured.items() if m.trace.error is None}
+
+
+def shared_context(config: Config, measured: dict, analyses: dict, init_ratios: dict, device: str,
+                   init_checks: tuple = (), data_problems: tuple = ()) -> dict[str, Any]:
+    """What every run's fix ranking shares: fp32's status, each precision's status (error for a replay that
+    raised), the config's settings."""
+    status_of = raised.statuses({p: m.trace for p, m in measured.items()}, {p: x.status for p, x in analyses.items()})
+    return {"fp32_status": status_of[Precision.FP32], "statuses": status_of,
+            "fix_settings": fix_settings(config, init_ratios, device, init_checks, data_problems)}
+
+
+def run_report(m: Measured, analysis: Analysis | None, ctx: dict[str, Any]) -> RunReport:
+    """One precision's RunReport: from its analysis, or from the error its replay raised."""
+    if analysis is None:
+        return raised.errored_run(m.trace, ctx["statuses"], ctx["fix_settings"])
+    return build_run(analysis, ctx)
 
 
 def analyse(config: Config, measured: dict, requested: tuple[Precision, ...],
@@ -600,10 +609,6 @@ def analyse(config: Config, measured: dict, requested: tuple[Precision, ...],
     A precision whose replay raised gets status `error` (analysis.raised); the others are analysed as usual.
     """
     measured = {p: (m if isinstance(m, Measured) else unmeasured(m)) for p, m in measured.items()}
-    ref = measured[Precision.FP32]
-    analyses = {p: analyse_trace(m, ref) for p, m in measured.items() if m.trace.error is None}
-    status_of = raised.statuses({p: m.trace for p, m in measured.items()}, {p: x.status for p, x in analyses.items()})
-    ctx: dict[str, Any] = {"fp32_status": status_of[Precision.FP32], "statuses": status_of,
-                           "fix_settings": fix_settings(config, init_ratios, device, init_checks, data_problems)}
-    return tuple(raised.errored_run(measured[p].trace, status_of, ctx["fix_settings"])
-                 if measured[p].trace.error is not None else build_run(analyses[p], ctx) for p in requested)
+    analyses = analyse_all(measured)
+    ctx = shared_context(config, measured, analyses, init_ratios, device, init_checks, data_problems)
+    return tuple(run_report(measured[p], analyses.get(p), ctx) for p in requested)
