@@ -34,7 +34,7 @@ def plot_ranges(c: Comparison, path: Path) -> None:
         offsets = {p: 0.25 * (i - 1) for i, p in enumerate(c.precisions)}
         for y, m in enumerate(rows):
             for s in m.spans:
-                if s.log2_min is None:
+                if s.log2_min is None or s.log2_max is None:  # both None together: every value was 0
                     continue
                 ax.plot([s.log2_min, s.log2_max], [y + offsets[s.precision]] * 2, color=_COLOURS[s.precision],
                         linewidth=2.5 if s.precision is Precision.FP32 else 1.5, solid_capstyle="butt",

@@ -16,7 +16,7 @@ try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:  # the standalone package
     try:
-        from pytorch_lightning.callbacks import Callback
+        from pytorch_lightning.callbacks import Callback  # type: ignore[assignment, unused-ignore]  # same class
     except ImportError:
         raise ImportError("nanprobe.integrations.lightning needs Lightning: "
                           "pip install 'nanprobe[lightning]'") from None
