@@ -19,7 +19,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -40,21 +39,10 @@ def config(framework: str):
     return cfg.from_dict(raw, base_dir=ROOT / "configs")
 
 
-def _interleaved(fns: dict, reps: int) -> dict:
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def replays(reps: int) -> dict:
     import torch
 
+    from benchmarks.bench_probe import interleaved
     from nanprobe.engine.replay import replay
     from nanprobe.enums import Precision
     from nanprobe.io import loading
@@ -69,7 +57,7 @@ def replays(reps: int) -> dict:
             for probe in (False, True):
                 fns[(fw, p.value, probe)] = (lambda c=c, ld=loaded, p=p, probe=probe:
                                              replay(c, ld, p, dev, probe=probe))
-    t = _interleaved(fns, reps)
+    t = interleaved(fns, reps)
     print(json.dumps({" ".join(map(str, k)): round(v, 3) for k, v in t.items()}), flush=True)
     out = {}
     for p in ("fp32", "fp16"):

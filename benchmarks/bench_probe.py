@@ -40,7 +40,7 @@ def _setup(dtypes=("fp32",)):
     return config, loading.load(config)
 
 
-def _interleaved(fns: dict, reps: int) -> dict:
+def interleaved(fns: dict, reps: int) -> dict:
     """Median seconds of each function, run in turn every repetition so a change of load hits them alike."""
     for fn in fns.values():
         fn()  # warm-up: allocator, kernels, autocast caches
@@ -70,7 +70,7 @@ def overhead(reps: int, precision_name: str) -> dict:
         with torch.autograd.detect_anomaly(check_nan=True):
             replay(config, loaded, p, dev, probe=False)
 
-    t = _interleaved({"plain": lambda: replay(config, loaded, p, dev, probe=False),
+    t = interleaved({"plain": lambda: replay(config, loaded, p, dev, probe=False),
                       "probe": lambda: replay(config, loaded, p, dev, probe=True), "anomaly": anomaly}, reps)
     return {"precision": precision_name, "plain_s": t["plain"], "probe_s": t["probe"],
             "probe_ratio": t["probe"] / t["plain"], "detect_anomaly_s": t["anomaly"],
@@ -87,7 +87,7 @@ def whole(reps: int) -> dict:
     config, loaded = _setup(("fp32", "fp16", "bf16"))
     dev = torch.device("cpu")
     order = [Precision.FP32, Precision.FP16, Precision.BF16]
-    t = _interleaved({"plain": lambda: [replay(config, loaded, p, dev, probe=False) for p in order],
+    t = interleaved({"plain": lambda: [replay(config, loaded, p, dev, probe=False) for p in order],
                       "diagnose": lambda: api.diagnose(config)}, reps)
     return {"plain_three_s": t["plain"], "diagnose_s": t["diagnose"], "diagnose_ratio": t["diagnose"] / t["plain"]}
 
