@@ -8,6 +8,7 @@ depend on the machine.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 from pathlib import Path
@@ -39,6 +40,10 @@ def diagnosed(request):
 
 
 def _terminal(report) -> str:
+    # The header wraps at WIDTH, so the clone's path must be replaced before rendering, not after:
+    # otherwise the golden file depends on how long the checkout's path is.
+    report = dataclasses.replace(report, config=report.config.replace(str(ROOT), "<root>"),
+                                 torch="<torch>")
     out = io.StringIO()
     table.report(report, Console(file=out, width=WIDTH, color_system=None, force_terminal=False, legacy_windows=False))
     return out.getvalue()
