@@ -9,11 +9,13 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import _disable_current_modes
 
 __all__ = [
     "TorchDispatchMode", "OpOverload", "DispatchKeySet", "DispatchKey", "exclude_dispatch_keys",
     "registrations_for_dispatch_key", "current_autograd_node", "autograd_sequence_nr", "is_view",
     "foreach_copy_", "scaler_growth_tracker", "GROWTH_TRACKER_KEY", "op_schema", "compiled_original",
+    "no_dispatch_modes",
 ]
 
 OpOverload = torch._ops.OpOverload
@@ -22,6 +24,8 @@ DispatchKeySet = torch._C.DispatchKeySet
 DispatchKey = torch._C.DispatchKey
 exclude_dispatch_keys = torch._C._ExcludeDispatchKeyGuard
 """Context manager that skips the given dispatch keys (autocast kernels calling the next kernel)."""
+no_dispatch_modes = _disable_current_modes
+"""Context manager that pops every active TorchDispatchMode and pushes them back on exit."""
 GROWTH_TRACKER_KEY = "_growth_tracker"
 """GradScaler.state_dict's key for the growth tracker."""
 

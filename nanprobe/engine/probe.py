@@ -406,10 +406,13 @@ class OpProbe:
         self.events.append(OpEvent(idx, self.step, self.attempt, phase, module, name, source, node_name,
                                    str(outs[0].dtype).replace("torch.", ""), tuple(outs[0].shape), tuple(prods), param,
                                    scalars=scalars))
-        if not self._known_row(idx, name, args, inputs, outs):
-            self._stat(idx, outs)
-        if self.on_record is not None:
-            self.on_record(self.events[idx], outs)
+        # The statistics are exact in any dtype: they must not pay for the emulated kernels (or any
+        # other mode) below the probe, which would upcast and round every abs and comparison.
+        with compat.no_dispatch_modes():
+            if not self._known_row(idx, name, args, inputs, outs):
+                self._stat(idx, outs)
+            if self.on_record is not None:
+                self.on_record(self.events[idx], outs)
         for t in outs:
             producer[t] = idx
             if param is not None and phase is Phase.OPTIMIZER:

@@ -163,15 +163,16 @@ DATA = {"frames": _frames, "corrupt": _corrupt, "constant": _constant}
 _reports: dict = {}
 
 
-def diagnose(row: Row, tmp_path_factory):
-    if row.case not in _reports:
-        overrides = {}
+def diagnose(row: Row, tmp_path_factory, kernels: str = "emulated"):
+    key = (row.case, kernels)
+    if key not in _reports:
+        overrides = {"kernels": kernels}
         if row.data is not None:
             path = tmp_path_factory.mktemp("zoo") / f"{row.data}.npy"
             DATA[row.data](path)
             overrides["data.path"] = str(path)
-        _reports[row.case] = nanprobe.diagnose(CASES / f"{row.case}.yaml", **overrides)
-    return _reports[row.case]
+        _reports[key] = nanprobe.diagnose(CASES / f"{row.case}.yaml", **overrides)
+    return _reports[key]
 
 
 def _short(op: str) -> str:
@@ -186,7 +187,35 @@ def _params():
 
 @pytest.mark.parametrize("row", _params())
 def test_zoo(row: Row, tmp_path_factory):
-    report = diagnose(row, tmp_path_factory)
+    check(row, diagnose(row, tmp_path_factory))
+
+
+def _verdict(report) -> list:
+    """What a user acts on, per precision: the status, the first issue (or the error) and the first fix."""
+    out = []
+    for run in report.runs:
+        f = run.first_issue if run.error is None else _as_finding(run.error)
+        issue = None if f is None else (f.kind and f.kind.value, f.phase.value, f.module, _short(f.op), f.step)
+        out.append((run.precision.value, run.status.value, issue, run.fixes[0].id if run.fixes else None))
+    return out
+
+
+@pytest.mark.parametrize("row", _params())
+def test_zoo_native_kernels_reach_the_same_verdict(row: Row, tmp_path_factory):
+    """The CPU's own fp16/bf16 kernels and the emulated ones (the default) must lead a user to the same place.
+
+    The emulated kernels compute as a GPU does (fp32, one rounding per output); the CPU's native ones
+    accumulate some ops in the low dtype. Each row is checked against the expert's verdict under
+    both, and the two verdicts must match to the step and the first fix.
+    """
+    native = diagnose(row, tmp_path_factory, kernels="native")
+    assert all(r.kernels.value == "native" for r in native.runs if r.precision.value != "fp32")
+    check(row, native)
+    assert _verdict(native) == _verdict(diagnose(row, tmp_path_factory))
+
+
+def check(row: Row, report) -> None:
+    """Assert the report is the verdict the row's expert signed."""
     runs = {r.precision.value: r for r in report.runs}
     assert {p: runs[p].status.value for p in runs} == row.status
     errors = {p for p, st in row.status.items() if st == "error"}

@@ -1,0 +1,97 @@
+"""Emulated against native fp16/bf16 kernels, verdict by verdict, run by hand (not a test):
+python benchmarks/kernels_fidelity.py [--only NAME ...] [--skip-examples] [--skip-zoo]
+
+For every shipped example (configs/*.yaml) and every zoo case (tests/zoo/cases/*.yaml) it runs
+`diagnose` twice on the CPU, with `kernels: emulated` (the default) and `kernels: native`, and prints
+what a user acts on, per precision: the status, the first issue (kind, phase, module, op, step) and
+the first fix, with the time each took. It exits 1 when any verdict differs, so a difference is never
+missed; each known one must be explained in docs/concepts.md and pinned by a test.
+
+The zoo's own test (tests/zoo/test_zoo.py::test_zoo_native_kernels_reach_the_same_verdict) checks the
+zoo in CI; this script adds the shipped examples, whose native fp16 replays take minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Data fixtures some zoo cases need (written to a temporary folder, never into the repo).
+from tests.zoo.test_zoo import DATA, ZOO  # noqa: E402
+
+
+def verdict(report) -> list:
+    """(precision, status, first issue, first fix) per run: what a user acts on."""
+    out = []
+    for run in report.runs:
+        if run.error is not None:
+            issue = ("error", run.error.phase.value, run.error.op)
+        elif run.first_issue is None:
+            issue = None
+        else:
+            f = run.first_issue
+            issue = (f.kind.value, f.phase.value, f.module, f.op.removeprefix("aten.").split(".")[0], f.step)
+        out.append((run.precision.value, run.status.value, issue, run.fixes[0].id if run.fixes else None))
+    return out
+
+
+def cases(args, tmp: Path) -> list[tuple[str, Path, dict]]:
+    found = []
+    if not args.skip_examples:
+        for path in sorted((ROOT / "configs").glob("*.yaml")):
+            found.append((f"example {path.stem}", path, {}))
+    if not args.skip_zoo:
+        data = {r.case: r.data for r in ZOO}
+        for path in sorted((ROOT / "tests/zoo/cases").glob("*.yaml")):
+            overrides = {}
+            if data.get(path.stem):
+                file = tmp / f"{data[path.stem]}.npy"
+                DATA[data[path.stem]](file)
+                overrides["data.path"] = str(file)
+            found.append((f"zoo {path.stem}", path, overrides))
+    if args.only:
+        found = [c for c in found if any(o in c[0] for o in args.only)]
+    return found
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*", default=[])
+    ap.add_argument("--skip-examples", action="store_true")
+    ap.add_argument("--skip-zoo", action="store_true")
+    args = ap.parse_args()
+    import tempfile
+
+    import torch
+
+    import nanprobe
+
+    print(f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    print("| case | emulated s | native s | same verdict | verdict (emulated) | native, where it differs |")
+    print("|---|---:|---:|:---:|---|---|")
+    differ = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, path, overrides in cases(args, Path(tmp)):
+            got = {}
+            for kernels in ("emulated", "native"):
+                t = time.perf_counter()
+                report = nanprobe.diagnose(path, kernels=kernels, **overrides)
+                got[kernels] = (verdict(report), time.perf_counter() - t)
+            same = got["emulated"][0] == got["native"][0]
+            differ += not same
+            show = "; ".join(f"{p} {s}" + (f" {i[0]}@{i[1]} {i[3]}" if i else "") + (f" → {f}" if f else "")
+                             for p, s, i, f in got["emulated"][0])
+            other = "" if same else str(got["native"][0])
+            print(f"| {name} | {got['emulated'][1]:.1f} | {got['native'][1]:.1f} | {'yes' if same else 'NO'} "
+                  f"| {show} | {other} |", flush=True)
+    print(f"\n{differ} case(s) differ")
+    return 1 if differ else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
