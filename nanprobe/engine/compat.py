@@ -15,7 +15,7 @@ __all__ = [
     "TorchDispatchMode", "OpOverload", "DispatchKeySet", "DispatchKey", "exclude_dispatch_keys",
     "registrations_for_dispatch_key", "current_autograd_node", "autograd_sequence_nr", "is_view",
     "foreach_copy_", "scaler_growth_tracker", "GROWTH_TRACKER_KEY", "op_schema", "compiled_original",
-    "no_dispatch_modes",
+    "no_dispatch_modes", "user_path", "is_flat_param",
 ]
 
 OpOverload = torch._ops.OpOverload
@@ -68,3 +68,20 @@ def scaler_growth_tracker(scaler: Any) -> torch.Tensor:
 def compiled_original(module: Any) -> Any:
     """The module torch.compile wrapped, or None when module is not a compiled wrapper."""
     return module._orig_mod if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod") else None
+
+
+# The attribute names torch's FSDP1, activation checkpointing and torch.compile wrappers put between a
+# module and its children; the user never wrote them, so module paths are shown without them.
+_WRAPPER_ATTRS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
+def user_path(path: str) -> str:
+    """A dotted module or parameter path as the user's code names it (wrapper attributes dropped)."""
+    if "_" not in path:
+        return path
+    return ".".join(p for p in path.split(".") if p not in _WRAPPER_ATTRS)
+
+
+def is_flat_param(t: Any) -> bool:
+    """Whether t is FSDP1's FlatParameter: many parameters' shards in one tensor, named by FSDP alone."""
+    return type(t).__name__ == "FlatParameter" and type(t).__module__.startswith("torch.distributed.fsdp")

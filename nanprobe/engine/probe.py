@@ -177,7 +177,8 @@ class _ProbeMode(TorchDispatchMode):
 
 
 def _torch_names(root: str, model: torch.nn.Module) -> list:
-    return [(f"{root}.{n}" if n else root, m) for n, m in model.named_modules()]
+    # FSDP1 and checkpoint wrappers sit between a module and its children: paths read as the user wrote them.
+    return [(compat.user_path(f"{root}.{n}") if n else root, m) for n, m in model.named_modules()]
 
 
 def _tensors(values):

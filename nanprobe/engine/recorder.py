@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanprobe.engine import compat
+from nanprobe.engine import compat, sharding
 from nanprobe.engine.probe import OpProbe
 from nanprobe.enums import FindingKind, Phase
 
@@ -34,6 +34,9 @@ _SKIP = frozenset({
     "aten.ones_like.default", "aten.ones.default", "aten.new_ones.default",
 })
 _CASTS = frozenset({"aten._to_copy.default", "aten.copy_.default"})
+# Collectives and FSDP's copies around them (all-gather, reduce-scatter) move values between ranks and
+# compute none; an async collective's output is still being written when its op returns.
+_COMMS = frozenset({"c10d", "_c10d_functional", "_c10d_functional_autograd", "_dtensor", "fsdp"})
 # Ops that never make a non-finite value from finite inputs and never grow |x| (so they can be neither
 # the first non-finite op nor the first past a dtype's largest value): not measured, which saves a
 # read of every activation. The value is the argument that must stay within [-1, 1] (a slope), or None.
@@ -132,7 +135,7 @@ class FlightRecorder(OpProbe):
         if self.optimizer is not None:
             named = {}
             for root, model in self.modules.items():
-                named.update({f"{root}.{n}": p for n, p in model.named_parameters()})
+                named.update({compat.user_path(f"{root}.{n}"): p for n, p in model.named_parameters()})
             self.name_params(named, self.optimizer)  # type: ignore[arg-type]  # Parameters are Tensors; only read
             self._opt_hooks = [self.optimizer.register_step_pre_hook(self._optimizer_begins),
                                self.optimizer.register_step_post_hook(self._optimizer_ends)]
@@ -179,7 +182,7 @@ class FlightRecorder(OpProbe):
     def _record(self, func, args, kwargs, out) -> None:
         name = str(func)
         phase, module, source, node = self._tag(name)
-        if func.is_view or name in _SKIP:
+        if func.is_view or name in _SKIP or func.namespace in _COMMS:
             return
         if name in _CONTRACTING:
             where = _CONTRACTING[name]
@@ -210,6 +213,8 @@ class FlightRecorder(OpProbe):
                         module = param
                         break
         for t in outs:
+            # Under FSDP2 the optimizer updates DTensors: this rank's shard is measured, with no collective.
+            t = sharding.local(t)
             if t.dtype not in _FLOATS or t.numel() == 0:
                 continue
             mn, mx = torch.aminmax(t.detach())

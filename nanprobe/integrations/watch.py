@@ -13,14 +13,15 @@ before the step, refreshed in place in preallocated buffers; the generator, whic
 does not change, is read when a step fails), and a failing step is replayed under the full probe
 (fp32 and the step's precision, op by op) for the root cause and the fixes.
 
-Under torchrun (DDP), every rank watches: the per-rank values travel in one all_reduce, so all
-ranks agree on the failing step and on which rank(s) went non-finite first; those ranks dump their
-step, and rank 0 writes the one report that names them.
+Under torchrun (DDP or FSDP), every rank watches: the per-rank values travel in one all_reduce, so
+all ranks agree on the failing step and on which rank(s) went non-finite first; those ranks dump their
+step, and rank 0 writes the one report that names them. Under FSDP each rank reads only its own shards
+per step; at a failing step all ranks gather the full state from before it (the state-dict API's
+collective), so a dump loads into the plain model on one process.
 """
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 
-from nanprobe.engine import compat
+from nanprobe.engine import compat, sharding
 from nanprobe.engine.recorder import Flight, FlightRecorder, LiveOp
 from nanprobe.enums import Mode, OnNan, Precision
 from nanprobe.errors import ConfigError, NonFiniteError, NonFiniteWarning
@@ -42,9 +43,10 @@ _OPTIMIZERS = ((torch.optim.AdamW, "adamw"), (torch.optim.Adam, "adam"), (torch.
 _REPLAY_GROUP = {"foreach": False, "fused": None, "capturable": False, "differentiable": False}
 _LOW = {torch.float16: Precision.FP16, torch.bfloat16: Precision.BF16}
 
-# The per-step values, one row per rank: what each holds.
-_OUT, _LOSS, _GRADS, _WEIGHTS, _SCALE_AFTER, _SCALE_BEFORE, _REAL, _FIRST_OP, _FIRST_HASH = range(9)
-_FIELDS = 9
+# The per-step values, one row per rank: what each holds. _SNAPPED: the rank kept the state from before
+# the step, so under FSDP every rank knows whether all of them can join the gather of a failing step.
+_OUT, _LOSS, _GRADS, _WEIGHTS, _SCALE_AFTER, _SCALE_BEFORE, _REAL, _FIRST_OP, _FIRST_HASH, _SNAPPED = range(10)
+_FIELDS = 10
 # Values that went non-finite on a rank by its own computation (not through the gradient all-reduce).
 _OWN = ((_REAL, "real batch"), (_OUT, "critic output"), (_LOSS, "loss"))
 _SHARED = ((_GRADS, "gradients"), (_WEIGHTS, "weights"))
@@ -112,20 +114,23 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _unwrap(critic: Any, what: str) -> torch.nn.Module:
-    """The module whose weights and forward the watch follows: DDP and torch.compile wrappers are looked through."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    if fsdp is not None and any(isinstance(critic, c) for c in
-                                (getattr(fsdp, "FullyShardedDataParallel", ()), getattr(fsdp, "FSDPModule", ()))
-                                if isinstance(c, type)):
-        raise ConfigError(f"nanprobe.watch: the {what} is sharded with FSDP, which nanprobe cannot watch yet "
-                          "(its weights are not whole on any rank); watch it under DDP, or on one process")
+def _unwrap(critic: Any, what: str) -> tuple[torch.nn.Module, sharding.Sharded | None]:
+    """The module whose weights and forward the watch follows (DDP, FSDP and torch.compile wrappers are looked
+    through), and how it is sharded under FSDP."""
     for _ in range(3):
         if isinstance(critic, torch.nn.parallel.DistributedDataParallel) or type(critic).__name__ == "DataParallel":
             critic = critic.module
         elif compat.compiled_original(critic) is not None:
             critic = compat.compiled_original(critic)
-    return critic
+    return sharding.unwrap(critic, what)
+
+
+def _whole_shapes(module: torch.nn.Module, sharded: sharding.Sharded) -> dict[str, tuple] | None:
+    """A sharded model's full shapes where a rank knows them alone: FSDP2's DTensors carry them, FSDP1's flat
+    shards do not (its dump's shapes are checked when it is replayed)."""
+    if sharded.kind != "FSDP2":
+        return None
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
 class _Step:
@@ -161,15 +166,16 @@ class Watch:
                  generator_ref: str | None = None, generator_args: dict | None = None, loss_ref: str | None = None):
         if not isinstance(critic, torch.nn.Module):
             raise ConfigError(f"nanprobe.watch: critic must be an nn.Module, got {type(critic).__name__}")
-        critic = _unwrap(critic, "critic")
+        critic, self._sharded = _unwrap(critic, "critic")
         if next(critic.parameters(), None) is None:
             raise ConfigError(f"nanprobe.watch: the critic ({type(critic).__name__}) has no parameters; "
                               "pass the module you train")
         if generator is not None and not callable(generator):
             raise ConfigError(f"nanprobe.watch: generator must be a callable z -> fakes (e.g. an nn.Module) or None, "
                               f"got {type(generator).__name__}")
+        self._gen_sharded: sharding.Sharded | None = None
         if isinstance(generator, torch.nn.Module):
-            generator = _unwrap(generator, "generator")
+            generator, self._gen_sharded = _unwrap(generator, "generator")
         elif generator is not None and dump_dir is not None:
             raise ConfigError("nanprobe.watch: a dump names the generator by its class, so with dump_dir the "
                               f"generator must be an nn.Module (got {type(generator).__name__}); pass the module")
@@ -213,11 +219,23 @@ class Watch:
         self.record = record
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self.refs = None
+        self._args = {"critic": cfg.check_mapping(critic_args, "critic_args"),
+                      "generator": cfg.check_mapping(generator_args, "generator_args")}
+        # A sharded model is whole on no rank, so its replay builds the user's class anew (the FSDP module's
+        # forward would wait on the other ranks); its state gathered at a failing step loads into that.
+        classes = {k: (s.cls, _whole_shapes(m, s)) for k, m, s in (("critic", critic, self._sharded),
+                                                                    ("generator", generator, self._gen_sharded))
+                   if s is not None and isinstance(m, torch.nn.Module)}
         if self.dump_dir is not None:
             from nanprobe.io import dump
             # Resolved now, so a dump that could not be replayed elsewhere fails at start, not hours in.
             self.refs = dump.references(critic, generator if isinstance(generator, torch.nn.Module) else None,
-                                        self.loss_fn, critic_ref, critic_args, generator_ref, generator_args, loss_ref)
+                                        self.loss_fn, critic_ref, critic_args, generator_ref, generator_args, loss_ref,
+                                        classes=classes)
+        elif classes and self.replays:
+            from nanprobe.io import dump
+            for key, (cls, shapes) in classes.items():
+                dump.check_args(cls, shapes, self._args[key], key)
         self.steps = 0
         """Steps watched so far."""
         self.skipped = 0
@@ -340,23 +358,32 @@ class Watch:
             raise
 
     def _snapshot(self) -> None:
-        sd = self.critic.state_dict(keep_vars=True)
-        self._critic_buf.take(list(sd), list(sd.values()))
+        if self._sharded is not None:
+            # This rank's shards, as the state-dict API finds them, so a failing step can gather them whole.
+            self._critic_buf.take(*sharding.named_locals(self._sharded.root))
+        else:
+            sd = self.critic.state_dict(keep_vars=True)
+            self._critic_buf.take(list(sd), list(sd.values()))
         if self.optimizer is not None:
-            keys, tensors, values = [], [], {}
-            i = 0
-            for group in self.optimizer.param_groups:
-                for p in group["params"]:
-                    for k, v in self.optimizer.state.get(p, {}).items():
-                        if isinstance(v, torch.Tensor):
-                            keys.append((i, k))
-                            tensors.append(v)
-                        else:
-                            values[(i, k)] = v
-                    i += 1
+            keys, tensors, values = self._optimizer_state()
             self._opt_buf.take(keys, tensors)
             self._opt_values = values
         self._snap_scale()
+
+    def _optimizer_state(self) -> tuple[list, list[torch.Tensor], dict]:
+        """The optimizer's state tensors (this rank's shards) by (parameter index, key), and its other values."""
+        keys, tensors, values = [], [], {}
+        i = 0
+        for group in self.optimizer.param_groups:  # type: ignore[union-attr]  # only called with an optimizer
+            for p in group["params"]:
+                for k, v in self.optimizer.state.get(p, {}).items():  # type: ignore[union-attr]  # as above
+                    if isinstance(v, torch.Tensor):
+                        keys.append((i, k))
+                        tensors.append(sharding.local(v))
+                    else:
+                        values[(i, k)] = v
+                i += 1
+        return keys, tensors, values
 
     def _snap_scale(self) -> None:
         scaler = self.scaler
@@ -383,8 +410,9 @@ class Watch:
 
     def _values(self, loss: torch.Tensor | None, scaler, device, world: int) -> tuple:
         """This rank's row of per-step values, on the device, with no host synchronisation."""
-        params = list(self.critic.parameters())
-        grads = [p.grad for p in params if p.grad is not None]
+        # Under FSDP, this rank's shards: the table's all_reduce shares them, with no collective of their own.
+        params = [sharding.local(p) for p in self.critic.parameters()]
+        grads = [sharding.local(p.grad) for p in self.critic.parameters() if p.grad is not None]
         zero = torch.zeros((), device=device)
         with torch.no_grad():
             row = [zero] * _FIELDS
@@ -413,6 +441,7 @@ class Watch:
                 row[_FIRST_OP], row[_FIRST_HASH] = first[0], first[1]
             else:
                 row[_FIRST_OP] = torch.full((), -1.0)
+            row[_SNAPPED] = torch.full((), float(self._snapped))
             row = torch.stack([v.to(device=device, dtype=torch.float64) for v in row])  # type: ignore[assignment]  # the list becomes one stacked tensor
         return row, params, grads, rec
 
@@ -455,8 +484,10 @@ class Watch:
                 bad = [b for b in bad if b not in exact or not _all_finite(exact[b])]
             if bad:
                 bad_by_rank[r] = bad
-        after, before = own[_SCALE_AFTER], own[_SCALE_BEFORE]
-        if scaler is not None and getattr(scaler, "_scale", None) is not None and after < before:
+        after = own[_SCALE_AFTER]
+        # Any rank's scaler, so all ranks take the same branch (a failing step's gather under FSDP is collective).
+        lowered = any(v[_SCALE_AFTER] < v[_SCALE_BEFORE] for v in rows)
+        if scaler is not None and getattr(scaler, "_scale", None) is not None and lowered:
             self.skipped += 1
             self._skips_in_row += 1
             if not any("weights" in b for b in bad_by_rank.values()):
@@ -488,7 +519,12 @@ class Watch:
         flight = self.flight if self._recording and rank in origins else None
         culprit = flight.first_nonfinite if flight is not None else None
         past = flight.first_past_max if flight is not None else None
-        config = self.config() if self._snapped and rank in origins else None
+        whole = None
+        if (self._sharded is not None or self._gen_sharded is not None) and all(row[_SNAPPED] for row in rows):
+            # Every rank joins the gather (it is collective); only the failing ranks keep what it returns.
+            whole = self._gather(keep=rank in origins, rank0_only=origins == (0,))
+        sharded = self._sharded is not None or self._gen_sharded is not None
+        config = self._config(whole) if self._snapped and rank in origins and (whole or not sharded) else None
         folder = None
         if self.dump_dir is not None and config is not None:
             from nanprobe.io import dump
@@ -503,7 +539,8 @@ class Watch:
             followed = [r for r in bad_by_rank if r not in origins]
             head = (f"nanprobe.watch: step {step} turned non-finite on {first}"
                     + (f"; rank{'s' if len(followed) > 1 else ''} {', '.join(map(str, followed))} "
-                       "followed through the gradient all-reduce" if followed else "") + f"{where}.")
+                       f"followed through the gradient {'reduce-scatter' if self._sharded else 'all-reduce'}"
+                       if followed else "") + f"{where}.")
         lines = [head]
         if world > 1 and rank not in origins:
             lines += [self._other_rank(r, rows[r]) for r in origins if rows[r][_FIRST_OP] >= 0]
@@ -552,29 +589,82 @@ class Watch:
         return self._seen or (Mode.AMP, Precision.FP32)
 
     def config(self) -> cfg.Config:
-        """The last watched step as a Config that `nanprobe.diagnose` replays exactly (tensors in memory)."""
+        """The last watched step as a Config that `nanprobe.diagnose` replays exactly (tensors in memory).
+
+        Under FSDP it gathers the full state from the ranks' shards: a collective, so every rank calls it."""
+        self._batch()
+        whole = self._gather(keep=True, rank0_only=False) if self._sharded or self._gen_sharded else None
+        return self._config(whole)
+
+    def _gather(self, keep: bool, rank0_only: bool) -> dict | None:
+        """The full state of the sharded models from before the step (collective; None where not kept).
+
+        The live shards hold the snapshot while the state-dict API gathers them, then their own values
+        again, so training that goes on after a warning is unchanged. rank0_only: only rank 0 keeps it,
+        gathered onto its CPU one tensor at a time; otherwise each rank receives it all on its device.
+        """
+        whole: dict = {}
+        if self._sharded is not None:
+            names, live = sharding.named_locals(self._sharded.root)
+            saved = self._critic_buf.as_dict()
+            pairs = [(t, saved[n]) for n, t in zip(names, live) if n in saved and saved[n].shape == t.shape]
+            optimizer = None
+            if self.optimizer is not None and self._opt_buf.keys:
+                optimizer = self.optimizer
+                keys, tensors, _ = self._optimizer_state()
+                now = dict(zip(keys, tensors))
+                pairs += [(now[k], b) for k, b in zip(self._opt_buf.keys, self._opt_buf.bufs)
+                          if k in now and now[k].shape == b.shape]
+            # An optimizer with no state before the step (its first) has none to gather.
+            with torch.no_grad(), sharding.holding([a for a, _ in pairs], [b for _, b in pairs]):
+                model_sd, optim_sd = sharding.full_state(self._sharded, optimizer, rank0_only)
+                # Copied while the snapshot is in: values that were never sharded (Adam's step) come back
+                # as the live tensors themselves, which get their own values again after the block.
+                if keep:
+                    whole["critic"] = _copied(model_sd)
+                    whole["optimizer"] = _by_index(model_sd, optim_sd) if optim_sd is not None else None
+        if self._gen_sharded is not None:
+            # A critic step does not change the generator: its state now is its state before the step.
+            with torch.no_grad():
+                gen_sd, _ = sharding.full_state(self._gen_sharded, None, rank0_only)
+            whole["generator"] = _copied(gen_sd) if keep else None
+        return whole if keep else None
+
+    def _batch(self) -> torch.Tensor:
         if self._real is None:
             raise ConfigError("nanprobe.watch: no step with its real batch has been watched yet (config() describes "
                               "the last one: pass it to w.step(real, z), with loss= or dump_dir= to watch())")
+        return self._real
+
+    def _config(self, whole: dict | None) -> cfg.Config:
+        real = self._batch()
         mode, precision = self._precision()
         dtypes = (Precision.FP32,) if precision is Precision.FP32 else (Precision.FP32, precision)
-        checkpoint = {"critic": self._critic_buf.as_dict()}
-        if isinstance(self.generator, torch.nn.Module):
+        whole = whole or {}
+        checkpoint = {"critic": whole["critic"] if self._sharded else self._critic_buf.as_dict()}
+        if self._gen_sharded is not None:
+            checkpoint["generator"] = whole["generator"]
+        elif isinstance(self.generator, torch.nn.Module):
             # A critic step does not change the generator (a train-mode forward updates BatchNorm's
             # running statistics, which train mode does not use), so it is read now, not copied per step.
             checkpoint["generator"] = {k: v.detach().clone() for k, v in self.generator.state_dict().items()}
-        train, opt_state = self._optimizer()
+        train, opt_state = self._optimizer(whole.get("optimizer"))
         scaler = self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
         latent = tuple(self._z.shape[1:]) if self._z is not None else (self.latent_dim or (1,))
         rng = {"cpu": self._rng, **({"cuda": self._cuda_rng} if self._cuda_rng is not None else {})}
-        generator = self.generator
+        generator: Any = self.generator
         if generator is not None and not isinstance(generator, torch.nn.Module):
             generator = _Fakes(generator)  # any callable z -> fakes, as a module the replay can copy
+        # A sharded model is replayed as its class built anew: the FSDP module's forward waits on other ranks.
+        critic: Any = self._sharded.cls if self._sharded is not None else self.critic
+        if self._gen_sharded is not None:
+            generator = self._gen_sharded.cls
         return cfg.check(cfg.Config(
-            model=cfg.ModelConfig(critic=self.critic, generator=generator, latent_dim=latent, checkpoint=checkpoint,
+            model=cfg.ModelConfig(critic=critic, generator=generator, latent_dim=latent, checkpoint=checkpoint,
+                                  critic_args=self._args["critic"] if self._sharded else {},
+                                  generator_args=self._args["generator"] if self._gen_sharded else {},
                                   generator_call=self._model.generator_call),
-            data=cfg.DataConfig(source="file", path=self._real, shape=tuple(self._real.shape[1:]),
-                                batch_size=self._real.shape[0]),
+            data=cfg.DataConfig(source="file", path=real, shape=tuple(real.shape[1:]), batch_size=real.shape[0]),
             loss=self._loss,
             train=cfg.TrainConfig(**train, steps=1, grad_scaler=scaler is not None, grad_clip=self.grad_clip),
             precision=cfg.PrecisionConfig(mode=mode, dtypes=dtypes),
@@ -582,8 +672,10 @@ class Watch:
                                   scaler=self._scaler_state() if scaler is not None else None),
             device=self._device().type, seed=0, base_dir=Path.cwd()))
 
-    def _optimizer(self) -> tuple[dict, dict | None]:
-        """The replay's train settings from the user's optimizer, and its state before the step when it fits."""
+    def _optimizer(self, whole: tuple[int, dict] | None = None) -> tuple[dict, dict | None]:
+        """The replay's train settings from the user's optimizer, and its state before the step when it fits.
+
+        whole: under FSDP, the gathered state (parameter count, state by index), as `_by_index` makes it."""
         opt = self.optimizer
         if opt is None:
             return {}, None
@@ -599,10 +691,15 @@ class Watch:
         if name is None or len(opt.param_groups) != 1 or [id(p) for p in g["params"]] != critic_params:
             return train, None  # the replay's optimizer (one group over the critic) could not take this state
         state: dict = {}
-        for (i, k), v in {**self._opt_buf.as_dict(), **self._opt_values}.items():
-            state.setdefault(i, {})[k] = v
+        count = len(critic_params)
+        if self._sharded is not None:
+            # FSDP1's flat parameters hold many of the user's: the gathered state is by the user's parameters.
+            count, state = whole if whole is not None else (count, {})
+        else:
+            for (i, k), v in {**self._opt_buf.as_dict(), **self._opt_values}.items():
+                state.setdefault(i, {})[k] = v
         group = {k: v for k, v in g.items() if k != "params"}
-        group.update({k: v for k, v in _REPLAY_GROUP.items() if k in group}, params=list(range(len(critic_params))))
+        group.update({k: v for k, v in _REPLAY_GROUP.items() if k in group}, params=list(range(count)))
         return train, {"state": state, "param_groups": [group]}
 
     def _scaler_state(self) -> dict:
@@ -627,6 +724,21 @@ class Watch:
             torch.set_rng_state(rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state(cuda_rng, device)
+
+
+def _by_index(model_sd: dict, optim_sd: dict) -> tuple[int, dict]:
+    """The gathered optimizer state (keyed by parameter name) keyed as the replay's optimizer takes it: by the
+    parameter's position in the user's module, the order of its state dict. Returns (parameter count, state)."""
+    groups = [n for g in optim_sd.get("param_groups", []) for n in g.get("params", [])]
+    order = [n for n in model_sd if n in set(groups)]
+    index = {n: i for i, n in enumerate(order)}
+    state = {index[n]: _copied(s) for n, s in optim_sd.get("state", {}).items() if n in index}
+    return len(order), state
+
+
+def _copied(sd: dict) -> dict:
+    """A state dict's tensors copied to the CPU (never the live tensors themselves)."""
+    return {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
 
 
 class _Fakes(torch.nn.Module):

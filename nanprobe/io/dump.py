@@ -59,17 +59,22 @@ def _given_ref(given: str, option: str) -> tuple[str, Path | None]:
     return given, None
 
 
-def _check_args(module: torch.nn.Module, args: dict, what: str) -> None:
-    """Build the class with the args once, now, so a dump that cannot rebuild the model fails at start."""
-    cls = type(module)
+def check_args(cls: type, shapes: dict[str, tuple] | None, args: dict, what: str) -> None:
+    """Build the class with the args once, now, so a dump that cannot rebuild the model fails at start.
+
+    shapes: the user's model's state, name -> shape, that the built one must match (None: not checked).
+    """
     try:
         with torch.random.fork_rng(devices=[]):  # the user's training RNG stream is left untouched
             fresh = cls(**args)
     except Exception as exc:
         raise ConfigError(f"nanprobe.watch: {cls.__name__}(**{what}_args) raised {type(exc).__name__}: {exc}; "
                           f"pass {what}_args={{...}}, the arguments you built the {what} with") from None
-    own, new = module.state_dict(), fresh.state_dict()
-    wrong = [k for k in own if k not in new or new[k].shape != own[k].shape] + [k for k in new if k not in own]
+    if shapes is None:
+        return
+    new = fresh.state_dict()
+    wrong = [k for k in shapes if k not in new or tuple(new[k].shape) != shapes[k]]
+    wrong += [k for k in new if k not in shapes]
     if wrong:
         raise ConfigError(f"nanprobe.watch: {cls.__name__}(**{args!r}) builds a {what} whose weights do not fit yours "
                           f"({', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}); pass {what}_args={{...}}, "
@@ -78,17 +83,23 @@ def _check_args(module: torch.nn.Module, args: dict, what: str) -> None:
 
 def references(critic: torch.nn.Module, generator: torch.nn.Module | None, loss_fn: Callable | None,
                critic_ref: str | None, critic_args: dict | None, generator_ref: str | None,
-               generator_args: dict | None, loss_ref: str | None) -> dict[str, Ref]:
-    """How a dump names the critic, generator and step function; raises ConfigError when it cannot."""
+               generator_args: dict | None, loss_ref: str | None,
+               classes: dict[str, tuple[type, dict[str, tuple] | None]] | None = None) -> dict[str, Ref]:
+    """How a dump names the critic, generator and step function; raises ConfigError when it cannot.
+
+    classes: "critic"/"generator" -> (the user's class, its state's shapes or None) for a model whose own
+    type is not the user's class (FSDP2 swaps it for a subclass; FSDP1's inner module holds flat shards).
+    """
     out = {}
     for key, obj, given, args in (("critic", critic, critic_ref, critic_args),
                                   ("generator", generator, generator_ref, generator_args)):
         if obj is None:
             continue
         args = cfg.check_mapping(args, f"{key}_args")
-        ref, file = _given_ref(given, f"{key}_ref") if given else _auto_ref(obj, f"the {key}", f"{key}_ref")
+        cls, shapes = (classes or {}).get(key) or (type(obj), {k: tuple(v.shape) for k, v in obj.state_dict().items()})
+        ref, file = _given_ref(given, f"{key}_ref") if given else _auto_ref(cls, f"the {key}", f"{key}_ref")
         if not given:
-            _check_args(obj, args, key)
+            check_args(cls, shapes, args, key)
         out[key] = Ref(ref, file, args)
     if loss_fn is not None:
         ref, file = _given_ref(loss_ref, "loss_ref") if loss_ref else _auto_ref(loss_fn, "the loss function",

@@ -1,0 +1,95 @@
+"""nanprobe.watch under torchrun with FSDP: two gloo ranks on the CPU, a fault on rank 1 only.
+
+Both FSDP2 (fully_shard) and FSDP1 (FullyShardedDataParallel) run on the CPU with gloo; each is run
+once per module. The failing rank's dump must hold the full state (gathered from the shards) and
+replay on one process with no process group.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from nanprobe.cli import app
+from tests.conftest import FIXTURES
+
+ROOT = Path(__file__).resolve().parents[2]
+FAULT_STEP = 2
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+
+
+@pytest.fixture(scope="module", params=["fsdp2", "fsdp1"])
+def ranks(request, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp(request.param)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(FIXTURES / "fsdp_watch_train.py"), str(out), str(FAULT_STEP), request.param]
+    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, {r: json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)}
+
+
+def test_both_ranks_stop_at_the_faulty_step_and_name_rank_1(ranks):
+    out, results = ranks
+    assert [results[r]["step"] for r in (0, 1)] == [FAULT_STEP, FAULT_STEP]
+    assert [results[r]["ranks"] for r in (0, 1)] == [[1], [1]]
+    assert results[1]["reason"].startswith("critic output, loss")
+    assert results[0]["reason"] == "gradients, weights non-finite"
+    culprit = results[1]["culprit"]
+    # The user's module path: no FSDP1 `_fsdp_wrapped_module` in it, and no FSDP collective before it.
+    assert (culprit["phase"], culprit["module"], culprit["op"], culprit["kind"]) == (
+        "forward", "critic.net.0", "aten._to_copy.default", "overflow")
+    assert results[0]["culprit"] is None
+    for r in (0, 1):
+        assert f"step {FAULT_STEP} turned non-finite on rank 1 of 2 (critic output" in results[r]["message"]
+        assert "rank 0 followed through the gradient reduce-scatter" in results[r]["message"]
+    assert "critic.net.0 (forward)" in results[0]["message"]
+
+
+def test_only_rank_1_dumps_the_full_state_from_before_the_step(ranks):
+    out, results = ranks
+    dumps = out / "dumps"
+    assert results[0]["dump"] is None and not (dumps / "rank-0").exists()
+    folder = Path(results[1]["dump"])
+    assert folder == dumps / "rank-1" / f"step-{FAULT_STEP:06d}"
+    (report,) = dumps.glob("report-step-*.txt")
+    assert "on rank 1 of 2" in report.read_text()
+    assert results[1]["replayed"] and "Replayed under the probe: fp16 (amp): nan" in results[1]["message"]
+
+    sys.path.insert(0, str(FIXTURES))
+    try:
+        from tiny_models import TinyCritic
+    finally:
+        sys.path.remove(str(FIXTURES))
+    shapes = {k: tuple(v.shape) for k, v in TinyCritic().state_dict().items()}
+    critic = torch.load(folder / "checkpoint.pt")["critic"]
+    assert {k: tuple(v.shape) for k, v in critic.items()} == shapes  # whole, not one rank's shard
+    # From before the step: the weights after it are NaN on both ranks.
+    assert all(bool(torch.isfinite(v).all()) for v in critic.values())
+    opt = torch.load(folder / "optimizer.pt")
+    assert opt["param_groups"][0]["params"] == [0, 1, 2, 3]
+    by_index = [shapes[k] for k in shapes]
+    assert [tuple(opt["state"][i]["exp_avg"].shape) for i in range(4)] == by_index
+    assert {float(opt["state"][i]["step"]) for i in range(4)} == {float(FAULT_STEP)}
+    assert all(math.isfinite(float(s["exp_avg_sq"].max())) for s in opt["state"].values())
+
+
+def test_the_failing_rank_step_replays_on_one_process(ranks, monkeypatch):
+    out, results = ranks
+    monkeypatch.chdir(out)
+    result = CliRunner().invoke(app, ["diagnose", str(Path(results[1]["dump"]) / "config.yaml"), "--json", "-", "-q"])
+    assert result.exit_code == 1, result.output
+    runs = {r["precision"]: r for r in json.loads(result.stdout)["runs"]}
+    assert runs["fp32"]["status"] == "ok"
+    issue = runs["fp16"]["first_issue"]
+    assert (runs["fp16"]["status"], issue["kind"], issue["phase"], issue["module"]) == (
+        "nan", "overflow", "forward", "critic.net.0")
