@@ -25,6 +25,11 @@ class Precision(str, Enum):
     def is_low(self) -> bool:
         return self is not Precision.FP32
 
+    @property
+    def needs_loss_scaling(self) -> bool:
+        """fp16's 5-bit exponent flushes gradients below 6e-8 to 0 (autocast needs a GradScaler); bf16 has fp32's range."""
+        return self is Precision.FP16
+
 
 class Mode(str, Enum):
     """How a low precision is applied."""

@@ -475,8 +475,8 @@ CATALOGUE: tuple[Fix, ...] = (
         "critic = critic.float()                 # weights and optimizer state in fp32\n"
         "opt = torch.optim.{opt_class}(critic.parameters(), {opt_args})\n"
         "with torch.autocast(device_type=real.device.type, dtype=torch.{dtype}):\n"
-        "    loss = {step_call}",
-        Apply((("precision.mode", "amp"),)), _master_weights,
+        "    loss = {step_call}{amp_backward}",
+        Apply((("precision.mode", "amp"), ("train.grad_scaler", "{amp_scaler}"))), _master_weights,
         when="a problem in the optimizer step in half mode: lost updates, optimizer state flushed to 0",
         variants={Framework.KERAS: Variant(
         "keras.config.set_dtype_policy(\"mixed_{dtype}\")   # variables float32, layers compute in {dtype}\n"
@@ -741,7 +741,9 @@ def _code_vars(c: FixContext, low: Precision) -> dict:
                  else _LOSS_CALL.get(c.loss_kind, "critic_loss(critic, real, fake)"))
     return {"opt_args": _opt_args(c), "opt_args_eps": _opt_args(c, eps=1e-4),
             "opt_args_low_lr": _opt_args(c, lr=c.lr / 10), "gp_input": gp_input, "penalty_line": last,
-            "gp_fp32_code": gp_fp32, "step_call": step_call, "safe_eps": _lit(SAFE_EPS[low.value])}
+            "gp_fp32_code": gp_fp32, "step_call": step_call, "safe_eps": _lit(SAFE_EPS[low.value]),
+            "amp_backward": ("\nscaler.scale(loss).backward()   # scaler = torch.amp.GradScaler(): fp16 gradients need it"
+                             "\nscaler.step(opt)\nscaler.update()" if low.needs_loss_scaling else "")}
 
 
 _OP_SNIPPETS = {
@@ -774,7 +776,9 @@ def _culprit_vars(c: FixContext) -> dict:
 def _typed(c: FixContext) -> dict:
     """Values an Apply's "{name}" placeholders take, typed as the config expects them."""
     module = c.issue.module if c.issue is not None and c.issue.module not in ("", "data") else "critic"
-    return {"module": module, "lr_low": c.lr / 10, "module_fp32": [*c.fp32_modules, module]}
+    # Autocast in fp16 with fp32 weights still needs its loss scaled; None leaves the setting as it is.
+    scaler = True if c.precision.needs_loss_scaling and not c.grad_scaler else None
+    return {"module": module, "lr_low": c.lr / 10, "module_fp32": [*c.fp32_modules, module], "amp_scaler": scaler}
 
 
 def overrides(apply: Apply, c: FixContext) -> dict:
@@ -786,7 +790,8 @@ def overrides(apply: Apply, c: FixContext) -> dict:
             return typed[v[1:-1]]
         return [fill(x) for x in v] if isinstance(v, list) else v
 
-    return {key: fill(value) for key, value in apply.overrides}
+    filled = {key: fill(value) for key, value in apply.overrides}
+    return {key: value for key, value in filled.items() if value is not None}
 
 
 def _yaml(v) -> str:

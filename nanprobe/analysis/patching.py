@@ -104,6 +104,8 @@ class Transform:
     """(dotted key, value): config changes the patched code needs (as the fix's own Apply)."""
     culprit: bool = True
     """The transform starts from the finding's source line (False: from the step function)."""
+    scaled: bool = False
+    """The patched code runs autocast with fp32 weights: in fp16 it needs a GradScaler (train.grad_scaler)."""
 
 
 def _unified(rel: str, before: str, after: str) -> str:
@@ -1015,7 +1017,8 @@ TRANSFORMS: dict[str, Transform] = {t.fix_id: t for t in (
     Transform("gp-scaled", "step", _gp_scaled, (("train.grad_scaler", True),), culprit=False),
     Transform("fp32-module", "models", _fp32_module, culprit=False),
     Transform("adam-eps", "any", _adam_eps, (("train.eps", SAFE_EPS[Precision.FP16.value]),), culprit=False),
-    Transform("master-weights", "any", _master_weights, (("precision.mode", "amp"),), culprit=False),
+    Transform("master-weights", "any", _master_weights, (("precision.mode", "amp"),), culprit=False,
+              scaled=True),
 )}
 """Fix id -> its code change. A fix without an entry (or whose transform finds nothing) keeps its config change."""
 
@@ -1157,7 +1160,10 @@ def build_patch(fix_id: str, code: UserCode, precision: Precision, sources: tupl
         except Exception:  # a shape the transform does not know: no patch rather than a crash
             out = None
         if out is not None and out.code != before:
-            return Patch(fix_id, (FilePatch(site.rel, before, out.code),), dict(t.overrides))
+            overrides = dict(t.overrides)
+            if t.scaled and precision.needs_loss_scaling and not (config is not None and config.train.grad_scaler):
+                overrides["train.grad_scaler"] = True
+            return Patch(fix_id, (FilePatch(site.rel, before, out.code),), overrides)
     return None
 
 

@@ -132,3 +132,9 @@ def test_the_terminal_marks_what_the_replay_found():
     text = out.getvalue()
     assert "fix: ✓ gp-fp32" in text and "~ improves safe-norm" in text
     assert "? bf16" in text and "✗ init" in text
+
+
+def test_master_weights_scales_the_loss_in_fp16_only():
+    """fp32 weights under fp16 autocast still flush small gradients without a GradScaler; bf16 has fp32's range."""
+    assert "scaler.scale(loss).backward()" in snippets(odd_config(), Precision.FP16)["master-weights"]
+    assert "scaler" not in snippets(odd_config(), Precision.BF16)["master-weights"]

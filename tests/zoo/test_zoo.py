@@ -69,6 +69,9 @@ class Row:
     """fp16 with a GradScaler: "recovers" (a skipped first step, then fine) or "collapses" (every step skipped)."""
     xfail: str | None = None
     """What the current engine gets wrong (strict xfail), or None."""
+    native: dict | None = None
+    """Where the CPU's native fp16/bf16 kernels reach another verdict than the GPU-like emulated ones: the
+    status per precision they give (docs/concepts.md, "Kernels", says why); None: the same verdict."""
 
 
 OK3 = {"fp32": "ok", "fp16": "ok", "bf16": "ok"}
@@ -132,7 +135,10 @@ ZOO: list[Row] = [
         kind="overflow", fixes=("lower-lr",), min_step=1),
     Row("H1", "healthy_gp_fp32_scaler", OK3, healthy=True),
     Row("H2", "healthy_r1_lazy", OK3, healthy=True),
-    Row("H3", "healthy_hinge_sn", OK3, healthy=True),
+    # The CPU's native fp16 convolution_backward rounds partial results (about twice the error of cuDNN's one
+    # rounding of an fp32 sum, tests/engine/test_emulate.py): two gradient values flush to 0 at critic.net.2
+    # and the bias gradients' error (3.4% emulated, 6.4% native) is then traced to that flush.
+    Row("H3", "healthy_hinge_sn", OK3, healthy=True, native={"fp32": "ok", "fp16": "underflow", "bf16": "ok"}),
     Row("H4", "healthy_stylegan", OK3, healthy=True),
     Row("H5", "healthy_bf16", {"fp32": "ok", "bf16": "ok"}, healthy=True),
     Row("H6", "healthy_small_init_scaled", OK3, healthy=True, scaler="recovers"),
@@ -210,6 +216,9 @@ def test_zoo_native_kernels_reach_the_same_verdict(row: Row, tmp_path_factory):
     """
     native = diagnose(row, tmp_path_factory, kernels="native")
     assert all(r.kernels.value == "native" for r in native.runs if r.precision.value != "fp32")
+    if row.native is not None:  # a known difference, explained where the row is
+        assert {r.precision.value: r.status.value for r in native.runs} == row.native
+        return
     check(row, native)
     assert _verdict(native) == _verdict(diagnose(row, tmp_path_factory))
 
