@@ -27,7 +27,7 @@ class Precision(str, Enum):
 
     @property
     def needs_loss_scaling(self) -> bool:
-        """fp16's 5-bit exponent flushes gradients below 6e-8 to 0 (autocast needs a GradScaler); bf16 has fp32's range."""
+        """fp16 flushes gradients below 6e-8 to 0 (autocast needs a GradScaler); bf16 has fp32's range."""
         return self is Precision.FP16
 
 

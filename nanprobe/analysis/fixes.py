@@ -742,7 +742,7 @@ def _code_vars(c: FixContext, low: Precision) -> dict:
     return {"opt_args": _opt_args(c), "opt_args_eps": _opt_args(c, eps=1e-4),
             "opt_args_low_lr": _opt_args(c, lr=c.lr / 10), "gp_input": gp_input, "penalty_line": last,
             "gp_fp32_code": gp_fp32, "step_call": step_call, "safe_eps": _lit(SAFE_EPS[low.value]),
-            "amp_backward": ("\nscaler.scale(loss).backward()   # scaler = torch.amp.GradScaler(): fp16 gradients need it"
+            "amp_backward": ("\nscaler.scale(loss).backward()   # scaler = torch.amp.GradScaler(): fp16 needs it"
                              "\nscaler.step(opt)\nscaler.update()" if low.needs_loss_scaling else "")}
 
 

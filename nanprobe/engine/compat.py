@@ -8,8 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 __all__ = [
     "TorchDispatchMode", "OpOverload", "DispatchKeySet", "DispatchKey", "exclude_dispatch_keys",
