@@ -68,7 +68,9 @@ def _std(t) -> float | None:
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() < 2:
         return None
     x = t.detach().float()
-    x = x[torch.isfinite(x)]  # a NaN sample in the batch must not hide the scale of the others
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        x = x[finite]  # a NaN sample in the batch must not hide the scale of the others
     s = float(x.std()) if x.numel() > 1 else math.nan
     return s if math.isfinite(s) else None
 
