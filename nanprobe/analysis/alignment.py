@@ -43,9 +43,12 @@ def is_cast(e: OpEvent) -> bool:
 
 def sample(t: torch.Tensor) -> torch.Tensor:
     """th.SAMPLE values of t at a fixed stride, as a float32 copy (the same positions for the same shape)."""
-    flat = t.detach().reshape(-1)
-    stride = max(1, flat.numel() // th.SAMPLE)
-    return flat[::stride][:th.SAMPLE].to(torch.float32, copy=True)
+    n = t.numel()
+    stride = max(1, n // th.SAMPLE)
+    # take() reads only the sampled positions (row-major, as reshape(-1) would number them); reshape copies
+    # the whole tensor when it is not contiguous (a permuted or channels-last output).
+    idx = torch.arange(0, min(n, stride * th.SAMPLE), stride, device=t.device)
+    return torch.take(t.detach(), idx).to(torch.float32)
 
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float | None:

@@ -64,11 +64,15 @@ def host_row(x: torch.Tensor) -> list[float]:
         return device_row(x).tolist()
     zeros, min_nz = 0.0, lo
     if lo == 0:
-        nonzero = a > 0
-        zeros = n - float(torch.count_nonzero(nonzero).item())
-        # where + amin, not a[mask].min(): boolean indexing copies and is ~4x slower.
-        min_nz = torch.where(nonzero, a, math.inf).amin().item() if zeros < n else math.inf
-    small = float(torch.count_nonzero(a < tiny).item()) - zeros if min_nz < tiny else 0.0
+        zeros = n - float(torch.count_nonzero(a).item())
+        if zeros < n:
+            # `a` is this function's own copy: the zeros become inf in place (a one-byte mask, no float copy),
+            # so amin gives the smallest non-zero value and the count below counts subnormals only.
+            a.masked_fill_(a == 0, math.inf)
+            min_nz = a.amin().item()
+        else:
+            min_nz = math.inf
+    small = float(torch.count_nonzero(a < tiny).item()) if min_nz < tiny else 0.0
     return [n, hi, min_nz, zeros, small, 0.0, 0.0, 0.0]
 
 
