@@ -4,10 +4,11 @@ python benchmarks/kernels_fidelity.py [--only NAME ...] [--skip-examples] [--ski
 For every shipped example (configs/*.yaml) and every zoo case (tests/zoo/cases/*.yaml) it runs
 `diagnose` twice on the CPU, with `kernels: emulated` (the default) and `kernels: native`, and prints
 what a user acts on, per precision: the status, the first issue (kind, phase, module, op, step) and
-the first fix, with the time each took. "along the chain" marks the same status, kind, phase and fix
-where one kernels' culprit lies on the other's chain (a flush that builds up over several layers
-crosses the tolerance one op earlier or later). It exits 1 when any verdict differs beyond that, so a
-difference is never missed; each known one must be explained in docs/concepts.md and pinned by a test.
+the first fix, with the time each took. "along the chain" marks the same status, kind, phase and
+fix where one kernels' culprit lies on the other's chain, or both lead to the same first non-finite
+op (a flush that builds up over several layers crosses the tolerance one layer earlier or later).
+It exits 1 when any verdict differs beyond that, so a difference is never missed; each known one
+must be explained in docs/concepts.md and pinned by a test.
 
 The zoo's own test (tests/zoo/test_zoo.py::test_zoo_native_kernels_reach_the_same_verdict) checks the
 zoo in CI; this script adds the shipped examples, whose native fp16 replays take minutes.
@@ -47,8 +48,13 @@ def verdict(report) -> list:
 
 
 def chains(report) -> dict:
-    """precision -> the (module, op) pairs on the path from the root cause on."""
-    return {run.precision.value: {(c.module, _op(c.op)) for c in run.chain} for run in report.runs}
+    """precision -> the (module, op) pairs on the path from the root cause on, and the first non-finite op."""
+    out = {}
+    for run in report.runs:
+        nf = run.first_nonfinite
+        end = None if nf is None else ("nonfinite", nf.phase.value, nf.op, nf.source, nf.step)
+        out[run.precision.value] = {(c.module, _op(c.op)) for c in run.chain} | ({end} if end else set())
+    return out
 
 
 def along_the_chain(a: list, b: list, chain_a: dict, chain_b: dict) -> bool:
@@ -59,7 +65,12 @@ def along_the_chain(a: list, b: list, chain_a: dict, chain_b: dict) -> bool:
             return False
         if i_a is None or i_a == i_b:
             continue
-        if i_a[:2] != i_b[:2] or ((i_b[2], i_b[3]) not in chain_a[p] and (i_a[2], i_a[3]) not in chain_b[p]):
+        if i_a[:2] != i_b[:2]:
+            return False
+        on_chain = (i_b[2], i_b[3]) in chain_a[p] or (i_a[2], i_a[3]) in chain_b[p]
+        ends = {x for x in chain_a[p] if x[0] == "nonfinite"}
+        same_end = bool(ends) and ends == {x for x in chain_b[p] if x[0] == "nonfinite"}
+        if not (on_chain or same_end):
             return False
     return len(a) == len(b)
 
@@ -71,13 +82,14 @@ def cases(args, tmp: Path) -> list[tuple[str, Path, dict]]:
             found.append((f"example {path.stem}", path, {}))
     if not args.skip_zoo:
         data = {r.case: r.data for r in ZOO}
-        for path in sorted((ROOT / "tests/zoo/cases").glob("*.yaml")):
+        cases_dir = ROOT / "tests/zoo/cases"
+        for path in sorted([*cases_dir.glob("*.yaml"), *cases_dir.glob("*/config.yaml")]):
             overrides = {}
             if data.get(path.stem):
                 file = tmp / f"{data[path.stem]}.npy"
                 DATA[data[path.stem]](file)
                 overrides["data.path"] = str(file)
-            found.append((f"zoo {path.stem}", path, overrides))
+            found.append((f"zoo {path.stem if path.stem != 'config' else path.parent.name}", path, overrides))
     if args.only:
         found = [c for c in found if any(o in c[0] for o in args.only)]
     return found

@@ -300,3 +300,20 @@ def test_shipped_examples_give_the_same_verdict_with_either_kernels(name):
                 for k in ("emulated", "native")}
     assert verdicts["emulated"] == verdicts["native"]
     assert verdicts["emulated"][0][1] != "ok"
+
+
+def test_a_flush_building_up_over_layers_may_cross_the_tolerance_one_layer_on_with_native_kernels():
+    """amp_no_loss_scaling: the backward's gradients shrink layer by layer into fp16's subnormals. Both kernels
+    give the same verdict and fix; the layer where the lost share first crosses the tolerance depends on the
+    last bits of rounding, and the native kernels' extra roundings move it one op along the same chain."""
+    runs = {k: nanprobe.diagnose(CONFIGS / "amp_no_loss_scaling.yaml", dtypes=["fp16"], kernels=k).runs[-1]
+            for k in ("emulated", "native")}
+    emulated, native = runs["emulated"], runs["native"]
+    assert _verdict(emulated)[:2] == _verdict(native)[:2] == ("fp16", "underflow")
+    assert emulated.fixes[0].id == native.fixes[0].id == "grad-scaler"
+    a, b = emulated.first_issue, native.first_issue
+    assert (a.kind, a.phase, a.step) == (b.kind, b.phase, b.step)
+    # Within the first ops of each other's chain: the same gradient path, one layer earlier or later.
+    near_a = [(c.module, c.op) for c in emulated.chain][:3]
+    near_b = [(c.module, c.op) for c in native.chain][:3]
+    assert (b.module, b.op) in near_a or (a.module, a.op) in near_b
