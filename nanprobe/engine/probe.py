@@ -240,7 +240,9 @@ class OpProbe:
         self._producer = WeakTensorKeyDictionary()
         self._by_seq: dict[int, tuple] = {}
         self._node_tags: dict[int, tuple] = {}
-        self._param_of: dict[int, str] = {}
+        # Keyed by the tensor itself (weakly), not id(): an optimizer temporary's id is reused by a later
+        # tensor once it is freed, which would name the wrong parameter.
+        self._param_of = WeakTensorKeyDictionary()
         self._params = WeakTensorKeyDictionary()
         self._writes: dict[str, int] = {}
         self.sources = _SourceFinder(base_dir, library_dirs)
@@ -315,13 +317,13 @@ class OpProbe:
         self._writes = {}
         self._params = WeakTensorKeyDictionary((p, n) for n, p in named.items())
         for name, p in named.items():
-            self._param_of[id(p)] = name
+            self._param_of[p] = name
             if p.grad is not None:
-                self._param_of[id(p.grad)] = name
+                self._param_of[p.grad] = name
             if optimizer is not None:
                 for v in optimizer.state.get(p, {}).values():
                     if isinstance(v, torch.Tensor):
-                        self._param_of[id(v)] = name
+                        self._param_of[v] = name
 
     # -- recording
     def observe(self, tensor: torch.Tensor, op: str, module: str = "", source: str | None = None,
@@ -389,12 +391,12 @@ class OpProbe:
         param = None
         if phase is Phase.OPTIMIZER:
             for t in inputs:
-                param = self._param_of.get(id(t))
+                param = self._param_of.get(t)
                 if param is not None:
                     module = param[:max(param.rfind("."), param.rfind("/"))]  # critic.net.0.weight, critic/conv/kernel
                     break
         elif name == "aten._to_copy.default" and inputs and inputs[0] in self._params:
-            param = self._param_of.get(id(inputs[0]))  # autocast casting a weight
+            param = self._param_of.get(inputs[0])  # autocast casting a weight
         prods = []
         for t in inputs:
             p = producer.get(t)
@@ -417,7 +419,7 @@ class OpProbe:
         for t in outs:
             producer[t] = idx
             if param is not None and phase is Phase.OPTIMIZER:
-                self._param_of[id(t)] = param
+                self._param_of[t] = param
                 if t in self._params:
                     self._writes[param] = idx  # an in-place op on the parameter itself
 

@@ -208,7 +208,7 @@ class FlightRecorder(OpProbe):
         if phase is Phase.OPTIMIZER:
             for t in (args[0] if args and isinstance(args[0], (list, tuple)) else args):
                 if isinstance(t, torch.Tensor):
-                    param = self._param_of.get(id(t))
+                    param = self._param_of.get(t)
                     if param is not None:
                         module = param
                         break
