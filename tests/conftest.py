@@ -4,6 +4,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import json
+import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -95,6 +98,19 @@ def checksums(folder: Path) -> dict[str, str]:
     """sha256 of every file under folder, by relative path."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def torchrun_ranks(script: Path, out: Path, *args: str) -> dict[int, dict]:
+    """Run a fixture under torchrun on two gloo ranks (one OpenMP thread each) and read each rank's
+    OUT/rank-R.json."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(out), *args]
+    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {r: json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)}
 
 
 def line_of(path: Path, marker: str) -> int:

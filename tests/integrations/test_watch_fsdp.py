@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,9 +16,8 @@ import torch
 from typer.testing import CliRunner
 
 from nanprobe.cli import app
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, torchrun_ranks
 
-ROOT = Path(__file__).resolve().parents[2]
 FAULT_STEP = 2
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
@@ -29,13 +26,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 @pytest.fixture(scope="module", params=["fsdp2", "fsdp1"])
 def ranks(request, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp(request.param)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(FIXTURES / "fsdp_watch_train.py"), str(out), str(FAULT_STEP), request.param]
-    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, {r: json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)}
+    return out, torchrun_ranks(FIXTURES / "fsdp_watch_train.py", out, str(FAULT_STEP), request.param)
 
 
 def test_both_ranks_stop_at_the_faulty_step_and_name_rank_1(ranks):
