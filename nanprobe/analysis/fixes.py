@@ -773,25 +773,34 @@ def _culprit_vars(c: FixContext) -> dict:
     return {"culprit_op": op, "culprit_why": why, "culprit_snippet": snippet}
 
 
+def amp_scaler(precision: Precision, scaler_on: bool) -> bool | None:
+    """train.grad_scaler for autocast with fp32 weights: True where the precision still needs its loss scaled
+    (fp16) and no GradScaler is on; None leaves the setting as it is."""
+    return True if precision.needs_loss_scaling and not scaler_on else None
+
+
 def _typed(c: FixContext) -> dict:
     """Values an Apply's "{name}" placeholders take, typed as the config expects them."""
     module = c.issue.module if c.issue is not None and c.issue.module not in ("", "data") else "critic"
-    # Autocast in fp16 with fp32 weights still needs its loss scaled; None leaves the setting as it is.
-    scaler = True if c.precision.needs_loss_scaling and not c.grad_scaler else None
-    return {"module": module, "lr_low": c.lr / 10, "module_fp32": [*c.fp32_modules, module], "amp_scaler": scaler}
+    return {"module": module, "lr_low": c.lr / 10, "module_fp32": [*c.fp32_modules, module],
+            "amp_scaler": amp_scaler(c.precision, c.grad_scaler)}
 
 
-def overrides(apply: Apply, c: FixContext) -> dict:
-    """The dotted config overrides an Apply makes for this finding."""
-    typed = _typed(c)
+def filled(pairs: tuple[tuple[str, object], ...], typed: dict) -> dict:
+    """(dotted key, value) pairs as config overrides: a "{name}" value takes typed[name]; a None leaves its key out."""
 
     def fill(v):
         if isinstance(v, str) and v.startswith("{") and v.endswith("}"):
             return typed[v[1:-1]]
         return [fill(x) for x in v] if isinstance(v, list) else v
 
-    filled = {key: fill(value) for key, value in apply.overrides}
-    return {key: value for key, value in filled.items() if value is not None}
+    out = {key: fill(value) for key, value in pairs}
+    return {key: value for key, value in out.items() if value is not None}
+
+
+def overrides(apply: Apply, c: FixContext) -> dict:
+    """The dotted config overrides an Apply makes for this finding."""
+    return filled(apply.overrides, _typed(c))
 
 
 def _yaml(v) -> str:

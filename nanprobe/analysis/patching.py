@@ -25,6 +25,7 @@ from pathlib import Path
 import libcst as cst
 from libcst.metadata import MetadataWrapper, PositionProvider
 
+from nanprobe.analysis.fixes import amp_scaler, filled
 from nanprobe.enums import Precision
 from nanprobe.thresholds import SAFE_EPS
 
@@ -101,11 +102,14 @@ class Transform:
     edit: Callable[[cst.Module, Site], cst.Module | None]
     """The change, or None when the code is not in a shape it knows."""
     overrides: tuple = ()
-    """(dotted key, value): config changes the patched code needs (as the fix's own Apply)."""
+    """(dotted key, value): config changes the patched code needs, written as the fix's own Apply writes them
+    ("{amp_scaler}": a GradScaler where the precision needs one and none is on)."""
     culprit: bool = True
     """The transform starts from the finding's source line (False: from the step function)."""
-    scaled: bool = False
-    """The patched code runs autocast with fp32 weights: in fp16 it needs a GradScaler (train.grad_scaler)."""
+
+    def overrides_for(self, precision: Precision, scaler_on: bool) -> dict:
+        """The config changes for a run in `precision`, with a GradScaler already on or not."""
+        return filled(self.overrides, {"amp_scaler": amp_scaler(precision, scaler_on)})
 
 
 def _unified(rel: str, before: str, after: str) -> str:
@@ -1017,8 +1021,8 @@ TRANSFORMS: dict[str, Transform] = {t.fix_id: t for t in (
     Transform("gp-scaled", "step", _gp_scaled, (("train.grad_scaler", True),), culprit=False),
     Transform("fp32-module", "models", _fp32_module, culprit=False),
     Transform("adam-eps", "any", _adam_eps, (("train.eps", SAFE_EPS[Precision.FP16.value]),), culprit=False),
-    Transform("master-weights", "any", _master_weights, (("precision.mode", "amp"),), culprit=False,
-              scaled=True),
+    Transform("master-weights", "any", _master_weights,
+              (("precision.mode", "amp"), ("train.grad_scaler", "{amp_scaler}")), culprit=False),
 )}
 """Fix id -> its code change. A fix without an entry (or whose transform finds nothing) keeps its config change."""
 
@@ -1160,9 +1164,7 @@ def build_patch(fix_id: str, code: UserCode, precision: Precision, sources: tupl
         except Exception:  # a shape the transform does not know: no patch rather than a crash
             out = None
         if out is not None and out.code != before:
-            overrides = dict(t.overrides)
-            if t.scaled and precision.needs_loss_scaling and not (config is not None and config.train.grad_scaler):
-                overrides["train.grad_scaler"] = True
+            overrides = t.overrides_for(precision, config is not None and config.train.grad_scaler)
             return Patch(fix_id, (FilePatch(site.rel, before, out.code),), overrides)
     return None
 

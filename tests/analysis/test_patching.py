@@ -34,7 +34,7 @@ def patch_of(folder: Path, fix_id: str, file: str, line: int | None = None, func
     before = path.read_text()
     out = pt.TRANSFORMS[fix_id].edit(cst.parse_module(before), pt.Site(path, file, line, function, precision, **site))
     return None if out is None else pt.Patch(fix_id, (pt.FilePatch(file, before, out.code),),
-                                              dict(pt.TRANSFORMS[fix_id].overrides))
+                                              pt.TRANSFORMS[fix_id].overrides_for(precision, False))
 
 
 def applies(folder: Path, diff: str, tmp_path: Path) -> Path:
