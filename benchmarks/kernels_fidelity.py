@@ -24,27 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Data fixtures some zoo cases need (written to a temporary folder, never into the repo).
-from tests.zoo.test_zoo import DATA, ZOO  # noqa: E402
-
-
-def _op(op: str) -> str:
-    return op.removeprefix("aten.").split(".")[0]
-
-
-def verdict(report) -> list:
-    """(precision, status, first issue, first fix) per run: what a user acts on."""
-    out = []
-    for run in report.runs:
-        if run.error is not None:
-            issue = ("error", run.error.phase.value, "", run.error.op or "", run.error.step)
-        elif run.first_issue is None:
-            issue = None
-        else:
-            f = run.first_issue
-            issue = (f.kind.value, f.phase.value, f.module, _op(f.op), f.step)
-        out.append((run.precision.value, run.status.value, issue, run.fixes[0].id if run.fixes else None))
-    return out
+# The zoo's data fixtures (written to a temporary folder, never into the repo) and its verdict: what a user
+# acts on, per precision (status, first issue or error, first fix).
+from tests.zoo.test_zoo import DATA, ZOO, short_op, verdict  # noqa: E402
 
 
 def chains(report) -> dict:
@@ -53,7 +35,7 @@ def chains(report) -> dict:
     for run in report.runs:
         nf = run.first_nonfinite
         end = None if nf is None else ("nonfinite", nf.phase.value, nf.op, nf.source, nf.step)
-        out[run.precision.value] = {(c.module, _op(c.op)) for c in run.chain} | ({end} if end else set())
+        out[run.precision.value] = {(c.module, short_op(c.op)) for c in run.chain} | ({end} if end else set())
     return out
 
 

@@ -181,7 +181,7 @@ def diagnose(row: Row, tmp_path_factory, kernels: str = "emulated"):
     return _reports[key]
 
 
-def _short(op: str) -> str:
+def short_op(op: str) -> str:
     return op.removeprefix("aten.").split(".")[0]
 
 
@@ -196,12 +196,12 @@ def test_zoo(row: Row, tmp_path_factory):
     check(row, diagnose(row, tmp_path_factory))
 
 
-def _verdict(report) -> list:
+def verdict(report) -> list:
     """What a user acts on, per precision: the status, the first issue (or the error) and the first fix."""
     out = []
     for run in report.runs:
         f = run.first_issue if run.error is None else _as_finding(run.error)
-        issue = None if f is None else (f.kind and f.kind.value, f.phase.value, f.module, _short(f.op), f.step)
+        issue = None if f is None else (f.kind and f.kind.value, f.phase.value, f.module, short_op(f.op), f.step)
         out.append((run.precision.value, run.status.value, issue, run.fixes[0].id if run.fixes else None))
     return out
 
@@ -220,7 +220,7 @@ def test_zoo_native_kernels_reach_the_same_verdict(row: Row, tmp_path_factory):
         assert {r.precision.value: r.status.value for r in native.runs} == row.native
         return
     check(row, native)
-    assert _verdict(native) == _verdict(diagnose(row, tmp_path_factory))
+    assert verdict(native) == verdict(diagnose(row, tmp_path_factory))
 
 
 def check(row: Row, report) -> None:
@@ -249,7 +249,7 @@ def check(row: Row, report) -> None:
     if row.module is not None:
         assert f.module.startswith(row.module) if row.module.endswith(".") else f.module == row.module
     if row.ops:
-        assert _short(f.op) in row.ops
+        assert short_op(f.op) in row.ops
     if row.line is not None:
         expected = f"{row.case}.py:{line_of(CASES / f'{row.case}.py', row.line)}"
         assert f.source is not None and f.source.endswith(expected)
