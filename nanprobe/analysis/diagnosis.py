@@ -495,7 +495,7 @@ def scale_collapse(trace: Trace) -> Finding | None:
 
 def unscaled_penalty(trace: Trace) -> Finding | None:
     """A torch.autograd.grad call on outputs the GradScaler did not scale, in an fp16 run (bf16 needs no scaling)."""
-    if trace.precision is not Precision.FP16 or not trace.unscaled_grads or penalty_in_fp32(trace):
+    if not trace.precision.needs_loss_scaling or not trace.unscaled_grads or penalty_in_fp32(trace):
         return None  # a penalty computed in fp32 outside autocast needs no scaling
     step, source = trace.unscaled_grads[0]
     calls = sum(1 for s, src in trace.unscaled_grads if src == source)

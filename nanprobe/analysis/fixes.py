@@ -249,7 +249,7 @@ def _safe_norm(c: FixContext) -> float:
 
 
 def _grad_scaler(c: FixContext) -> float:
-    if c.grad_scaler or c.precision is not Precision.FP16 or c.mode is not Mode.AMP:
+    if c.grad_scaler or not c.precision.needs_loss_scaling or c.mode is not Mode.AMP:
         return 0.0
     i = c.issue
     if i is not None and i.kind is FindingKind.UNDERFLOW and i.phase is Phase.BACKWARD:
@@ -323,7 +323,7 @@ def _lower_lr(c: FixContext) -> float:
 def _gp_scaled(c: FixContext) -> float:
     if c.penalty_fp32:
         return 0.0  # the penalty is computed in fp32 outside autocast: nothing to scale
-    if c.unscaled_penalty and c.precision is Precision.FP16 and (
+    if c.unscaled_penalty and c.precision.needs_loss_scaling and (
             c.collapse is not None or Phase.INPUT_GRAD in c.phases() or c.status is not Status.OK):
         return 96.0  # a scaler is on but the penalty bypasses it: the recipe is the fix
     return _penalty_hit(c) - 4 if _penalty_hit(c) else 0.0
