@@ -172,7 +172,11 @@ class _ProbeMode(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         probe = self.probe
         if not probe._paused:
-            probe._record(func, args, kwargs, out)
+            # The probe's own statistics and samples are exact in any dtype: they must not pay for (or be seen
+            # by) the modes below it, such as the emulated kernels, which would upcast and round every abs and
+            # comparison.
+            with compat.no_dispatch_modes():
+                probe._record(func, args, kwargs, out)
         return out
 
 
@@ -409,13 +413,10 @@ class OpProbe:
         self.events.append(OpEvent(idx, self.step, self.attempt, phase, module, name, source, node_name,
                                    str(outs[0].dtype).replace("torch.", ""), tuple(outs[0].shape), tuple(prods), param,
                                    scalars=scalars))
-        # The statistics are exact in any dtype: they must not pay for the emulated kernels (or any
-        # other mode) below the probe, which would upcast and round every abs and comparison.
-        with compat.no_dispatch_modes():
-            if not self._known_row(idx, name, args, inputs, outs):
-                self._stat(idx, outs)
-            if self.on_record is not None:
-                self.on_record(self.events[idx], outs)
+        if not self._known_row(idx, name, args, inputs, outs):
+            self._stat(idx, outs)
+        if self.on_record is not None:
+            self.on_record(self.events[idx], outs)
         for t in outs:
             producer[t] = idx
             if param is not None and phase is Phase.OPTIMIZER:
