@@ -100,6 +100,29 @@ def checksums(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.fixture(scope="module")
+def warm_pytester_imports(tmp_path_factory):
+    """For modules that run pytest in-process with pytester: those runs drop the modules they imported, and
+    torch's lazily imported parts (dynamo, inductor's test ops) refuse to be registered twice, so one
+    diagnose imports them here, once, first."""
+    import nanprobe.api
+
+    path = tmp_path_factory.mktemp("warm") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(merge(base_doc(), {"precision": {"dtypes": ["fp16", "bf16"]}})), encoding="utf-8")
+    nanprobe.api.diagnose(path)
+
+
+def plugin_args() -> list[str]:
+    """`-p` for nanprobe's pytest plugin, unless pytest loads it by itself: installed from a tree with the entry
+    point and autoloading on, a second `-p` of the same module would be refused as a duplicate."""
+    from importlib.metadata import entry_points
+
+    module = "nanprobe.integrations.pytest_plugin"
+    installed = any(ep.name == "nanprobe" and ep.value == module for ep in entry_points(group="pytest11"))
+    autoload = not os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD")
+    return [] if installed and autoload else ["-p", module]
+
+
 def torchrun_ranks(script: Path, out: Path, *args: str) -> dict[int, dict]:
     """Run a fixture under torchrun on two gloo ranks (one OpenMP thread each) and read each rank's
     OUT/rank-R.json."""

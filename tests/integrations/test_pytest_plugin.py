@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import tomllib
 import yaml
 
 import nanprobe.api
-from tests.conftest import base_doc, merge
+from tests.conftest import base_doc, merge, plugin_args
 
 pytest_plugins = ["pytester"]
 
@@ -18,20 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _warm_imports(tmp_path_factory):
-    # pytester's in-process runs drop the modules they imported; torch's lazily imported parts
-    # (dynamo, inductor's test ops) refuse to be registered twice, so import them here, once, first.
-    path = tmp_path_factory.mktemp("warm") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(merge(base_doc(), {"precision": {"dtypes": ["fp16", "bf16"]}})), encoding="utf-8")
-    nanprobe.api.diagnose(path)
-
-
-def _plugin() -> list[str]:
-    # Once nanprobe is installed from a tree with the entry point, pytest loads the plugin by itself
-    # and a second `-p` of the same module would be refused as a duplicate.
-    installed = any(ep.value == "nanprobe.integrations.pytest_plugin" for ep in entry_points(group="pytest11"))
-    return [] if installed else ["-p", "nanprobe.integrations.pytest_plugin"]
+pytestmark = pytest.mark.usefixtures("warm_pytester_imports")
 
 
 def _tiny(pytester: pytest.Pytester, name: str = "tiny.yaml", **patch) -> Path:
@@ -49,7 +35,7 @@ def test_entry_point_registers_the_plugin_module():
 def test_healthy_passes_and_underflowing_penalty_fails_with_culprit_and_fix(pytester):
     for name in ("models.py", "healthy_dcgan.yaml", "wgan_gp_fp16_underflow.yaml"):
         shutil.copy(CONFIGS / name, pytester.path / name)
-    result = pytester.runpytest(*_plugin(), "--nanprobe", "--nanprobe-dtypes", "fp16", "--nanprobe-steps", "1",
+    result = pytester.runpytest(*plugin_args(), "--nanprobe", "--nanprobe-dtypes", "fp16", "--nanprobe-steps", "1",
                                 "--nanprobe-device", "cpu", "healthy_dcgan.yaml", "wgan_gp_fp16_underflow.yaml",
                                 "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
@@ -76,7 +62,7 @@ def test_one_item_per_precision_and_one_diagnosis_per_config(pytester, monkeypat
 
     monkeypatch.setattr(nanprobe.api, "diagnose", counting)
     config = _tiny(pytester)
-    result = pytester.runpytest(*_plugin(), "--nanprobe", str(config), "-v", "-p", "no:cacheprovider")
+    result = pytester.runpytest(*plugin_args(), "--nanprobe", str(config), "-v", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*tiny.yaml::fp16 PASSED*", "*tiny.yaml::bf16 PASSED*"])
     assert calls == [("tiny.yaml", ["fp16", "bf16"])]
@@ -87,7 +73,7 @@ def test_deselected_precisions_are_not_replayed(pytester, monkeypatch):
     real = nanprobe.api.diagnose
     monkeypatch.setattr(nanprobe.api, "diagnose", lambda path, **o: calls.append(o["dtypes"]) or real(path, **o))
     config = _tiny(pytester)
-    result = pytester.runpytest(*_plugin(), "--nanprobe", str(config), "-k", "bf16", "-p", "no:cacheprovider")
+    result = pytester.runpytest(*plugin_args(), "--nanprobe", str(config), "-k", "bf16", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, deselected=1)
     assert calls == [["bf16"]]
 
@@ -96,7 +82,8 @@ def test_a_folder_on_the_command_line_collects_its_configs(pytester):
     folder = pytester.mkdir("checks")
     _tiny(pytester, "checks/a.yaml", precision={"dtypes": ["bf16"]})
     _tiny(pytester, "checks/b.yml", precision={"dtypes": ["bf16"]})
-    result = pytester.runpytest(*_plugin(), "--nanprobe", str(folder), "--collect-only", "-q", "-p", "no:cacheprovider")
+    result = pytester.runpytest(*plugin_args(), "--nanprobe", str(folder), "--collect-only", "-q",
+                                "-p", "no:cacheprovider")
     result.stdout.fnmatch_lines(["checks/a.yaml::bf16", "checks/b.yml::bf16"])
 
 
@@ -104,14 +91,14 @@ def test_yaml_not_named_on_the_command_line_is_not_collected(pytester):
     # With no arguments pytest walks the rootdir; a YAML found there may be anything.
     _tiny(pytester, "ci.yaml")
     pytester.makepyfile(test_plain="def test_ok():\n    pass\n")
-    result = pytester.runpytest(*_plugin(), "--nanprobe", "-p", "no:cacheprovider")
+    result = pytester.runpytest(*plugin_args(), "--nanprobe", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
 
 
 def test_bad_config_fails_with_one_line_and_no_traceback(pytester):
     config = pytester.path / "typo.yaml"
     config.write_text("model:\n  critc: models.py:Critic\n", encoding="utf-8")
-    result = pytester.runpytest(*_plugin(), "--nanprobe", str(config), "-p", "no:cacheprovider")
+    result = pytester.runpytest(*plugin_args(), "--nanprobe", str(config), "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["nanprobe: error: unknown key 'model.critc'; did you mean 'critic'?"])
     assert "Traceback" not in result.stdout.str()
@@ -119,7 +106,7 @@ def test_bad_config_fails_with_one_line_and_no_traceback(pytester):
 
 def test_user_code_error_during_replay_fails_with_one_line(pytester):
     config = _tiny(pytester, model={"critic": base_doc()["model"]["critic"].replace("TinyCritic", "RaisingCritic")})
-    result = pytester.runpytest(*_plugin(), "--nanprobe", str(config), "-p", "no:cacheprovider")
+    result = pytester.runpytest(*plugin_args(), "--nanprobe", str(config), "-p", "no:cacheprovider")
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(["nanprobe: error: building RaisingCritic raised RuntimeError: "
                                  "RaisingCritic refuses to build (*tiny_models.py:*)"])
@@ -131,7 +118,7 @@ def test_user_code_error_during_replay_fails_with_one_line(pytester):
 ])
 def test_bad_dtypes_option_is_a_usage_error(pytester, value, error):
     config = _tiny(pytester)
-    result = pytester.runpytest(*_plugin(), "--nanprobe", "--nanprobe-dtypes", value, str(config))
+    result = pytester.runpytest(*plugin_args(), "--nanprobe", "--nanprobe-dtypes", value, str(config))
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*{error}*"])
 
@@ -142,5 +129,5 @@ def test_without_the_option_nothing_changes_and_torch_is_not_imported(pytester, 
     _tiny(pytester, "ci.yaml")
     pytester.makepyfile(test_plain="import sys\n\ndef test_no_torch():\n    assert 'torch' not in sys.modules\n")
     # --nanprobe-fail-on is accepted only if the plugin was loaded.
-    result = pytester.runpytest_subprocess(*_plugin(), "--nanprobe-fail-on", "nan", "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess(*plugin_args(), "--nanprobe-fail-on", "nan", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
