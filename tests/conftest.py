@@ -100,6 +100,25 @@ def checksums(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+BCE_GAN = FIXTURES / "bce_gan.py"
+
+
+def bce_gan_doc(**patch) -> dict:
+    """A config for tests/fixtures/bce_gan.py: its step runs nn.BCELoss on sigmoid outputs, which autocast
+    refuses in fp16 and bf16."""
+    doc = {
+        "model": {"critic": f"{BCE_GAN}:Discriminator", "generator": f"{BCE_GAN}:Generator", "latent_dim": 8},
+        "data": {"shape": [3, 8, 8], "batch_size": 4},
+        "loss": {"step": f"{BCE_GAN}:discriminator_step"},
+        "train": {"steps": 1},
+        "precision": {"dtypes": ["fp32", "fp16", "bf16"]},
+        "device": "cpu",
+        "seed": 0,
+    }
+    doc.update(patch)
+    return doc
+
+
 @pytest.fixture(scope="module")
 def warm_pytester_imports(tmp_path_factory):
     """For modules that run pytest in-process with pytester: those runs drop the modules they imported, and

@@ -14,31 +14,16 @@ import yaml
 from typer.testing import CliRunner
 
 from nanprobe.cli import app
-from tests.conftest import FIXTURES, TINY, base_doc, line_of, merge, ref
+from tests.conftest import BCE_GAN, TINY, base_doc, bce_gan_doc, line_of, merge, ref
 
 runner = CliRunner()
-BCE = FIXTURES / "bce_gan.py"
-REFUSED = f"bce_gan.py:{line_of(BCE, 'real_loss = adversarial_loss')}"
-
-
-def _doc(**patch) -> dict:
-    doc = {
-        "model": {"critic": f"{BCE}:Discriminator", "generator": f"{BCE}:Generator", "latent_dim": 8},
-        "data": {"shape": [3, 8, 8], "batch_size": 4},
-        "loss": {"step": f"{BCE}:discriminator_step"},
-        "train": {"steps": 1},
-        "precision": {"dtypes": ["fp32", "fp16", "bf16"]},
-        "device": "cpu",
-        "seed": 0,
-    }
-    doc.update(patch)
-    return doc
+REFUSED = f"bce_gan.py:{line_of(BCE_GAN, 'real_loss = adversarial_loss')}"
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("bce") / "config.yaml"
-    path.write_text(yaml.safe_dump(_doc(), sort_keys=False), encoding="utf-8")
+    path.write_text(yaml.safe_dump(bce_gan_doc(), sort_keys=False), encoding="utf-8")
     return path
 
 
