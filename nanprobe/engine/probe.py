@@ -251,6 +251,7 @@ class OpProbe:
         self._writes: dict[str, int] = {}
         self.sources = _SourceFinder(base_dir, library_dirs)
         self._buf = _StepBuffer()
+        self._scratch: st.Scratch | None = None
         self._train_modes: dict[torch.nn.Module, bool] = {}
 
     # -- context manager
@@ -261,6 +262,7 @@ class OpProbe:
                 for path, mod in self._named(root, model):
                     self._hooks.append(mod.register_forward_pre_hook(self._push(path)))
                     self._hooks.append(mod.register_forward_hook(self._pop, always_call=True))
+            self._scratch = st.Scratch()
             self._mode = _ProbeMode(self)
             self._mode.__enter__()
         except BaseException:
@@ -277,6 +279,7 @@ class OpProbe:
             self._remove()
 
     def _remove(self) -> None:
+        self._scratch = None
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -475,7 +478,7 @@ class OpProbe:
             rows = [st.device_row(t) for t in outs]
             self._buf.add(idx, rows[0] if len(rows) == 1 else _merge_device(rows))
         else:
-            self.events[idx].row = st.merge([st.host_row(t) for t in outs])
+            self.events[idx].row = st.merge([st.host_row(t, self._scratch) for t in outs])
 
     def fetch(self) -> None:
         """Bring the step's device-side rows to the host in one transfer."""

@@ -8,6 +8,7 @@ the tensor has nothing below the smallest normal and nothing non-finite.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -46,34 +47,91 @@ def device_row(x: torch.Tensor) -> torch.Tensor:
     return torch.stack(parts)
 
 
-def host_row(x: torch.Tensor) -> list[float]:
-    """Full row as Python floats; one abs and one aminmax pass when the tensor is all normal and finite.
+def host_row(x: torch.Tensor, scratch: Scratch | None = None) -> list[float]:
+    """Full row as Python floats, read from |x|'s bits: one abs and one integer aminmax when all is normal and finite.
 
-    The other passes run only when their answer is not already known: exact zeros (after a ReLU,
-    in a gradient) cost one more pass, subnormals one more, and only non-finite values take the
-    full row.
+    With the sign cleared, a float's bits ordered as an integer order its magnitude, zero is 0,
+    subnormals lie below the smallest normal's bits and inf/NaN above the largest finite's. The
+    integer passes (count_nonzero, amin, a shift) are several times faster on the CPU than the
+    float ones (a float count_nonzero or comparison), and they give the same numbers. Exact zeros
+    (after a ReLU, in a gradient) cost one more pass and its amin, subnormals two more, and only
+    non-finite values take the full row. |x| goes into `scratch` when given, so that a replay does
+    not fault in a fresh buffer for every op.
     """
     x = x.detach()
-    a = x.abs()
+    bits = _BITS[x.dtype]
+    k = _magnitude(x, scratch).view(bits.int_dtype)
     n = float(x.numel())
-    lo, hi = (v.item() for v in torch.aminmax(a))
-    tiny = _SMALLEST_NORMAL[x.dtype]
-    if lo >= tiny and hi < math.inf:
-        return [n, hi, lo, 0.0, 0.0, 0.0, 0.0, 0.0]
-    if not (hi == hi and hi < math.inf):
+    lo, hi = (int(v) for v in torch.aminmax(k))
+    if hi >= bits.inf:
         return device_row(x).tolist()
-    zeros, min_nz = 0.0, lo
+    if lo >= bits.tiny:
+        return [n, bits.value(hi), bits.value(lo), 0.0, 0.0, 0.0, 0.0, 0.0]
+    zeros = 0.0
     if lo == 0:
-        zeros = n - float(torch.count_nonzero(a).item())
-        if zeros < n:
-            # `a` is this function's own copy: the zeros become inf in place (a one-byte mask, no float copy),
-            # so amin gives the smallest non-zero value and the count below counts subnormals only.
-            a.masked_fill_(a == 0, math.inf)
-            min_nz = a.amin().item()
-        else:
-            min_nz = math.inf
-    small = float(torch.count_nonzero(a < tiny).item()) if min_nz < tiny else 0.0
-    return [n, hi, min_nz, zeros, small, 0.0, 0.0, 0.0]
+        zeros = n - float(torch.count_nonzero(k))
+        if zeros == n:
+            return [n, 0.0, math.inf, zeros, 0.0, 0.0, 0.0, 0.0]
+        lo = int(k.sub_(1).bitwise_and_(bits.magnitude).amin()) + 1  # in place: zero wraps to the largest pattern
+        k = _magnitude(x, scratch).view(bits.int_dtype)
+    small = 0.0
+    if lo < bits.tiny:  # zeros and subnormals are the values whose exponent field is 0
+        small = n - float(torch.count_nonzero(k.bitwise_right_shift_(bits.mantissa))) - zeros
+    return [n, bits.value(hi), bits.value(lo), zeros, small, 0.0, 0.0, 0.0]
+
+
+class Scratch:
+    """One buffer that |x| is written into, reused from op to op (bytes, grown to the largest tensor seen)."""
+
+    def __init__(self) -> None:
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        """A contiguous tensor of x's dtype and shape in the buffer (its values are not kept)."""
+        nbytes = x.numel() * x.element_size()
+        if self._buf.numel() < nbytes or self._buf.device != x.device:
+            self._buf = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+        return self._buf[:nbytes].view(x.dtype).view(x.shape)
+
+
+def _magnitude(x: torch.Tensor, scratch: Scratch | None) -> torch.Tensor:
+    """|x| in a tensor of this module's own, free to change in place."""
+    return x.abs() if scratch is None else torch.abs(x, out=scratch.like(x))
+
+
+@dataclass(frozen=True)
+class _Bits:
+    """The bit layout of one floating-point dtype."""
+
+    int_dtype: torch.dtype
+    """The signed integer dtype of the same width, to view its bits as."""
+    mantissa: int
+    """Mantissa bits: the exponent field starts above them."""
+    tiny: int
+    """The smallest normal's bits."""
+    inf: int
+    """+inf's bits: every exponent bit set, the mantissa zero."""
+    magnitude: int
+    """Every bit but the sign."""
+    formats: tuple[str, str, int]
+    """struct's (integer, float) formats and the shift that turn a bit pattern into its value."""
+
+    @classmethod
+    def of(cls, int_dtype: torch.dtype, mantissa: int, formats: tuple[str, str, int]) -> _Bits:
+        magnitude = (1 << (torch.iinfo(int_dtype).bits - 1)) - 1
+        return cls(int_dtype, mantissa, 1 << mantissa, magnitude >> mantissa << mantissa, magnitude, formats)
+
+    def value(self, pattern: int) -> float:
+        i, f, shift = self.formats
+        return struct.unpack(f, struct.pack(i, pattern << shift))[0]
+
+
+_BITS = {
+    torch.float16: _Bits.of(torch.int16, 10, ("<H", "<e", 0)),
+    torch.bfloat16: _Bits.of(torch.int16, 7, ("<I", "<f", 16)),  # bf16 is fp32's top half
+    torch.float32: _Bits.of(torch.int32, 23, ("<I", "<f", 0)),
+    torch.float64: _Bits.of(torch.int64, 52, ("<Q", "<d", 0)),
+}
 
 
 def constant_row(value: float, numel: int, dtype: torch.dtype) -> list[float]:

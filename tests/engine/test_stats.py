@@ -51,3 +51,20 @@ def test_zeros_and_subnormals_counted_on_the_host(dtype):
     row = st.host_row(x)
     assert row[st.ZEROS] == 1 and row[st.SUBNORMAL] == 2 and row[st.MAX_ABS] == 4.0
     assert row[st.MIN_NONZERO] == pytest.approx(float(torch.tensor(tiny / 8, dtype=dtype)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_rows_read_from_the_bits_agree_with_the_float_row(dtype):
+    # The edges of the bit-pattern reading: -0.0 (sign bit only), the smallest normal itself (not
+    # subnormal), the largest subnormal, the largest finite; with and without the reused buffer.
+    info = torch.finfo(dtype)
+    tiny = info.smallest_normal
+    x = torch.tensor([-0.0, 0.0, tiny, -tiny, tiny * (1 - info.eps), info.max, -1.5, 3.0], dtype=dtype)
+    scratch = st.Scratch()
+    want = st.device_row(x).tolist()
+    assert st.host_row(x) == want == st.host_row(x, scratch)
+    assert want[st.ZEROS] == 2 and want[st.SUBNORMAL] == 1 and want[st.MAX_ABS] == info.max
+    # A permuted (non-contiguous) output, then a smaller tensor into the same buffer.
+    m = torch.arange(-6.0, 6.0, dtype=dtype).reshape(3, 4).t()
+    assert st.host_row(m, scratch) == st.device_row(m).tolist()
+    assert st.host_row(x[:3], scratch) == st.device_row(x[:3]).tolist()
