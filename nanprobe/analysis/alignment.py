@@ -84,6 +84,44 @@ def zeroed_share(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float(((x == 0) & (ref != 0) & torch.isfinite(ref)).sum()) / max(x.numel(), 1)
 
 
+def compare_samples(items: list[tuple[torch.Tensor, torch.Tensor, float]]) -> list[tuple[float | None, float, float]]:
+    """(relative_error, zeroed_share, flushed_share) of each (x, ref, tiny), computed a batch at a time.
+
+    Samples of one length are stacked and reduced along their rows: a row of a stacked batch sums in
+    the same order as the row alone, so the numbers are those of one call each, bit for bit, for a
+    fraction of the calls. A pair whose fp32 sample holds inf or NaN goes on its own, because
+    relative_error leaves those positions out.
+    """
+    out: list = [None] * len(items)
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, (x, _, _) in enumerate(items):
+        by_length[x.numel()].append(i)
+    for idx in by_length.values():
+        xs = torch.stack([items[i][0].reshape(-1) for i in idx]).cpu()
+        refs = torch.stack([items[i][1].reshape(-1) for i in idx]).cpu()
+        tiny = torch.tensor([items[i][2] for i in idx], dtype=torch.float64).unsqueeze(1)
+        x, ref = xs.double(), refs.double()
+        ref_finite = torch.isfinite(ref)
+        zero = x == 0
+        a = ref.abs()
+        zeroed = (zero & (ref != 0) & ref_finite).sum(1).tolist()
+        flushed = (zero & (a > 0) & (a < tiny)).sum(1).tolist()
+        whole = ref_finite.all(1).tolist()
+        x_finite = torch.isfinite(x).all(1).tolist()
+        den = torch.linalg.vector_norm(ref, dim=1).tolist()
+        num = torch.linalg.vector_norm(x - ref, dim=1).tolist()
+        n = max(x.shape[1], 1)
+        for row, i in enumerate(idx):
+            if not whole[row]:
+                rel = relative_error(items[i][0], items[i][1])
+            elif not x_finite[row]:
+                rel = math.inf
+            else:
+                rel = None if den[row] == 0.0 else num[row] / den[row]
+            out[i] = (rel, zeroed[row] / n, flushed[row] / n)
+    return out
+
+
 class Recorder:
     """Keeps a sample of each recorded op's output and of each step's parameter gradients, and which op
     produced each gradient."""
@@ -189,6 +227,28 @@ def _finite(row) -> bool:
     return row[st.NAN] + row[st.POSINF] + row[st.NEGINF] == 0
 
 
+def _tiny(e: OpEvent) -> float:
+    """The smallest normal of the op's low dtype (fp32's for an op autocast left in fp32)."""
+    return torch.finfo(_LOW.get(e.dtype, torch.float32)).smallest_normal
+
+
+def _sample_measures(events: list[OpEvent], ref_events: list[OpEvent], refs: dict[int, int], rec: Recorder | None,
+                     ref_rec: Recorder | None, ratios: dict) -> dict[int, tuple]:
+    """Low op index -> (rel_error, zeroed, flushed) from the samples, for the paired ops whose samples match."""
+    if rec is None or ref_rec is None:
+        return {}
+    keys, items = [], []
+    for i, r_idx in refs.items():
+        x, y = rec.samples.get(i), ref_rec.samples.get(r_idx)
+        if x is None or y is None or x.shape != y.shape:
+            continue
+        e = events[i]
+        f = ratios.get((e.step, e.phase), 1.0)
+        keys.append(i)
+        items.append((x / f if f != 1.0 else x, y, _tiny(e)))
+    return dict(zip(keys, compare_samples(items)))
+
+
 def scale_ratios(metrics, ref_metrics, penalty_scaled: bool) -> dict:
     """(step, phase) -> this replay's GradScaler scale over fp32's, for the phases whose values carry the scale.
 
@@ -217,30 +277,31 @@ def align(events: list[OpEvent], ref_events: list[OpEvent], rec: Recorder | None
     info = torch.finfo(low_dtype)
     tol = th.tolerance(info.eps, th.DEPARTURE)
     pairs = pair(events, ref_events)
-    deltas: dict[int, OpDelta] = {}
     refs: dict[int, int] = {}
-    carried: dict[int, float] = {}
     for e in live(events):
-        inherited = max((carried.get(p, 0.0) for p in e.producers), default=0.0)
         r_idx = pairs.get(e.index)
         if r_idx is None and is_cast(e) and e.producers:
             r_idx = refs.get(e.producers[0])  # a cast fp32 does not have: compare with its input's fp32 values
+        if r_idx is not None:
+            refs[e.index] = r_idx
+    measured = _sample_measures(events, ref_events, refs, rec, ref_rec, ratios or {})
+    deltas: dict[int, OpDelta] = {}
+    carried: dict[int, float] = {}
+    for e in live(events):
+        inherited = max((carried.get(p, 0.0) for p in e.producers), default=0.0)
+        r_idx = refs.get(e.index)
         if r_idx is None:
             carried[e.index] = inherited
             continue
-        refs[e.index] = r_idx
         r = ref_events[r_idx]
-        x = rec.samples.get(e.index) if rec is not None else None
-        y = ref_rec.samples.get(r_idx) if ref_rec is not None else None
         lo, hi = e.row, r.row
         n = max(lo[st.NUMEL], 1.0)  # type: ignore[index]  # rows are fetched before analysis
         dt = _LOW.get(e.dtype)
-        tiny = torch.finfo(dt).smallest_normal if dt is not None else torch.finfo(torch.float32).smallest_normal
+        tiny = _tiny(e)
         nonfinite = not _finite(lo) and _finite(hi)
         f = (ratios or {}).get((e.step, e.phase), 1.0)
-        if x is not None and y is not None and x.shape == y.shape:
-            rel = relative_error(x / f if f != 1.0 else x, y)
-            zeroed, flushed = zeroed_share(x, y), flushed_share(x, y, tiny)
+        if e.index in measured:
+            rel, zeroed, flushed = measured[e.index]
         else:
             rel = None
             if _finite(lo) and _finite(hi) and hi[st.MAX_ABS] > 0:  # type: ignore[index]  # rows are fetched before analysis

@@ -12,6 +12,7 @@ from rich.console import Console
 
 import nanprobe
 from nanprobe.analysis import diagnosis, fixes
+from nanprobe.analysis.alignment import compare_samples, zeroed_share
 from nanprobe.analysis.comparison import Recorder, flushed_share, relative_error
 from nanprobe.engine.probe import OpProbe
 from nanprobe.enums import Phase, Precision
@@ -54,6 +55,27 @@ def test_flushed_share_counts_zeros_below_the_smallest_normal_only():
     low = torch.tensor([0.0, 0.0, 0.0, 0.0])
     # 1e-9 and 1e-6 are below fp16's smallest normal and became 0: flushed; 0.5 -> 0 is not a range loss.
     assert flushed_share(low, ref, tiny) == pytest.approx(0.5)
+
+
+def test_batched_sample_comparison_gives_each_pair_s_own_numbers_bit_for_bit():
+    # The alignment stacks samples of one length; a stacked row must reduce exactly as the row alone,
+    # or the JSON of a replay would depend on which other ops shared its batch.
+    g = torch.Generator().manual_seed(0)
+    fp16_tiny, fp32_tiny = torch.finfo(torch.float16).smallest_normal, torch.finfo(torch.float32).smallest_normal
+    items = []
+    for n in (4096, 4096, 4096, 37, 37, 1):
+        ref = torch.randn(n, generator=g) * 10.0 ** torch.randint(-9, 3, (1,), generator=g).item()
+        low = ref.half().float()
+        items.append((low, ref, fp16_tiny))
+    items.append((torch.zeros(4096), torch.zeros(4096), fp16_tiny))            # fp32 all zero: no scale
+    items.append((torch.full((37,), math.nan), torch.ones(37), fp16_tiny))      # the low run went NaN
+    with_inf = torch.randn(4096, generator=g)
+    with_inf[7] = math.inf
+    items.append((with_inf.half().float(), with_inf, fp32_tiny))               # fp32 not finite: left out
+    got = compare_samples(items)
+    want = [(relative_error(x, y), zeroed_share(x, y), flushed_share(x, y, tiny)) for x, y, tiny in items]
+    assert got == want
+    assert got[-3][0] is None and got[-2][0] == math.inf and got[-1][0] is not None and got[0][2] > 0
 
 
 # -- the alignment
