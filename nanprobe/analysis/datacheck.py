@@ -179,7 +179,6 @@ def check_replayed(config: cfg.Config, data, steps: int | None = None) -> DataRe
     """Check the samples a replay of `steps` critic steps uses (None for synthetic data)."""
     if data is None or config.data.source != "file":
         return None
-    t0 = time.perf_counter()
     n, b = data.shape[0], config.data.batch_size
     idx = np.unique([(s * b + i) % n for s in range(steps or config.train.steps) for i in range(b)])
     tally = _Tally(*config.data.range)
@@ -194,8 +193,7 @@ def check_replayed(config: cfg.Config, data, steps: int | None = None) -> DataRe
                        dtype=str(data.dtype), shape=tuple(data.shape), samples=len(idx), nbytes=int(x.nbytes),
                        memory_mapped=isinstance(data, np.memmap), scope="replayed",
                        notes=(f"only the {len(idx)} samples the replay uses were checked; run "
-                              "`nanprobe check-data` on this config to scan the whole file",),
-                       seconds=round(time.perf_counter() - t0, 3))
+                              "`nanprobe check-data` on this config to scan the whole file",))
 
 
 def check_data(config_or_path: cfg.Config | str | Path, progress: Callable[[int, int], None] | None = None,

@@ -32,7 +32,7 @@ from nanprobe.engine.scaling import RecipeWatch, takes_scaler
 from nanprobe.enums import Framework, Kernels, Mode, Phase, Precision
 from nanprobe.errors import ConfigError, DeviceError, UserCodeError
 from nanprobe.io.config import Config, resolve
-from nanprobe.io.loading import Loaded
+from nanprobe.io.loading import Loaded, seed_all
 from nanprobe.model.report import ReplayError, StepMetrics
 
 MAX_SCALER_RETRIES = 24  # GradScaler halves per skip: 65536 * 2**-24 ~ 4e-3, far below any useful scale
@@ -63,9 +63,7 @@ class RandomState:
     @classmethod
     def seeded(cls, seed: int) -> RandomState:
         """Every generator seeded with `seed` (torch on every device), as captured right after."""
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2 ** 32)
-        random.seed(seed)
+        seed_all(seed)
         return cls.capture(seed)
 
     def restore(self) -> None:

@@ -5,6 +5,7 @@ import copy
 import importlib
 import importlib.util
 import inspect
+import random
 import sys
 import traceback
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import torch
 
 from nanprobe.errors import ConfigError, UserCodeError
@@ -367,9 +369,23 @@ def call_generator(generator: Callable, z: torch.Tensor, call: Any = "z") -> Any
     return out
 
 
+def seed_all(seed: int) -> None:
+    """Seed every global generator a model's construction or a step may draw from: torch (every device), numpy, random.
+
+    Keras draws each unseeded initializer's seed from `random`, so a Keras model is the same from
+    process to process only when `random` is seeded before it is built.
+    """
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
 def load(config: Config) -> Loaded:
-    """Build the models, load the checkpoint and open the data, failing with one clear line."""
-    torch.manual_seed(config.seed)
+    """Build the models, load the checkpoint and open the data, failing with one clear line.
+
+    The models are built from config.seed, so that their initial weights are the same in every run.
+    """
+    seed_all(config.seed)
     critic, cfile, kcritic = _build(config, config.model.critic, config.model.critic_args, "model.critic")
     generator, gfile, kgen = (None, "", None)
     if config.model.generator is not None:

@@ -78,7 +78,7 @@ class DataReport:
     notes: tuple[str, ...] = ()
     """Anything else the user should know (e.g. why a file was not memory-mapped)."""
     seconds: float = 0.0
-    """Wall time of the check."""
+    """Wall time of a whole-file check (0 for the samples a replay uses: a diagnose's JSON is the same every run)."""
     chunk_mb: float | None = None
     """Chunk size of a whole-file scan."""
 

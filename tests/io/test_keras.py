@@ -202,3 +202,16 @@ def test_a_keras_generator_makes_the_fakes():
                  "model.generator_args": {"latent_dim": 16, "img": 8}, "model.latent_dim": [16]}
     report = nanprobe.diagnose(CONFIGS / "keras_bad_init.yaml", dtypes=["fp32", "bf16"], **overrides)
     assert [r.status.value for r in report.runs] == ["ok", "ok"]
+
+
+def test_a_keras_diagnose_gives_the_same_json_in_a_new_process(tmp_path):
+    # Keras draws each unseeded initializer's seed from Python's `random` when the layer is built, so
+    # the critic's initial weights changed from process to process until loading seeded it: within
+    # one process every replay shared one template and nothing showed.
+    cmd = [sys.executable, "-m", "nanprobe", "diagnose", str(CONFIGS / "keras_high_lr_adam.yaml"),
+           "--dtypes", "fp16", "--steps", "2", "--format", "json"]
+    first, second = (subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                     for _ in range(2))
+    assert first.returncode == second.returncode == 1, first.stderr[-2000:]
+    assert first.stdout == second.stdout
+    assert json.loads(first.stdout)["runs"][0]["status"] == "nan"  # the example still fails
