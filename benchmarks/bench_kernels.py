@@ -7,7 +7,8 @@ change of load on a shared machine hits them alike):
   no GradScaler), in fp32, fp16 and bf16 autocast (CUDA's op lists) with emulated and with native
   kernels, each as a ratio to the fp32 step (target: emulated at most 1.3x);
 - a whole three-precision `diagnose` (probe and analysis included) against one plain fp32 replay
-  of the same step (target: at most 4x).
+  of the same steps (target: at most 4x), for one step and for diagnose's default of 5 steps
+  (--whole-steps); --only-whole skips the per-step table (its native runs take most of the time).
 
 --threads sets torch's intra-op threads (default 1): on a machine other jobs share, a second
 OpenMP thread waits for a core at every parallel region and the timings say more about the
@@ -76,17 +77,20 @@ def step_times(reps: int) -> dict:
     }, reps)
 
 
-def whole(reps: int) -> dict:
+def whole(reps: int, steps: int) -> dict:
     import torch
 
     from nanprobe import api
     from nanprobe.engine.replay import replay
     from nanprobe.enums import Precision
+    from nanprobe.io import config as cfg
 
-    emulated, native, loaded = _configs()
+    emulated, _, loaded = _configs()
+    emulated = cfg.with_overrides(emulated, steps=steps)
     return _interleaved({
-        "plain fp32 replay": lambda: replay(emulated, loaded, Precision.FP32, torch.device("cpu"), probe=False),
-        "diagnose fp32+fp16+bf16 (emulated)": lambda: api.diagnose(emulated),
+        f"plain fp32 replay, {steps} step(s)": lambda: replay(emulated, loaded, Precision.FP32, torch.device("cpu"),
+                                                              probe=False),
+        f"diagnose fp32+fp16+bf16 (emulated), {steps} step(s)": lambda: api.diagnose(emulated),
     }, reps)
 
 
@@ -94,6 +98,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--whole-steps", type=int, nargs="+", default=[1, 5])
+    ap.add_argument("--only-whole", action="store_true")
     args = ap.parse_args()
     import torch
 
@@ -101,15 +107,17 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, "
           f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}; "
           f"medians of {args.reps} interleaved runs")
-    t = step_times(args.reps)
-    w = whole(args.reps)
-    t.update(w)
-    print("\nDCGAN-64 critic step + gradient penalty, batch 16, autocast (cuda op lists), no probe; "
-          "then a whole diagnose:")
     print("| variant | median wall s | x fp32 | median CPU s | x fp32 |\n|---|---:|---:|---:|---:|")
-    for k, (wall, cpu) in t.items():
-        ref = t["fp32"] if k in ("fp32",) or k[:4] in ("fp16", "bf16") else t["plain fp32 replay"]
-        print(f"| {k} | {wall:.3f} | {wall / ref[0]:.2f} | {cpu:.3f} | {cpu / ref[1]:.2f} |")
+    if not args.only_whole:
+        t = step_times(args.reps)
+        print("DCGAN-64 critic step + gradient penalty, batch 16, autocast (cuda op lists), no probe:")
+        for k, (wall, cpu) in t.items():
+            print(f"| {k} | {wall:.3f} | {wall / t['fp32'][0]:.2f} | {cpu:.3f} | {cpu / t['fp32'][1]:.2f} |")
+    for steps in args.whole_steps:
+        w = whole(args.reps, steps)
+        ref = next(iter(w.values()))
+        for k, (wall, cpu) in w.items():
+            print(f"| {k} | {wall:.3f} | {wall / ref[0]:.2f} | {cpu:.3f} | {cpu / ref[1]:.2f} |")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 

@@ -84,6 +84,10 @@ def zeroed_share(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float(((x == 0) & (ref != 0) & torch.isfinite(ref)).sum()) / max(x.numel(), 1)
 
 
+_BATCH = 256
+"""Samples compared at once: 256 rows of 4096 float64 values, 8 MiB a side, whatever the model's size."""
+
+
 def compare_samples(items: list[tuple[torch.Tensor, torch.Tensor, float]]) -> list[tuple[float | None, float, float]]:
     """(relative_error, zeroed_share, flushed_share) of each (x, ref, tiny), computed a batch at a time.
 
@@ -96,7 +100,8 @@ def compare_samples(items: list[tuple[torch.Tensor, torch.Tensor, float]]) -> li
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, (x, _, _) in enumerate(items):
         by_length[x.numel()].append(i)
-    for idx in by_length.values():
+    batches = [same[i:i + _BATCH] for same in by_length.values() for i in range(0, len(same), _BATCH)]
+    for idx in batches:
         xs = torch.stack([items[i][0].reshape(-1) for i in idx]).cpu()
         refs = torch.stack([items[i][1].reshape(-1) for i in idx]).cpu()
         tiny = torch.tensor([items[i][2] for i in idx], dtype=torch.float64).unsqueeze(1)

@@ -11,7 +11,7 @@ import yaml
 from rich.console import Console
 
 import nanprobe
-from nanprobe.analysis import diagnosis, fixes
+from nanprobe.analysis import alignment, diagnosis, fixes
 from nanprobe.analysis.alignment import compare_samples, zeroed_share
 from nanprobe.analysis.comparison import Recorder, flushed_share, relative_error
 from nanprobe.engine.probe import OpProbe
@@ -57,7 +57,7 @@ def test_flushed_share_counts_zeros_below_the_smallest_normal_only():
     assert flushed_share(low, ref, tiny) == pytest.approx(0.5)
 
 
-def test_batched_sample_comparison_gives_each_pair_s_own_numbers_bit_for_bit():
+def test_batched_sample_comparison_gives_each_pair_s_own_numbers_bit_for_bit(monkeypatch):
     # The alignment stacks samples of one length; a stacked row must reduce exactly as the row alone,
     # or the JSON of a replay would depend on which other ops shared its batch.
     g = torch.Generator().manual_seed(0)
@@ -76,6 +76,8 @@ def test_batched_sample_comparison_gives_each_pair_s_own_numbers_bit_for_bit():
     want = [(relative_error(x, y), zeroed_share(x, y), flushed_share(x, y, tiny)) for x, y, tiny in items]
     assert got == want
     assert got[-3][0] is None and got[-2][0] == math.inf and got[-1][0] is not None and got[0][2] > 0
+    monkeypatch.setattr(alignment, "_BATCH", 2)  # a large model's samples go in several batches
+    assert compare_samples(items) == want
 
 
 # -- the alignment
