@@ -58,7 +58,7 @@ def host_row(x: torch.Tensor, scratch: Scratch | None = None) -> list[float]:
     non-finite values take the full row. |x| goes into `scratch` when given, so that a replay does
     not fault in a fresh buffer for every op.
     """
-    x = x.detach()
+    x = _memory_order(x.detach())
     bits = _BITS[x.dtype]
     k = _magnitude(x, scratch).view(bits.int_dtype)
     n = float(x.numel())
@@ -92,6 +92,23 @@ class Scratch:
         if self._buf.numel() < nbytes or self._buf.device != x.device:
             self._buf = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
         return self._buf[:nbytes].view(x.dtype).view(x.shape)
+
+
+def _memory_order(x: torch.Tensor) -> torch.Tensor:
+    """x's values as a flat tensor in the order they lie in memory, when they fill one span of it.
+
+    A row's numbers do not depend on the order of the values, and a permuted or channels-last
+    output (a convolution's gradient) read in memory order is ten times faster to copy than read in
+    its index order. A strided slice, which leaves gaps, stays as it is.
+    """
+    if x.is_contiguous():
+        return x.reshape(-1)
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1):
+        if stride != expected:
+            return x
+        expected *= size
+    return x.as_strided((x.numel(),), (1,))
 
 
 def _magnitude(x: torch.Tensor, scratch: Scratch | None) -> torch.Tensor:

@@ -64,7 +64,11 @@ def test_rows_read_from_the_bits_agree_with_the_float_row(dtype):
     want = st.device_row(x).tolist()
     assert st.host_row(x) == want == st.host_row(x, scratch)
     assert want[st.ZEROS] == 2 and want[st.SUBNORMAL] == 1 and want[st.MAX_ABS] == info.max
-    # A permuted (non-contiguous) output, then a smaller tensor into the same buffer.
-    m = torch.arange(-6.0, 6.0, dtype=dtype).reshape(3, 4).t()
-    assert st.host_row(m, scratch) == st.device_row(m).tolist()
+    # Outputs read in memory order (permuted, channels-last) or as they are (a slice with gaps, an
+    # expanded tensor), then a smaller tensor into the same buffer.
+    m = torch.arange(-6.0, 6.0, dtype=dtype).reshape(3, 4)
+    image = torch.linspace(-1, 1, 2 * 3 * 4 * 5, dtype=dtype).reshape(2, 3, 4, 5)
+    for view in (m.t(), m[:, ::2], m[:1].expand(5, 4), image.permute(0, 2, 3, 1),
+                 image.contiguous(memory_format=torch.channels_last)):
+        assert st.host_row(view, scratch) == st.device_row(view).tolist()
     assert st.host_row(x[:3], scratch) == st.device_row(x[:3]).tolist()
