@@ -73,7 +73,8 @@ def host_row(x: torch.Tensor, scratch: Scratch | None = None) -> list[float]:
         if zeros == n:
             return [n, 0.0, math.inf, zeros, 0.0, 0.0, 0.0, 0.0]
         lo = int(k.sub_(1).bitwise_and_(bits.magnitude).amin()) + 1  # in place: zero wraps to the largest pattern
-        k = _magnitude(x, scratch).view(bits.int_dtype)
+        if lo < bits.tiny:
+            k = _magnitude(x, scratch).view(bits.int_dtype)  # |x| again, for the count below
     small = 0.0
     if lo < bits.tiny:  # zeros and subnormals are the values whose exponent field is 0
         small = n - float(torch.count_nonzero(k.bitwise_right_shift_(bits.mantissa))) - zeros
