@@ -421,7 +421,8 @@ class _Replay:
                 continue
             self.trace.metrics.append(metrics)
             break
-        with torch.no_grad():
+        # nanprobe's own check: paused, or its abs would be recorded as an op of the user's optimizer step.
+        with torch.no_grad(), probe.paused() if probe is not None else nullcontext():
             finite = all(bool(torch.isfinite(p).all()) for p in self.critic.parameters())
         if not finite and step + 1 < self.config.train.steps:
             self.trace.stopped = f"weights non-finite after step {step}; later steps not replayed"
