@@ -68,9 +68,11 @@ def _std(t) -> float | None:
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() < 2:
         return None
     x = t.detach().float()
+    s = float(x.std())
+    if math.isfinite(s):
+        return s  # every value is finite (one inf or NaN makes the std NaN): no mask to build
     finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        x = x[finite]  # a NaN sample in the batch must not hide the scale of the others
+    x = x[finite]  # a NaN sample in the batch must not hide the scale of the others
     s = float(x.std()) if x.numel() > 1 else math.nan
     return s if math.isfinite(s) else None
 

@@ -455,7 +455,7 @@ class OpProbe:
             return True
         if name in _COPIES:
             src_t = inputs[-1] if name == "aten.copy_.default" else (inputs[0] if inputs else None)
-            if src_t is None or src_t.dtype != out.dtype or src_t.numel() != out.numel():
+            if src_t is None or src_t.numel() != out.numel():
                 return False
             src = self._producer.get(src_t)
             if src is None:
@@ -464,9 +464,15 @@ class OpProbe:
             if row is None:
                 return False
             if isinstance(row, list):
-                self.events[idx].row = list(row)
-            else:
+                # The same dtype, or a wider one that holds every value exactly (fp16 -> fp32 in a backward).
+                widened = st.widened_row(row, src_t.dtype, out.dtype)
+                if widened is None:
+                    return False
+                self.events[idx].row = widened
+            elif src_t.dtype == out.dtype:
                 self._buf.add(idx, row)
+            else:
+                return False
             return True
         return False
 

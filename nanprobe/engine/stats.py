@@ -165,6 +165,29 @@ def constant_row(value: float, numel: int, dtype: torch.dtype) -> list[float]:
     return [n, v, v, 0.0, n if v < _SMALLEST_NORMAL[dtype] else 0.0, 0.0, 0.0, 0.0]
 
 
+_WIDER = frozenset({(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float64),
+                    (torch.bfloat16, torch.float64), (torch.float32, torch.float64)})
+
+
+def widened_row(row: list[float], src: torch.dtype, out: torch.dtype) -> list[float] | None:
+    """The row of `row`'s values cast to `out` when the cast changes none (the same dtype, or a wider one); else None.
+
+    Only which values count as subnormal can change: the wider dtype's smallest normal is the same
+    (bf16 -> fp32) or below the source's smallest non-zero value (fp16 -> fp32: 6e-8 against 1e-38).
+    """
+    if src == out:
+        return list(row)
+    if (src, out) not in _WIDER:
+        return None
+    widened = list(row)
+    if _SMALLEST_NORMAL[out] == _SMALLEST_NORMAL[src]:
+        return widened
+    if row[MIN_NONZERO] >= _SMALLEST_NORMAL[out]:
+        widened[SUBNORMAL] = 0.0
+        return widened
+    return None
+
+
 def merge(rows: list[list[float]]) -> list[float]:
     """One row for several tensors (an op with several outputs)."""
     if len(rows) == 1:

@@ -1,3 +1,6 @@
+import math
+
+import pytest
 import torch
 from torch import nn
 
@@ -90,6 +93,22 @@ def test_fills_and_copies_get_the_rows_measuring_would_give():
     assert by_op["aten.clone.default"].row == measured
     assert by_op["aten.copy_.default"].row == measured
     assert measured[st.ZEROS] == 1 and measured[st.SUBNORMAL] == 1
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+def test_a_widening_cast_gets_the_row_measuring_would_give(low):
+    # An autocast backward casts fp16 gradients up to fp32 exactly: the row is the input's, with an
+    # fp16 subnormal now normal in fp32 (a bf16 subnormal stays one). A narrowing cast is measured.
+    from nanprobe.engine import stats as st
+    tiny = torch.finfo(low).smallest_normal
+    with OpProbe({}) as probe:
+        x = torch.tensor([0.0, 2.0, tiny / 4, -3.0, math.inf], dtype=low) * 1.0
+        up = x.float()
+        down = (torch.tensor([1e-9, 70000.0]) * 1.0).to(low)
+    events = [e for e in probe.events if e.op == "aten._to_copy.default"]
+    assert events[0].row == st.device_row(up).tolist()
+    assert events[0].row[st.SUBNORMAL] == (1 if low is torch.bfloat16 else 0)
+    assert events[1].row == st.device_row(down).tolist()
 
 
 def test_observe_records_one_event_and_not_its_own_statistics():
