@@ -1,5 +1,5 @@
 """Emulated against native fp16/bf16 kernels, run by hand (not a test):
-python benchmarks/bench_kernels.py [--reps 5] [--threads 1]
+python benchmarks/bench_kernels.py [--reps 5] [--threads 1] [--only-whole] [--whole-steps 1 5]
 
 Prints the medians (wall time and this process's CPU time) of interleaved runs (each repetition runs every variant once, in turn, so a
 change of load on a shared machine hits them alike):
