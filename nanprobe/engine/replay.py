@@ -16,7 +16,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -421,8 +421,7 @@ class _Replay:
                 continue
             self.trace.metrics.append(metrics)
             break
-        # nanprobe's own check: paused, or its abs would be recorded as an op of the user's optimizer step.
-        with torch.no_grad(), probe.paused() if probe is not None else nullcontext():
+        with torch.no_grad(), self._own_work():
             finite = all(bool(torch.isfinite(p).all()) for p in self.critic.parameters())
         if not finite and step + 1 < self.config.train.steps:
             self.trace.stopped = f"weights non-finite after step {step}; later steps not replayed"
@@ -454,7 +453,7 @@ class _Replay:
             scaler.unscale_(self.optimizer)
         grad_norm = self._grad_norm()
         if self.on_grads is not None:  # a retried attempt calls it again: the last call is the step's
-            with probe.paused() if probe is not None else nullcontext():
+            with self._own_work():
                 self.on_grads(step, {n: p.grad for n, p in self.params.items() if p.grad is not None})
         if self.config.train.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.config.train.grad_clip)
@@ -474,7 +473,7 @@ class _Replay:
             skipped = False
         if before is not None:
             self._record_lost(step, before)
-        with probe.paused() if probe is not None else nullcontext():
+        with self._own_work():
             values = {k: _float(v) for k, v in extra.items()}
             penalty = values.pop("penalty", None)
             metrics = StepMetrics(step=step, loss=_float(loss), penalty=penalty, grad_norm=grad_norm,
@@ -483,7 +482,7 @@ class _Replay:
 
     def _record_lost(self, step: int, before: dict) -> None:
         """Count unchanged weights per parameter and attach the numbers to the op that wrote it."""
-        with self.probe.paused():  # type: ignore[union-attr]  # the probe is on while replaying
+        with self._own_work():
             counts = updates.lost(self.optimizer, self.params, before)
         self.trace.lost[step] = counts
         writes = self.probe.param_writes()  # type: ignore[union-attr]  # the probe is on while replaying
@@ -495,8 +494,13 @@ class _Replay:
             e.info = {**(e.info or {}), "lost_updates": {
                 "param": name, "elements": moving, "lost": unchanged, "share": round(unchanged / moving, 4)}}
 
+    def _own_work(self) -> AbstractContextManager:
+        """nanprobe's own computations (norms, checks, callbacks), kept out of the probe's record: unpaused,
+        the weights' finiteness check was recorded as an `abs` of the user's optimizer step."""
+        return self.probe.paused() if self.probe is not None else nullcontext()
+
     def _weight_norm(self) -> float | None:
-        with self.probe.paused() if self.probe is not None else nullcontext():
+        with self._own_work():
             norms = [torch.linalg.vector_norm(p.detach().float()) for p in self.critic.parameters()]
             return float(torch.linalg.vector_norm(torch.stack(norms)).item()) if norms else None
 
@@ -516,7 +520,7 @@ class _Replay:
         return first is None or first.phase not in (Phase.DATA, Phase.FORWARD)
 
     def _grad_norm(self) -> float | None:
-        with self.probe.paused() if self.probe is not None else nullcontext():
+        with self._own_work():
             grads = [p.grad.detach().float() for p in self.critic.parameters() if p.grad is not None]
             if not grads:
                 return None
