@@ -155,6 +155,41 @@ def torchrun_ranks(script: Path, out: Path, *args: str) -> dict[int, dict]:
     return {r: json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)}
 
 
+def assert_rank_1_went_first(results: dict[int, dict], step: int, collective: str) -> None:
+    """torchrun_ranks' results of a fault on rank 1 only (rank_loop.py): both ranks stop at `step`, rank 1
+    names its own op, and rank 0 follows through `collective` and names rank 1's op."""
+    assert [results[r]["step"] for r in (0, 1)] == [step, step]
+    assert [results[r]["ranks"] for r in (0, 1)] == [[1], [1]]
+    # Rank 1 went non-finite by its own forward; rank 0 only through the gradient collective.
+    assert results[1]["reason"].startswith("critic output, loss")
+    assert results[0]["reason"] == "gradients, weights non-finite"
+    culprit = results[1]["culprit"]
+    # The user's module path: no FSDP1 `_fsdp_wrapped_module` in it, and no collective before it.
+    assert (culprit["phase"], culprit["module"], culprit["op"], culprit["kind"]) == (
+        "forward", "critic.net.0", "aten._to_copy.default", "overflow")
+    assert results[0]["culprit"] is None  # a follower has no culprit of its own
+    for r in (0, 1):
+        assert f"step {step} turned non-finite on rank 1 of 2 (critic output" in results[r]["message"]
+        assert f"rank 0 followed through the gradient {collective}" in results[r]["message"]
+    assert "critic.net.0 (forward)" in results[0]["message"]  # rank 0 names rank 1's op from the collective
+
+
+def assert_rank_1_dump_replays_alone(results: dict[int, dict], out: Path, monkeypatch) -> None:
+    """Rank 1's dump, diagnosed by the CLI on one process with no process group, names the same op."""
+    from typer.testing import CliRunner
+
+    from nanprobe.cli import app
+
+    monkeypatch.chdir(out)
+    result = CliRunner().invoke(app, ["diagnose", str(Path(results[1]["dump"]) / "config.yaml"), "--json", "-", "-q"])
+    assert result.exit_code == 1, result.output
+    runs = {r["precision"]: r for r in json.loads(result.stdout)["runs"]}
+    assert runs["fp32"]["status"] == "ok"
+    issue = runs["fp16"]["first_issue"]
+    assert (runs["fp16"]["status"], issue["kind"], issue["phase"], issue["module"]) == (
+        "nan", "overflow", "forward", "critic.net.0")
+
+
 def line_of(path: Path, marker: str) -> int:
     """The 1-based line of the first line of path containing marker."""
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):

@@ -6,17 +6,14 @@ replay on one process with no process group.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from nanprobe.cli import app
-from tests.conftest import FIXTURES, torchrun_ranks
+from tests.conftest import FIXTURES, assert_rank_1_dump_replays_alone, assert_rank_1_went_first, torchrun_ranks
 
 FAULT_STEP = 2
 
@@ -30,20 +27,8 @@ def ranks(request, tmp_path_factory) -> tuple[Path, dict]:
 
 
 def test_both_ranks_stop_at_the_faulty_step_and_name_rank_1(ranks):
-    out, results = ranks
-    assert [results[r]["step"] for r in (0, 1)] == [FAULT_STEP, FAULT_STEP]
-    assert [results[r]["ranks"] for r in (0, 1)] == [[1], [1]]
-    assert results[1]["reason"].startswith("critic output, loss")
-    assert results[0]["reason"] == "gradients, weights non-finite"
-    culprit = results[1]["culprit"]
-    # The user's module path: no FSDP1 `_fsdp_wrapped_module` in it, and no FSDP collective before it.
-    assert (culprit["phase"], culprit["module"], culprit["op"], culprit["kind"]) == (
-        "forward", "critic.net.0", "aten._to_copy.default", "overflow")
-    assert results[0]["culprit"] is None
-    for r in (0, 1):
-        assert f"step {FAULT_STEP} turned non-finite on rank 1 of 2 (critic output" in results[r]["message"]
-        assert "rank 0 followed through the gradient reduce-scatter" in results[r]["message"]
-    assert "critic.net.0 (forward)" in results[0]["message"]
+    _, results = ranks
+    assert_rank_1_went_first(results, FAULT_STEP, "reduce-scatter")
 
 
 def test_only_rank_1_dumps_the_full_state_from_before_the_step(ranks):
@@ -76,11 +61,4 @@ def test_only_rank_1_dumps_the_full_state_from_before_the_step(ranks):
 
 def test_the_failing_rank_step_replays_on_one_process(ranks, monkeypatch):
     out, results = ranks
-    monkeypatch.chdir(out)
-    result = CliRunner().invoke(app, ["diagnose", str(Path(results[1]["dump"]) / "config.yaml"), "--json", "-", "-q"])
-    assert result.exit_code == 1, result.output
-    runs = {r["precision"]: r for r in json.loads(result.stdout)["runs"]}
-    assert runs["fp32"]["status"] == "ok"
-    issue = runs["fp16"]["first_issue"]
-    assert (runs["fp16"]["status"], issue["kind"], issue["phase"], issue["module"]) == (
-        "nan", "overflow", "forward", "critic.net.0")
+    assert_rank_1_dump_replays_alone(results, out, monkeypatch)
