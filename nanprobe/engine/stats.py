@@ -54,8 +54,9 @@ def host_row(x: torch.Tensor, scratch: Scratch | None = None) -> list[float]:
     subnormals lie below the smallest normal's bits and inf/NaN above the largest finite's. The
     integer passes (count_nonzero, amin, a shift) are several times faster on the CPU than the
     float ones (a float count_nonzero or comparison), and they give the same numbers. Exact zeros
-    (after a ReLU, in a gradient) cost one more pass and its amin, subnormals two more, and only
-    non-finite values take the full row. |x| goes into `scratch` when given, so that a replay does
+    (after a ReLU, in a gradient) cost a count and three in-place passes for the smallest non-zero,
+    subnormals a shift and a count (after |x| again when there were zeros), and only non-finite
+    values take the full row. |x| goes into `scratch` when given, so that a replay does
     not fault in a fresh buffer for every op.
     """
     x = _memory_order(x.detach())
