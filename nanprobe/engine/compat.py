@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch._ops import _len_torch_dispatch_stack_pre_dispatch as _len_pre_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 __all__ = [
@@ -23,8 +24,33 @@ DispatchKeySet = torch._C.DispatchKeySet
 DispatchKey = torch._C.DispatchKey
 exclude_dispatch_keys = torch._C._ExcludeDispatchKeyGuard
 """Context manager that skips the given dispatch keys (autocast kernels calling the next kernel)."""
-no_dispatch_modes = _disable_current_modes
-"""Context manager that pops every active TorchDispatchMode and pushes them back on exit."""
+
+
+class no_dispatch_modes:  # noqa: N801 (used as a context manager, like the torch helper it stands for)
+    """Context manager that pops every active TorchDispatchMode and pushes them back on exit.
+
+    torch's `_disable_current_modes` does the same with imports and checks for export's pre-dispatch
+    modes on every entry, which cost the probe some 25 us on each op it records; this pops and pushes
+    the stack directly, and leaves the rare pre-dispatch case (torch.export tracing) to torch's helper.
+    """
+
+    __slots__ = ("_modes", "_torch")
+
+    def __enter__(self) -> None:
+        self._torch = None
+        if _len_pre_dispatch():
+            self._torch = _disable_current_modes()
+            self._torch.__enter__()
+            return
+        self._modes = [torch._C._pop_torch_dispatch_stack(None) for _ in range(torch._C._len_torch_dispatch_stack())]
+
+    def __exit__(self, *exc) -> None:
+        if self._torch is not None:
+            self._torch.__exit__(*exc)
+            return
+        for mode in reversed(self._modes):
+            torch._C._push_on_torch_dispatch_stack(mode)
+
 GROWTH_TRACKER_KEY = "_growth_tracker"
 """GradScaler.state_dict's key for the growth tracker."""
 

@@ -8,6 +8,7 @@ the module and line of the forward op they differentiate.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -116,6 +117,7 @@ class _SourceFinder:
         self._allowed = os.path.normcase(os.path.join(pkg, "engine", "losses.py"))
         self._base = base_dir
         self._cache: dict[str, bool] = {}
+        self._shown: dict[str, str] = {}
 
     def _is_user(self, filename: str) -> bool:
         hit = self._cache.get(filename)
@@ -135,6 +137,13 @@ class _SourceFinder:
         return None
 
     def show(self, filename: str) -> str:
+        """The file as findings name it: relative to the config's folder when inside it (cached: ops ask per op)."""
+        shown = self._shown.get(filename)
+        if shown is None:
+            shown = self._shown[filename] = self._show(filename)
+        return shown
+
+    def _show(self, filename: str) -> str:
         if self._base:
             try:
                 rel = os.path.relpath(filename, self._base)
@@ -252,6 +261,8 @@ class OpProbe:
         self.sources = _SourceFinder(base_dir, library_dirs)
         self._buf = _StepBuffer()
         self._scratch: st.Scratch | None = None
+        self._merged: set[int] = set()
+        """Ops whose row is of several outputs (batch norm's output and its statistics)."""
         self._train_modes: dict[torch.nn.Module, bool] = {}
 
     # -- context manager
@@ -463,12 +474,17 @@ class OpProbe:
             row = self.events[src].row if self.events[src].row is not None else self._buf.pending(src)  # type: ignore[assignment]  # a list or a pending tensor row, None checked below
             if row is None:
                 return False
+            # The producer's row is of its whole output: a view that leaves some of it out (a slice) or
+            # repeats some (an expand) holds other values.
+            if src in self._merged or math.prod(self.events[src].shape) != out.numel() or not st.dense(src_t):
+                return False
             if isinstance(row, list):
-                # The same dtype, or a wider one that holds every value exactly (fp16 -> fp32 in a backward).
-                widened = st.widened_row(row, src_t.dtype, out.dtype)
-                if widened is None:
+                # A cast fp32 can tell without reading: a widening one, or a narrowing one that neither
+                # overflows nor reaches the subnormal range (autocast's casts to fp16/bf16, mostly).
+                cast = st.cast_row(row, src_t.dtype, out.dtype)
+                if cast is None:
                     return False
-                self.events[idx].row = widened
+                self.events[idx].row = cast
             elif src_t.dtype == out.dtype:
                 self._buf.add(idx, row)
             else:
@@ -480,6 +496,8 @@ class OpProbe:
         return self._on_device if self._on_device is not None else t.device.type != "cpu"
 
     def _stat(self, idx: int, outs: list) -> None:
+        if len(outs) > 1:
+            self._merged.add(idx)
         if self._on_device_for(outs[0]):
             rows = [st.device_row(t) for t in outs]
             self._buf.add(idx, rows[0] if len(rows) == 1 else _merge_device(rows))

@@ -96,6 +96,18 @@ class Scratch:
         return self._buf[:nbytes].view(x.dtype).view(x.shape)
 
 
+def dense(x: torch.Tensor) -> bool:
+    """Whether x's values fill one span of memory with no gaps or repeats (contiguous, permuted or channels-last)."""
+    if x.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _memory_order(x: torch.Tensor) -> torch.Tensor:
     """x's values as a flat tensor in the order they lie in memory, when they fill one span of it.
 
@@ -105,12 +117,7 @@ def _memory_order(x: torch.Tensor) -> torch.Tensor:
     """
     if x.is_contiguous():
         return x.reshape(-1)
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1):
-        if stride != expected:
-            return x
-        expected *= size
-    return x.as_strided((x.numel(),), (1,))
+    return x.as_strided((x.numel(),), (1,)) if dense(x) else x
 
 
 def _magnitude(x: torch.Tensor, scratch: Scratch | None) -> torch.Tensor:
@@ -170,23 +177,42 @@ _WIDER = frozenset({(torch.float16, torch.float32), (torch.bfloat16, torch.float
                     (torch.bfloat16, torch.float64), (torch.float32, torch.float64)})
 
 
-def widened_row(row: list[float], src: torch.dtype, out: torch.dtype) -> list[float] | None:
-    """The row of `row`'s values cast to `out` when the cast changes none (the same dtype, or a wider one); else None.
+def cast_row(row: list[float], src: torch.dtype, out: torch.dtype) -> list[float] | None:
+    """The row of `row`'s values cast from `src` to `out`, or None when only measuring can tell.
 
-    Only which values count as subnormal can change: the wider dtype's smallest normal is the same
-    (bf16 -> fp32) or below the source's smallest non-zero value (fp16 -> fp32: 6e-8 against 1e-38).
+    A widening cast changes no value: only which values count as subnormal can change, and the
+    wider dtype's smallest normal is the same (bf16 -> fp32) or below the source's smallest
+    non-zero value (fp16 -> fp32: 6e-8 against 1e-38). A narrowing cast (an autocast cast to fp16
+    or bf16) rounds to nearest, which is monotone: the largest and the smallest non-zero magnitudes
+    become the rounded ones, and every count stays as it was when the largest does not round to inf
+    and the smallest non-zero is at or above `out`'s smallest normal (nothing is flushed to 0 or
+    made subnormal). Anything else (an overflow, values near the bottom of the range) is measured.
     """
     if src == out:
         return list(row)
-    if (src, out) not in _WIDER:
+    if src not in _SMALLEST_NORMAL or out not in _SMALLEST_NORMAL:
         return None
-    widened = list(row)
-    if _SMALLEST_NORMAL[out] == _SMALLEST_NORMAL[src]:
-        return widened
-    if row[MIN_NONZERO] >= _SMALLEST_NORMAL[out]:
-        widened[SUBNORMAL] = 0.0
-        return widened
-    return None
+    cast = list(row)
+    tiny = _SMALLEST_NORMAL[out]
+    if (src, out) in _WIDER:
+        if tiny == _SMALLEST_NORMAL[src]:
+            return cast
+        if row[MIN_NONZERO] >= tiny:
+            cast[SUBNORMAL] = 0.0
+            return cast
+        return None
+    lo = row[MIN_NONZERO]
+    if lo < tiny:
+        return None
+    # Rounded by the same conversion the cast itself runs (the value is exact in src).
+    hi, lo = torch.tensor([row[MAX_ABS], 0.0 if math.isinf(lo) else lo], dtype=src).to(out).tolist()
+    if math.isinf(hi):
+        return None
+    cast[MAX_ABS] = hi
+    if not math.isinf(row[MIN_NONZERO]):
+        cast[MIN_NONZERO] = lo
+    cast[SUBNORMAL] = 0.0
+    return cast
 
 
 def merge(rows: list[list[float]]) -> list[float]:

@@ -104,6 +104,123 @@ def test_every_autocast_sample_keeps_its_dtype_and_values(dtype):
     assert not fallbacks  # every op's output dtype came from its meta kernel
 
 
+# ---- pointwise ops: fp32 compute and one rounding, whatever the CPU's own fp16/bf16 kernels do
+
+aten = torch.ops.aten
+
+
+def _values(dtype, seed, n=1 << 14):
+    """Values from 1e-10 to 1e5 with the dtype's edges: zeros of both signs, inf, NaN, its max, its smallest
+    normal and subnormal, and fp16's overflow tie."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.cat([torch.randn(n // 16, generator=gen, dtype=torch.float64) * 10.0 ** e for e in range(-10, 6)])
+    info = torch.finfo(dtype)
+    edges = [0.0, -0.0, float("inf"), -float("inf"), float("nan"), info.max, -info.max, info.tiny, info.tiny / 2,
+             info.tiny * info.eps, 1.0, -1.0, 0.5, 65504.0, 65520.0, 1e-8]
+    x[:len(edges)] = torch.tensor(edges, dtype=torch.float64)
+    return x[torch.randperm(len(x), generator=gen)].to(dtype)
+
+
+# Pointwise ops as users' code calls them: tensor and scalar arguments, scalars a low
+# dtype does not hold, 0-dim fp32 tensors, broadcasting, transposed and short (a kernel's scalar tail) inputs.
+# One op per call (abs and views are exact): the reference below rounds only the outputs.
+POINTWISE = {
+    "add": lambda x, y, z: [x + y, x + 0.2, x.add(y, alpha=0.5), x + torch.tensor(0.1),
+                            x.reshape(64, -1) + x.reshape(64, -1)[:, :1], x.reshape(64, -1).t() + y.reshape(64, -1).t(),
+                            x[:7] + y[:7]],
+    "add_": lambda x, y, z: [x.clone().add_(y), x.clone().add_(y, alpha=0.25), x.clone().add_(1e-5)],
+    "sub": lambda x, y, z: [x - y, x - 1 / 3, x.sub(y, alpha=2.0)],
+    "sub_": lambda x, y, z: [x.clone().sub_(y), x.clone().sub_(0.1)],
+    "rsub": lambda x, y, z: [1.7 - x, 2.0 - x],
+    "mul": lambda x, y, z: [x * y, x * 0.2, x * 1e-5, x * torch.tensor(1 / 3),
+                            x.reshape(64, -1) * y.reshape(64, -1)[:1], x[:33] * 1e4],
+    "mul_": lambda x, y, z: [x.clone().mul_(0.2), x.clone().mul_(y)],
+    "div": lambda x, y, z: [x / y, x / 3.0, x / 0.2, x / torch.tensor(1 / 3)],
+    "div_": lambda x, y, z: [x.clone().div_(y), x.clone().div_(0.3)],
+    "neg": lambda x, y, z: [-x],
+    "neg_": lambda x, y, z: [x.clone().neg_()],
+    "abs": lambda x, y, z: [x.abs()],
+    "abs_": lambda x, y, z: [x.clone().abs_()],
+    "leaky_relu": lambda x, y, z: [F.leaky_relu(x, 0.2), F.leaky_relu(x, 0.01), F.leaky_relu(x[:5], 1 / 3)],
+    "leaky_relu_": lambda x, y, z: [F.leaky_relu(x.clone(), 0.2, inplace=True)],
+    "leaky_relu_backward": lambda x, y, z: [aten.leaky_relu_backward(x, y, 0.2, False),
+                                            aten.leaky_relu_backward(x, y, 1 / 3, False)],
+    "relu": lambda x, y, z: [torch.relu(x)],
+    "relu_": lambda x, y, z: [torch.relu_(x.clone())],
+    "threshold_backward": lambda x, y, z: [aten.threshold_backward(x, y, 0.0), aten.threshold_backward(x, y, 0.3)],
+    "hardtanh": lambda x, y, z: [F.hardtanh(x), F.hardtanh(x, -0.3, 0.7)],
+    "hardtanh_": lambda x, y, z: [F.hardtanh(x.clone(), inplace=True)],
+    "hardtanh_backward": lambda x, y, z: [aten.hardtanh_backward(x, y, -1.0, 1.0)],
+    "tanh": lambda x, y, z: [torch.tanh(x)],
+    "tanh_": lambda x, y, z: [x.clone().tanh_()],
+    "tanh_backward": lambda x, y, z: [aten.tanh_backward(x, z)],
+    "sigmoid": lambda x, y, z: [torch.sigmoid(x)],
+    "sigmoid_": lambda x, y, z: [x.clone().sigmoid_()],
+    "sigmoid_backward": lambda x, y, z: [aten.sigmoid_backward(x, z)],
+    "silu": lambda x, y, z: [F.silu(x)],
+    "silu_": lambda x, y, z: [F.silu(x.clone(), inplace=True)],
+    "elu": lambda x, y, z: [F.elu(x), F.elu(x, 0.3)],
+    "elu_": lambda x, y, z: [F.elu(x.clone(), inplace=True)],
+    "softplus": lambda x, y, z: [F.softplus(x), F.softplus(x, beta=0.5)],
+    "exp": lambda x, y, z: [torch.exp(x)],
+    "exp_": lambda x, y, z: [x.clone().exp_()],
+    "log": lambda x, y, z: [torch.log(x.abs())],
+    "reciprocal": lambda x, y, z: [x.reciprocal()],
+    "clamp": lambda x, y, z: [x.clamp(-1, 1), x.clamp(min=1e-3), x.clamp(max=0.3)],
+    "clamp_": lambda x, y, z: [x.clone().clamp_(-0.2, 0.2)],
+    "clamp_min": lambda x, y, z: [torch.clamp_min(x, 0.1)],
+    "clamp_min_": lambda x, y, z: [torch.clamp_min_(x.clone(), 0.1)],
+    "maximum": lambda x, y, z: [torch.maximum(x, y)],
+    "minimum": lambda x, y, z: [torch.minimum(x, y)],
+    "where": lambda x, y, z: [torch.where(x > 0, x, y), torch.where(x > y, x, 0.2)],
+    "addcmul": lambda x, y, z: [torch.addcmul(x, y, z, value=0.3)],
+    "addcmul_": lambda x, y, z: [x.clone().addcmul_(y, z, value=-0.1)],
+    "addcdiv": lambda x, y, z: [torch.addcdiv(x, y, z, value=-1e-3)],
+    "addcdiv_": lambda x, y, z: [x.clone().addcdiv_(y, z, value=0.01)],
+    "lerp": lambda x, y, z: [torch.lerp(x, y, 0.1), torch.lerp(x, y, z)],
+    "lerp_": lambda x, y, z: [x.clone().lerp_(y, 0.9)],
+    "sgn": lambda x, y, z: [x.sgn()],
+    "sign": lambda x, y, z: [x.sign()],
+    "sqrt": lambda x, y, z: [torch.sqrt(x.abs())],
+    "sqrt_": lambda x, y, z: [x.abs().sqrt_()],
+}
+
+
+def _bits(t):
+    """t as comparable bits: NaN payloads (which kernels need not agree on) made one NaN."""
+    if not t.is_floating_point():
+        return t
+    t = t.masked_fill(torch.isnan(t), float("nan"))
+    return t.view({torch.float32: torch.int32, torch.float64: torch.int64}.get(t.dtype, torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [H, B], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", sorted(POINTWISE))
+def test_pointwise_ops_are_fp32_compute_then_one_rounding(name, dtype):
+    # The emulation's definition, spelled out: the op on fp32 copies, each output rounded to the dtype the
+    # op gives natively, bit for bit (NaN payloads aside), scalars kept in fp32 as CUDA's kernels keep them.
+    case = POINTWISE[name]
+    x, y, z = (_values(dtype, k) for k in (0, 10, 20))
+    want = [out.to(dtype) if out.is_floating_point() else out for out in case(x.float(), y.float(), z.float())]
+    with emulated_kernels():
+        got = case(x, y, z)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype is w.dtype and torch.equal(_bits(g), _bits(w)), f"{name} call {i}"
+
+
+def test_the_cpu_s_own_kernels_are_not_cuda_s_numerics_even_on_pointwise_ops():
+    # Why the emulation runs even add and sqrt on fp32 copies: the CPU's fp16 kernels round a Python
+    # scalar to fp16 before adding it, and round sqrt and sigmoid_backward otherwise than fp32 compute and
+    # one rounding, which is what CUDA's kernels do.
+    x, z = _values(H, 0), _values(H, 20)
+    assert not torch.equal(_bits(x + 0.2), _bits((x.float() + 0.2).half()))
+    assert not torch.equal(_bits(x.abs().sqrt()), _bits(x.abs().float().sqrt().half()))
+    cuda_like = aten.sigmoid_backward(x.float(), z.float()).half()
+    assert not torch.equal(_bits(aten.sigmoid_backward(x, z)), _bits(cuda_like))
+    with emulated_kernels():
+        assert torch.equal(_bits(x + 0.2), _bits((x.float() + 0.2).half()))
+
+
 # ---- in-place ops, views, random ops
 
 

@@ -96,19 +96,25 @@ def test_fills_and_copies_get_the_rows_measuring_would_give():
 
 
 @pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
-def test_a_widening_cast_gets_the_row_measuring_would_give(low):
-    # An autocast backward casts fp16 gradients up to fp32 exactly: the row is the input's, with an
-    # fp16 subnormal now normal in fp32 (a bf16 subnormal stays one). A narrowing cast is measured.
+def test_casts_get_the_rows_measuring_would_give(low):
+    # Casts are told from their input's row where that is exact: an autocast backward's fp16 -> fp32
+    # (an fp16 subnormal is normal in fp32, a bf16 one stays one) and autocast's casts down that
+    # neither overflow nor flush. The rest are measured, and so is a cast of part of a recorded
+    # output (a slice, an expand) or of one output of several (batch norm's).
     from nanprobe.engine import stats as st
     tiny = torch.finfo(low).smallest_normal
+    bn = torch.nn.BatchNorm1d(3)
     with OpProbe({}) as probe:
         x = torch.tensor([0.0, 2.0, tiny / 4, -3.0, math.inf], dtype=low) * 1.0
-        up = x.float()
-        down = (torch.tensor([1e-9, 70000.0]) * 1.0).to(low)
+        y = torch.tensor([1e-3, 70000.0, -2.5, 0.0, 1e-9]) * 1.0
+        casts = [x.float(), (y[:3] * 1.0).to(low), y.to(low), y[:3].double(), y[:1].expand(4).double(),
+                 bn(torch.randn(4, 3)).double()]
     events = [e for e in probe.events if e.op == "aten._to_copy.default"]
-    assert events[0].row == st.device_row(up).tolist()
+    assert len(events) == len(casts)
+    for e, c in zip(events, casts):
+        assert e.row == st.device_row(c).tolist()
     assert events[0].row[st.SUBNORMAL] == (1 if low is torch.bfloat16 else 0)
-    assert events[1].row == st.device_row(down).tolist()
+    assert events[2].row[st.POSINF if low is torch.float16 else st.ZEROS] == 1  # 70000 overflows fp16
 
 
 def test_observe_records_one_event_and_not_its_own_statistics():
