@@ -237,8 +237,8 @@ def _tiny(e: OpEvent) -> float:
     return torch.finfo(_LOW.get(e.dtype, torch.float32)).smallest_normal
 
 
-def _sample_measures(events: list[OpEvent], ref_events: list[OpEvent], refs: dict[int, int], rec: Recorder | None,
-                     ref_rec: Recorder | None, ratios: dict) -> dict[int, tuple]:
+def _sample_measures(events: list[OpEvent], refs: dict[int, int], rec: Recorder | None, ref_rec: Recorder | None,
+                     ratios: dict) -> dict[int, tuple]:
     """Low op index -> (rel_error, zeroed, flushed) from the samples, for the paired ops whose samples match."""
     if rec is None or ref_rec is None:
         return {}
@@ -289,7 +289,7 @@ def align(events: list[OpEvent], ref_events: list[OpEvent], rec: Recorder | None
             r_idx = refs.get(e.producers[0])  # a cast fp32 does not have: compare with its input's fp32 values
         if r_idx is not None:
             refs[e.index] = r_idx
-    measured = _sample_measures(events, ref_events, refs, rec, ref_rec, ratios or {})
+    measured = _sample_measures(events, refs, rec, ref_rec, ratios or {})
     deltas: dict[int, OpDelta] = {}
     carried: dict[int, float] = {}
     for e in live(events):

@@ -479,7 +479,7 @@ class OpProbe:
             if src in self._merged or math.prod(self.events[src].shape) != out.numel() or not st.dense(src_t):
                 return False
             if isinstance(row, list):
-                # A cast fp32 can tell without reading: a widening one, or a narrowing one that neither
+                # A cast whose row follows from its input's: a widening one, or a narrowing one that neither
                 # overflows nor reaches the subnormal range (autocast's casts to fp16/bf16, mostly).
                 cast = st.cast_row(row, src_t.dtype, out.dtype)
                 if cast is None:
