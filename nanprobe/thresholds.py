@@ -30,6 +30,19 @@ ZEROED_SHARE = 0.01
 precision but non-zero in fp32 (rounding alone never makes an exact zero; underflow or a cancelling sum does, and
 only an underflow candidate on the gradient's provenance path makes it an underflow finding)."""
 
+ROUNDING_SHARE = 0.5
+"""A gradient, the loss or the penalty that keeps at least this share of its relative error against fp32 in a replay
+with the loss scaled by 2^16 (analysis.rescaled: the same roundings, no underflow) is off by rounding, not by the
+underflow, and does not make the underflow a finding."""
+
+INDEPENDENT_CHANGE = 1.0e-12
+"""A parameter the critic's fp64 outputs move by at most this (relative to their largest) when it is moved, and
+not in proportion to the move, is one the critic does not depend on (analysis.invariance): its exact gradient is 0.
+fp64 rounding moves them by about 1e-15; a bias deep in a critic whose activations explode (a bad init) by 1e-12
+and less, but in proportion to the move."""
+INDEPENDENT_SAMPLES = 4
+"""Real samples, and as many uniform-noise ones, in the batch the independence test runs the critic on."""
+
 UNDERFLOW_SHARE = 0.05
 """Share of an op's values lost to zero or subnormals (non-zero in fp32) that makes it an underflow candidate.
 A candidate is a finding only when it has an effect (EFFECT_TOLERANCE_EPS, ZEROED_SHARE, LOST_UPDATE_SHARE, or it

@@ -39,7 +39,7 @@ from nanprobe.engine import stats as st
 from nanprobe.engine.probe import OpEvent
 from nanprobe.engine.replay import Trace
 from nanprobe.engine.stats import TensorStats
-from nanprobe.enums import FindingKind, Phase, Precision, Status
+from nanprobe.enums import FindingKind, Framework, Phase, Precision, Status
 from nanprobe.io.config import Config
 from nanprobe.model.report import ChainLink, Finding, LostUpdates, RunReport, SkippedAttempt
 
@@ -112,14 +112,34 @@ class Analysis:
         return sum(self.kinds.values())
 
 
-def measure_against(trace: Trace, rec: Recorder | None, ref: Measured | None) -> Measured:
-    """A replay lined up with fp32's and its effect measured: the one place both are computed."""
+def measure_against(trace: Trace, rec: Recorder | None, ref: Measured | None,
+                    independent: Callable[[list[str]], frozenset[str]] | None = None) -> Measured:
+    """A replay lined up with fp32's and its effect measured: the one place both are computed.
+
+    `independent` is effect.measure's: which parameters the critic does not depend on."""
     if ref is None or not trace.precision.is_low:
         return Measured(trace, recorder=rec)
     ratios = al.scale_ratios(trace.metrics, ref.trace.metrics, penalty_scaled=not trace.unscaled_grads)
     alignment = al.align(trace.events, ref.trace.events, rec, ref.recorder, ratios)
-    effect = measure(trace.precision, trace.metrics, ref.trace.metrics, rec, ref.recorder, trace.lost)
+    effect = measure(trace.precision, trace.metrics, ref.trace.metrics, rec, ref.recorder, trace.lost, independent)
     return Measured(trace, alignment, effect, grad_ops=dict(rec.grad_ops) if rec is not None else {})
+
+
+def independence_test(config: Config, loaded) -> Callable[[list[str]], frozenset[str]] | None:
+    """analysis.invariance on the critic as the replays build it and on the first real batch (PyTorch models)."""
+    from nanprobe.analysis import invariance
+    from nanprobe.engine import precisions
+    from nanprobe.engine import replay as rp
+
+    strategy = precisions.for_loaded(loaded)
+    if strategy.framework is not Framework.TORCH:
+        return None
+
+    def test(names: list[str]) -> frozenset[str]:
+        critic, _ = strategy.models(Precision.FP32, config.precision.mode, (), config.model.init, config.seed)
+        return invariance.independent(critic, rp.first_batch(config, loaded), names)
+
+    return test
 
 
 def replay_measured(config: Config, loaded, precision: Precision, device: torch.device,
@@ -130,7 +150,7 @@ def replay_measured(config: Config, loaded, precision: Precision, device: torch.
     rec = Recorder()
     trace = rp.replay(config, loaded, precision, device, probe=True, progress=progress,
                       on_record=rec.on_record, on_grads=rec.on_grads)
-    return measure_against(trace, rec, ref)
+    return measure_against(trace, rec, ref, independence_test(config, loaded) if ref is not None else None)
 
 
 def unmeasured(trace: Trace) -> Measured:

@@ -8,7 +8,8 @@ value; subnormals with no measurable effect are notes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -69,6 +70,12 @@ class Effect:
     """All parameters' gradient samples together, worst step (the comparison's one number)."""
     lost_updates: tuple[tuple[str, float], ...] = ()
     """(parameter, share of its moving elements left unchanged) at or above LOST_UPDATE_SHARE."""
+    independent: tuple[str, ...] = ()
+    """Parameters the critic does not depend on (analysis.invariance): their gradients are rounding noise in every
+    precision, so they are never off."""
+    rounding: tuple[str, ...] = ()
+    """Parameters (and loss, penalty) as far from fp32 with the loss scaled by 2^16, where nothing underflows
+    (analysis.rescaled): off by rounding, which no underflow explains, so not off."""
 
     @property
     def off_params(self) -> tuple[ParamEffect, ...]:
@@ -85,18 +92,31 @@ class Effect:
         for s in (self.loss, self.penalty):
             if s is not None:
                 parts.append(f"{s.name} {_num(s.rel_error)}")
-        errs = [p.rel_error for p in self.params if p.rel_error is not None]
+        judged = [p for p in self.params if p.param not in self.independent]
+        errs = [p.rel_error for p in judged if p.rel_error is not None]
         if errs:
-            worst = max(self.params, key=lambda p: (p.rel_error is not None, p.rel_error or 0.0))
+            worst = max(judged, key=lambda p: (p.rel_error is not None, p.rel_error or 0.0))
             parts.append(f"parameter gradients up to {_num(max(errs))} ({worst.param})")
-        zeroed = [p for p in self.params if p.zeroed >= th.ZEROED_SHARE / 10]  # below 0.1%: a value or two
+        zeroed = [p for p in judged if p.zeroed >= th.ZEROED_SHARE / 10]  # below 0.1%: a value or two
         if zeroed:
             z = max(zeroed, key=lambda p: p.zeroed)
             parts.append(f"{z.zeroed:.1%} of {z.param}'s gradient zeroed")
         for name, share in self.lost_updates:
             parts.append(f"{share:.0%} of {name}'s updates lost")
-        return ("relative error against fp32: " + ", ".join(parts) if parts else "no effect measured") + \
+        text = ("relative error against fp32: " + ", ".join(parts) if parts else "no effect measured") + \
             f" (tolerance {self.tolerance:.2g})"
+        if self.rounding:
+            text += (f"; as far from fp32 with the loss scaled by 2^16, where nothing underflows: "
+                     f"{_listed(self.rounding)} (rounding, not the underflow)")
+        if self.independent:
+            text += (f"; not judged: {_listed(self.independent)}, which the critic's output does not depend on "
+                     "(a bias before a normalization that removes it): their gradients are rounding noise")
+        return text
+
+
+def _listed(names: tuple[str, ...], most: int = 3) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _num(x: float | None) -> str:
@@ -133,8 +153,13 @@ def grad_error(rec: Recorder, ref: Recorder) -> float | None:
 
 
 def measure(precision: Precision, metrics, ref_metrics, rec: Recorder | None, ref_rec: Recorder | None,
-            lost: dict | None = None) -> Effect:
-    """The effect of running in `precision`, from the replays' metrics and gradient samples."""
+            lost: dict | None = None, independent: Callable[[list[str]], frozenset[str]] | None = None) -> Effect:
+    """The effect of running in `precision`, from the replays' metrics and gradient samples.
+
+    `independent` names, of the parameters it is given, those the critic does not depend on
+    (analysis.invariance); it is asked only about parameters that would be off with an error larger than
+    fp32's gradient itself (an independent parameter's always is: its fp32 gradient is rounding noise).
+    """
     eps = torch.finfo(precision.torch_dtype).eps
     tol = th.tolerance(eps, th.EFFECT_TOLERANCE_EPS)
     per: dict[str, ParamEffect] = {}
@@ -151,6 +176,10 @@ def measure(precision: Precision, metrics, ref_metrics, rec: Recorder | None, re
                 old = per.get(name)
                 if old is None or (off, rel or 0.0, z) > (old.off, old.rel_error or 0.0, old.zeroed):
                     per[name] = ParamEffect(name, step, rel, z, off)
+    suspects = [p.param for p in per.values() if p.off and (p.rel_error is None or p.rel_error > 1.0)]
+    free = sorted(independent(suspects)) if suspects and independent is not None else []
+    for name in free:
+        per[name] = replace(per[name], off=False)
     params = tuple(sorted(per.values(), key=lambda p: (not p.off, -(p.rel_error or 0.0), -p.zeroed, p.param)))
     lost_shares: dict[str, float] = {}
     for counts in (lost or {}).values():
@@ -161,4 +190,5 @@ def measure(precision: Precision, metrics, ref_metrics, rec: Recorder | None, re
                                 key=lambda x: (-x[1], x[0])))
     return Effect(precision, tol, _scalar("loss", metrics, ref_metrics, tol),
                   _scalar("penalty", metrics, ref_metrics, tol),
-                  params, grad_error(rec, ref_rec) if rec is not None and ref_rec is not None else None, lost_updates)
+                  params, grad_error(rec, ref_rec) if rec is not None and ref_rec is not None else None, lost_updates,
+                  tuple(free))

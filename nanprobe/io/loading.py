@@ -90,24 +90,79 @@ def _exists(path: Path, key: str) -> bool:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
 
 
+def package_root(path: Path) -> tuple[Path, str | None]:
+    """The folder a file's package hangs from, and the file's dotted name there; (its folder, None) outside a package.
+
+    The rule is pytest's (its `prepend` import mode): walk up while the folder holds an
+    __init__.py. A file in `models/` of a repository imports the repository's other packages
+    (`from utils.logger import Logger`) and its own (`from .layers import Block`) the way
+    `python main.py` at the repository's top would let it.
+    """
+    folder, parts = path.parent, [path.stem]
+    while (folder / "__init__.py").is_file() and folder.parent != folder:
+        parts.append(folder.name)
+        folder = folder.parent
+    if len(parts) == 1 or not all(p.isidentifier() for p in parts):
+        return path.parent, None
+    return folder, ".".join(reversed(parts))
+
+
+def _cached_elsewhere(dotted: str, root: Path, path: Path) -> bool:
+    """Whether the process already holds a different module or package under the name the file would take."""
+    held = sys.modules.get(dotted)
+    if held is not None:
+        return Path(getattr(held, "__file__", "") or "").resolve() != path
+    top = sys.modules.get(dotted.split(".")[0])
+    return top is not None and str(root / dotted.split(".")[0]) not in [
+        str(Path(p).resolve()) for p in getattr(top, "__path__", [])]
+
+
+def _import_package(name: str, folder: Path) -> None:
+    """The package in `folder` imported under `name`."""
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import the package in {folder}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+
+
 def import_file(path: Path, key: str) -> ModuleType:
     if not _exists(path, key):
         raise ConfigError(f"{key}: file not found: {path}")
-    name = f"nanprobe_user_{abs(hash(str(path.resolve())))}"
+    path = path.resolve()
+    root, dotted = package_root(path)
+    alias = None
+    if dotted is not None and _cached_elsewhere(dotted, root, path):
+        # Another project's package of that name is loaded: this one's goes under a name of its own, so that
+        # its relative imports still find its own modules.
+        top, _, rest = dotted.partition(".")
+        alias = (f"nanprobe_user_{abs(hash(str(root / top)))}", root / top)
+        dotted = f"{alias[0]}.{rest}"
+    name = dotted or f"nanprobe_user_{abs(hash(str(path)))}"
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"{key}: cannot import {path}; it must be a Python file")
-    module = importlib.util.module_from_spec(spec)
-    folder = str(path.parent.resolve())
-    added = folder not in sys.path
-    if added:
-        sys.path.insert(0, folder)  # so the user's file can import its neighbours
+    # Its package's root first, as `python main.py` there has it; then its own folder, for its neighbours.
+    added = [f for f in dict.fromkeys((str(root), str(path.parent))) if f not in sys.path]
+    sys.path[:0] = added
     try:
-        sys.modules[name] = module
         with _no_bytecode():
-            spec.loader.exec_module(module)
+            if alias is not None and alias[0] not in sys.modules:
+                _import_package(*alias)
+            if dotted is not None:
+                module = importlib.import_module(dotted)  # its packages' __init__ run first, as in the user's own runs
+            else:
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                spec.loader.exec_module(module)
     except SystemExit as exc:  # script code (argparse, sys.exit) run at import
         sys.modules.pop(name, None)
         raise UserCodeError(f"importing {path.name} called sys.exit({exc.code!r}) "
@@ -117,8 +172,9 @@ def import_file(path: Path, key: str) -> ModuleType:
         sys.modules.pop(name, None)
         raise user_error(f"importing {path.name}", exc, (str(path),)) from None
     finally:
-        if added and folder in sys.path:
-            sys.path.remove(folder)  # the process's imports are the user's, not nanprobe's, after this
+        for f in added:
+            if f in sys.path:
+                sys.path.remove(f)  # the process's imports are the user's, not nanprobe's, after this
     return module
 
 

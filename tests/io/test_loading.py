@@ -343,3 +343,55 @@ def test_user_folder_leaves_sys_path_after_import(tmp_path):
     loaded = loading.load(config)
     assert str(tmp_path.resolve()) not in sys.path
     assert loaded.critic.l.out_features == 1  # its neighbour was importable while it loaded
+
+
+def _repo(root: Path, width: int) -> Path:
+    """A repository laid out as many GAN projects are: models/ and utils/ packages, run from the top."""
+    (root / "models").mkdir(parents=True)
+    (root / "utils").mkdir()
+    (root / "models" / "__init__.py").write_text("")
+    (root / "utils" / "__init__.py").write_text("")
+    (root / "utils" / "sizes.py").write_text(f"WIDTH = {width}\n")
+    (root / "models" / "blocks.py").write_text(
+        "import torch\n\ndef block(n_in, n_out):\n    return torch.nn.Linear(n_in, n_out)\n")
+    (root / "models" / "critic.py").write_text(
+        "import torch\nfrom utils.sizes import WIDTH\nfrom .blocks import block\n\n"
+        "class Critic(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.net = torch.nn.Sequential(block(4, WIDTH), torch.nn.LeakyReLU(0.2), block(WIDTH, 1))\n"
+        "    def forward(self, x):\n        return self.net(x.flatten(1))\n")
+    return root
+
+
+@pytest.fixture
+def forget_repos(tmp_path):
+    yield
+    for name, mod in list(sys.modules.items()):
+        if str(tmp_path) in str(getattr(mod, "__file__", "") or ""):
+            del sys.modules[name]
+
+
+def test_a_file_in_a_package_imports_its_repository_as_python_main_py_there_would(tmp_path, forget_repos,
+                                                                                   monkeypatch):
+    # models/critic.py imports the repository's other package (utils) and its own sibling relatively:
+    # both work under `python main.py` at the top, so they must work under nanprobe.
+    repo = _repo(tmp_path / "repo", 7)
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    before = list(sys.path)
+    config = cfg.from_dict({"model": {"critic": "models/critic.py:Critic"}, "data": {"shape": [4]}}, base_dir=repo)
+    loaded = loading.load(config)
+    assert loaded.critic.net[0].out_features == 7
+    assert sys.path == before
+    assert not list(repo.rglob("__pycache__"))
+
+
+def test_a_second_project_with_the_same_package_names_gets_its_own_file(tmp_path, forget_repos):
+    first = _repo(tmp_path / "first", 3)
+    second = _repo(tmp_path / "second", 5)
+    for repo, width in ((first, 3), (second, 5)):
+        config = cfg.from_dict({"model": {"critic": "models/critic.py:Critic"}, "data": {"shape": [4]}},
+                               base_dir=repo)
+        critic = loading.load(config).critic
+        assert critic.net[0].out_features in (3, width)  # utils.sizes is the first one's, as Python caches it
+        source = Path(sys.modules[type(critic).__module__].__file__).resolve()
+        assert source == (repo / "models" / "critic.py").resolve()
