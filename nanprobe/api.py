@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nanprobe.analysis import datacheck, diagnosis, initialisation, patching, rescaled, verification
+from nanprobe.analysis import datacheck, diagnosis, initialisation, patching, verification
 from nanprobe.analysis.initialisation import he_ratios
 from nanprobe.engine import precisions, replay
 from nanprobe.enums import FailOn, Precision
@@ -90,7 +90,6 @@ def _diagnose(config: cfg.Config, progress: Callable | None, verify_fix: bool, v
             runs = diagnosis.analyse(config, traces, done, ratios, device.type, init, problems)
             report = _report(config, device, runs, data=data, init=init, interrupted=note)
         raise Interrupted(report) from None
-    traces = rescaled.rescaled(config, loaded, traces, device, progress)
     runs = diagnosis.analyse(config, traces, requested, ratios, device.type, init, problems)
     runs = patching.attach(config, loaded.critic, runs)
     if verify_fix:

@@ -30,11 +30,6 @@ ZEROED_SHARE = 0.01
 precision but non-zero in fp32 (rounding alone never makes an exact zero; underflow or a cancelling sum does, and
 only an underflow candidate on the gradient's provenance path makes it an underflow finding)."""
 
-ROUNDING_SHARE = 0.5
-"""A gradient, the loss or the penalty that keeps at least this share of its relative error against fp32 in a replay
-with the loss scaled by 2^16 (analysis.rescaled: the same roundings, no underflow) is off by rounding, not by the
-underflow, and does not make the underflow a finding."""
-
 INDEPENDENT_CHANGE = 1.0e-12
 """A parameter the critic's fp64 outputs move by at most this (relative to their largest) when it is moved, and
 not in proportion to the move, is one the critic does not depend on (analysis.invariance): its exact gradient is 0.

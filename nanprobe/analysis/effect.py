@@ -73,9 +73,6 @@ class Effect:
     independent: tuple[str, ...] = ()
     """Parameters the critic does not depend on (analysis.invariance): their gradients are rounding noise in every
     precision, so they are never off."""
-    rounding: tuple[str, ...] = ()
-    """Parameters (and loss, penalty) as far from fp32 with the loss scaled by 2^16, where nothing underflows
-    (analysis.rescaled): off by rounding, which no underflow explains, so not off."""
 
     @property
     def off_params(self) -> tuple[ParamEffect, ...]:
@@ -105,9 +102,6 @@ class Effect:
             parts.append(f"{share:.0%} of {name}'s updates lost")
         text = ("relative error against fp32: " + ", ".join(parts) if parts else "no effect measured") + \
             f" (tolerance {self.tolerance:.2g})"
-        if self.rounding:
-            text += (f"; as far from fp32 with the loss scaled by 2^16, where nothing underflows: "
-                     f"{_listed(self.rounding)} (rounding, not the underflow)")
         if self.independent:
             text += (f"; not judged: {_listed(self.independent)}, which the critic's output does not depend on "
                      "(a bias before a normalization that removes it): their gradients are rounding noise")
