@@ -35,6 +35,9 @@ INDEPENDENT_CHANGE = 1.0e-12
 not in proportion to the move, is one the critic does not depend on (analysis.invariance): its exact gradient is 0.
 fp64 rounding moves them by about 1e-15; a bias deep in a critic whose activations explode (a bad init) by 1e-12
 and less, but in proportion to the move."""
+INDEPENDENT_TESTED = 8
+"""At most this many parameters per replay are tested for independence, those furthest from fp32 first (a noise
+gradient's relative error is about 1e3): each test costs two fp64 forwards of the critic."""
 INDEPENDENT_SAMPLES = 4
 """Real samples, and as many uniform-noise ones, in the batch the independence test runs the critic on."""
 

@@ -170,7 +170,9 @@ def measure(precision: Precision, metrics, ref_metrics, rec: Recorder | None, re
                 old = per.get(name)
                 if old is None or (off, rel or 0.0, z) > (old.off, old.rel_error or 0.0, old.zeroed):
                     per[name] = ParamEffect(name, step, rel, z, off)
-    suspects = [p.param for p in per.values() if p.off and (p.rel_error is None or p.rel_error > 1.0)]
+    # Worst first, and only so many: each costs two fp64 forwards of the critic.
+    suspects = [p.param for p in sorted(per.values(), key=lambda p: -(p.rel_error or 0.0))
+                if p.off and (p.rel_error is None or p.rel_error > 1.0)][:th.INDEPENDENT_TESTED]
     free = sorted(independent(suspects)) if suspects and independent is not None else []
     for name in free:
         per[name] = replace(per[name], off=False)

@@ -1,0 +1,40 @@
+"""nanprobe.analysis.effect: what training sees against fp32, and which parameters are judged at all."""
+from __future__ import annotations
+
+import torch
+
+from nanprobe import thresholds as th
+from nanprobe.analysis.alignment import Recorder
+from nanprobe.analysis.effect import measure
+from nanprobe.enums import Precision
+
+
+def _recorders(pairs: dict) -> tuple[Recorder, Recorder]:
+    low, ref = Recorder(), Recorder()
+    low.grads = {0: {n: g for n, (g, _) in pairs.items()}}
+    ref.grads = {0: {n: r for n, (_, r) in pairs.items()}}
+    return low, ref
+
+
+def test_only_parameters_off_by_more_than_their_own_fp32_gradient_are_tested_worst_first_and_so_many():
+    g = torch.Generator().manual_seed(0)
+    noise16, noise32 = torch.randn(64, generator=g) * 1e-4, torch.randn(64, generator=g) * 1e-8
+    # fp32 gives 1e-8 of noise, fp16 (i + 1) 1e-4 of its own: relative errors of about 1e4 (i + 1)
+    pairs = {f"critic.c{i}.bias": (noise16 * (i + 1), noise32) for i in range(12)}
+    w = torch.randn(256, generator=g)
+    pairs["critic.c0.weight"] = (w * 1.05, w)  # 5% off: over fp16's tolerance, but within its own size
+    asked = []
+
+    def independent(names):
+        asked.append(list(names))
+        return frozenset(n for n in names if n.endswith("bias"))
+
+    low, ref = _recorders(pairs)
+    effect = measure(Precision.FP16, [], [], low, ref, independent=independent)
+    assert len(asked) == 1 and len(asked[0]) == th.INDEPENDENT_TESTED
+    assert asked[0][0] == "critic.c11.bias"  # the furthest from fp32 first
+    assert "critic.c0.weight" not in asked[0]
+    off = {p.param for p in effect.off_params}
+    assert off == {"critic.c0.weight"} | {f"critic.c{i}.bias" for i in range(12 - th.INDEPENDENT_TESTED)}
+    assert set(effect.independent) == set(asked[0])
+    assert "not judged: critic.c10.bias, critic.c11.bias, critic.c4.bias and 5 more" in effect.summary()
