@@ -1,3 +1,3 @@
-from nanprobe.cli import main
+from nanprobe.launch import main
 
 main()

@@ -9,6 +9,7 @@ PKG = Path(__file__).resolve().parents[1] / "nanprobe"
 
 # A layer may import itself and the layers to its right.
 LAYERS = {
+    "launch": ("cli",),  # the console entry point: the top-level help, else the CLI
     "cli": ("formats", "integrations", "api", "analysis", "engine", "io", "model", "base"),
     "integrations": ("integrations", "formats", "api", "analysis", "engine", "io", "model", "base"),
     "formats": ("formats", "model", "base"),
