@@ -139,15 +139,25 @@ class Recorder:
         self.grad_ops: dict[int, dict[str, int]] = {}
         """step -> parameter -> index of the op whose output is that parameter's gradient."""
         self._made = WeakTensorKeyDictionary()
+        self._last: dict[tuple, int] = {}
 
     def on_record(self, event: OpEvent, outs: list[torch.Tensor]) -> None:
         self.samples[event.index] = sample(outs[0])
         for t in outs:
             self._made[t] = event.index
+        if event.phase is Phase.BACKWARD:
+            self._last[(event.module, event.shape)] = event.index
 
     def on_grads(self, step: int, grads: dict[str, torch.Tensor]) -> None:
         self.grads[step] = {name: sample(g) for name, g in grads.items()}
-        self.grad_ops[step] = {name: self._made[g] for name, g in grads.items() if g in self._made}
+        made = {}
+        for name, g in grads.items():
+            # A gradient the autograd engine copied on its way into .grad (a transposed Linear weight's is) is not
+            # an op's output: the module's last backward op of the gradient's shape made it.
+            i = self._made.get(g, self._last.get((name.rsplit(".", 1)[0], tuple(g.shape))))
+            if i is not None:
+                made[name] = i
+        self.grad_ops[step] = made
 
 
 @dataclass(frozen=True)
@@ -314,6 +324,11 @@ def align(events: list[OpEvent], ref_events: list[OpEvent], rec: Recorder | None
             zeroed = max(0.0, lo[st.ZEROS] - hi[st.ZEROS]) / n  # type: ignore[index]  # rows are fetched before analysis
             flushed = zeroed if hi[st.MIN_NONZERO] < tiny else 0.0  # type: ignore[index]  # rows are fetched before analysis
         lost = (max(0.0, lo[st.ZEROS] - hi[st.ZEROS]) + lo[st.SUBNORMAL]) / n if dt is not None else 0.0  # type: ignore[index]  # rows are fetched before analysis
+        if e.index in measured:
+            # A zero where fp32's value is a normal number of the low dtype is not this op's range: rounding it
+            # would give that number or a subnormal. It is a sum of rounded inputs cancelling, or a zero passed on
+            # from an op upstream, which is judged at that op.
+            lost = max(0.0, lost - max(0.0, zeroed - flushed))
         canc = cancelled(e, r, events, eps=info.eps)
         candidate = (dt is not None and _finite(lo) and lost >= th.UNDERFLOW_SHARE
                      and hi[st.MIN_NONZERO] < th.UNDERFLOW_RANGE * tiny and not canc)  # type: ignore[index]  # rows are fetched before analysis

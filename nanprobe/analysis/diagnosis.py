@@ -25,9 +25,10 @@ from nanprobe.analysis import alignment as al
 from nanprobe.analysis import fixes as fx
 from nanprobe.analysis import raised
 from nanprobe.analysis.alignment import Alignment, Recorder
-from nanprobe.analysis.effect import Effect, measure
+from nanprobe.analysis.effect import Effect, measure, within_cancellation
 from nanprobe.analysis.provenance import (
     RootCause,
+    cancelling_sum,
     inputs_nonfinite,
     lost_eps,
     makes_nonfinite,
@@ -122,7 +123,13 @@ def measure_against(trace: Trace, rec: Recorder | None, ref: Measured | None,
     ratios = al.scale_ratios(trace.metrics, ref.trace.metrics, penalty_scaled=not trace.unscaled_grads)
     alignment = al.align(trace.events, ref.trace.events, rec, ref.recorder, ratios)
     effect = measure(trace.precision, trace.metrics, ref.trace.metrics, rec, ref.recorder, trace.lost, independent)
-    return Measured(trace, alignment, effect, grad_ops=dict(rec.grad_ops) if rec is not None else {})
+    grad_ops = dict(rec.grad_ops) if rec is not None else {}
+    factors = {}
+    for p in effect.off_params:
+        found = cancelling_sum(p, trace.events, ref.trace.events, alignment, grad_ops)
+        if found is not None:
+            factors[p.param] = found.factor
+    return Measured(trace, alignment, within_cancellation(effect, factors), grad_ops=grad_ops)
 
 
 def independence_test(config: Config, loaded) -> Callable[[list[str]], frozenset[str]] | None:
@@ -305,19 +312,32 @@ def _cause_finding(cause: RootCause, m: Measured, ref: Trace | None) -> Finding:
     return _finding(e, cause.kind, detail, numbers)
 
 
+def _rounding_note(eff: Effect) -> str:
+    """What training sees is off with no underflow, overflow or NaN on its path and no cancelling sum to explain
+    it: the dtype's rounding, accumulated."""
+    return (f"differs from fp32 beyond tolerance with no underflow, overflow or NaN on its path: the dtype's "
+            f"rounding, not its range (a loss scale does not change it); {eff.summary()}")
+
+
 def _notes(m: Measured, cause: RootCause | None) -> list[str]:
     a, eff = m.alignment, m.effect
     if a is None or eff is None:
         return []
+    notes = []
+    if cause is None and eff.any_off:
+        notes.append(_rounding_note(eff))
     on_path = set(cause.path) if cause is not None else set()
     quiet = [i for i, d in sorted(a.deltas.items()) if d.candidate and i not in on_path]
     if not quiet:
-        return []
+        return notes
     events = m.trace.events
     named = ", ".join(f"{_short(events[i])} ({a.delta(i).lost:.0%} 0 or subnormal)" for i in quiet[:NOTES_MAX])  # type: ignore[union-attr]  # an aligned op has a delta
     more = f" and {len(quiet) - NOTES_MAX} more" if len(quiet) > NOTES_MAX else ""
-    what = "not on the path to the root cause" if cause is not None else "with no measurable effect"
-    return [f"subnormals {what}: {named}{more}; {eff.summary()}"]
+    if cause is not None:
+        return notes + [f"subnormals not on the path to the root cause: {named}{more}; {eff.summary()}"]
+    if eff.any_off:
+        return notes + [f"subnormals that do not explain the difference from fp32: {named}{more}"]
+    return notes + [f"subnormals with no measurable effect: {named}{more}; {eff.summary()}"]
 
 
 def masked(trace: Trace) -> bool:

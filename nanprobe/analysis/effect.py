@@ -73,6 +73,9 @@ class Effect:
     independent: tuple[str, ...] = ()
     """Parameters the critic does not depend on (analysis.invariance): their gradients are rounding noise in every
     precision, so they are never off."""
+    cancelling: tuple[tuple[str, float], ...] = ()
+    """(parameter, factor) whose gradient is a sum with terms `factor` times its size in fp32 and whose error is
+    within the dtype's rounding of those terms (EFFECT_TOLERANCE_EPS times factor): rounding, not off."""
 
     @property
     def off_params(self) -> tuple[ParamEffect, ...]:
@@ -105,6 +108,11 @@ class Effect:
         if self.independent:
             text += (f"; not judged: {_listed(self.independent)}, which the critic's output does not depend on "
                      "(a bias before a normalization that removes it): their gradients are rounding noise")
+        if self.cancelling:
+            shown = _listed(tuple(f"{n} (1/{k:.2g})" for n, k in self.cancelling))
+            text += (f"; within rounding: {shown}, whose gradients are sums that cancel to that share of their "
+                     "terms in fp32, so the dtype keeps that much less of their precision (a loss scale does not "
+                     "change it)")
         return text
 
 
@@ -130,6 +138,31 @@ def _scalar(name: str, metrics, ref_metrics, tol: float) -> ScalarEffect | None:
         if worst is None or err > worst.rel_error:
             worst = ScalarEffect(name, m.step, v, r, err, err > tol)
     return worst
+
+
+def _ranked(params) -> tuple[ParamEffect, ...]:
+    return tuple(sorted(params, key=lambda p: (not p.off, -(p.rel_error or 0.0), -p.zeroed, p.param)))
+
+
+def within_cancellation(effect: Effect, factors: dict[str, float]) -> Effect:
+    """`effect` with the off parameters whose error a cancelling sum explains no longer off.
+
+    `factors` gives, per parameter, how many times the terms of the most cancelling sum on its gradient's path
+    are larger than the sum in fp32 (provenance.cancelling_sum). Rounding each term costs eps/2 of the term, so
+    the sum is good to `factor` times that: an error within `factor` times the tolerance is rounding. An error
+    of the order of `factor` itself (a term lost to underflow) stays off.
+    """
+    excused: dict[str, float] = {}
+    params = []
+    for p in effect.params:
+        k = factors.get(p.param)
+        if p.off and k is not None and p.rel_error is not None and p.rel_error <= k * effect.tolerance:
+            excused[p.param] = k
+            p = replace(p, off=False)
+        params.append(p)
+    if not excused:
+        return effect
+    return replace(effect, params=_ranked(params), cancelling=tuple(sorted(excused.items())))
 
 
 def grad_error(rec: Recorder, ref: Recorder) -> float | None:
@@ -176,7 +209,7 @@ def measure(precision: Precision, metrics, ref_metrics, rec: Recorder | None, re
     free = sorted(independent(suspects)) if suspects and independent is not None else []
     for name in free:
         per[name] = replace(per[name], off=False)
-    params = tuple(sorted(per.values(), key=lambda p: (not p.off, -(p.rel_error or 0.0), -p.zeroed, p.param)))
+    params = _ranked(per.values())
     lost_shares: dict[str, float] = {}
     for counts in (lost or {}).values():
         for name, (moving, unchanged) in counts.items():

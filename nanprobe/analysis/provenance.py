@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from nanprobe import thresholds as th
-from nanprobe.analysis.alignment import Alignment, base, live
-from nanprobe.analysis.effect import Effect
+from nanprobe.analysis.alignment import ADDITIVE, Alignment, base, input_max, live
+from nanprobe.analysis.effect import Effect, ParamEffect
 from nanprobe.engine import stats as st
 from nanprobe.engine.probe import OpEvent
 from nanprobe.enums import FindingKind, Phase
@@ -232,9 +232,11 @@ def underflow_cause(events: list[OpEvent], alignment: Alignment | None, effect: 
         # is on the path by chance.
         on = [i for i in path if (d := alignment.delta(i)) is not None and d.candidate
               and (d.zeroed > 0 or d.added > alignment.tolerance)]
-        if not on and alignment.delta(path[0]) is not None and alignment.delta(path[0]).flushed > 0:  # type: ignore[union-attr]  # an aligned op has a delta
-            on = [path[0]]  # the walk ended where values below the smallest normal start to flush
-        # Zeros where fp32's values are well inside the range are a sum cancelling, not an underflow.
+        end = alignment.delta(path[0])
+        # The walk ended where values below the smallest normal start to flush: an underflow when most of that
+        # op's zeros are such values. Zeros where fp32's values are well inside the range are a sum cancelling.
+        if not on and end is not None and end.flushed > 0 and 2 * end.flushed > end.zeroed:
+            on = [path[0]]
         if on:
             culprit = on[0]
             return RootCause(culprit, FindingKind.UNDERFLOW, path[0], tuple(i for i in path if i >= culprit),
@@ -245,6 +247,45 @@ def underflow_cause(events: list[OpEvent], alignment: Alignment | None, effect: 
         return RootCause(culprit, FindingKind.UNDERFLOW, culprit, (culprit,),
                          secondary=tuple(i for i in candidates if i != culprit))
     return None
+
+
+@dataclass(frozen=True)
+class CancellingSum:
+    """The sum on a parameter's gradient path whose fp32 result is much smaller than its terms."""
+
+    op: int
+    """Index of the sum among the low precision's events."""
+    factor: float
+    """Its largest input over its fp32 result: how many times the terms' relative rounding grows in the sum."""
+
+
+def cancelling_sum(p: ParamEffect, events: list[OpEvent], ref_events: list[OpEvent], alignment: Alignment,
+                   grad_ops: dict | None = None) -> CancellingSum | None:
+    """The most cancelling sum on the path of `p`'s gradient, or None where no sum there cancels.
+
+    A sum whose result is k times smaller than its terms keeps k times less of the dtype's precision: terms
+    rounded to eps/2 give a result good to k eps/2. The autograd engine adds a parameter's gradients from each
+    use in the low dtype (the real and the fake half of a WGAN loss), so where those nearly cancel, as at a
+    critic's initialisation, the low precision's gradient is rounding noise without any value leaving the range.
+    """
+    start = (grad_ops or {}).get(p.step, {}).get(p.param)
+    if start is None:
+        start = _grad_start(p.param, p.step, events)
+    if start is None:
+        return None
+    path = walk(start, events, alignment)
+    # The walk follows inputs that depart from fp32, and a sum that cancels does not (its error is its terms'
+    # rounding), so the sums feeding the path are looked at too.
+    best = None
+    for i in sorted(set(path).union(*(events[j].producers for j in path))):
+        d = alignment.delta(i)
+        if d is None or base(events[i].op) not in ADDITIVE:
+            continue
+        r = ref_events[d.ref]
+        out, terms = r.row[st.MAX_ABS], input_max(r, ref_events)  # type: ignore[index]  # rows are fetched before analysis
+        if out > 0 and terms > out and (best is None or terms / out > best.factor):
+            best = CancellingSum(i, terms / out)
+    return best
 
 
 def _lost_write(params: set, events: list[OpEvent]) -> int | None:

@@ -108,8 +108,9 @@ def _sig(v):
         return (v.dtype, v.dim() == 0)  # 0-dim tensors take part in type promotion like scalars
     if isinstance(v, (list, tuple)):
         return tuple(_sig(w) for w in v)
-    if isinstance(v, torch.dtype):
-        return v
+    if isinstance(v, (torch.dtype, bool, str)):
+        # flags choose which outputs exist (convolution_backward's output_mask), so they key by value
+        return (type(v), v)
     return type(v)
 
 

@@ -1,6 +1,7 @@
 """Root cause by provenance and underflow by its effect, on hand-built traces of the cases issue 11 lists."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from nanprobe.enums import Mode, Phase
@@ -172,3 +173,83 @@ def test_a_nan_that_a_later_op_masks_is_a_note_not_a_finding(synth):
     run = synth.diagnose(b)
     assert run.status.value == "ok" and run.first_issue is None and run.first_nonfinite is None and run.fixes == ()
     assert any("masked" in n for n in run.notes)
+
+
+def _weight_sum(synth, ref_values, low_values, module="critic.score"):
+    """A Linear weight's gradient under AMP: the real and the fake term (fp16 mm outputs of ~1000) added by the
+    autograd engine in fp16. fp32's sum is ~1: the terms cancel."""
+    r, Op = synth.row, synth.Op
+    n = ref_values.numel()
+    zeros = int(((low_values == 0) & (ref_values != 0)).sum())
+    ops = [
+        Op("aten.mm.default", r(n, 1000.0, 100.0), r(n, 1000.0, 100.0), phase=BW, module=module),
+        Op("aten.mm.default", r(n, 1000.0, 100.0), r(n, 1000.0, 100.0), phase=BW, module=module),
+        Op("aten.add.Tensor", r(n, float(ref_values.abs().max()), float(ref_values.abs()[ref_values != 0].min())),
+           r(n, float(low_values.abs().max()), 2.0, zeros=zeros), (0, 1), phase=BW, module=module,
+           node="TBackward0"),
+    ]
+    param = f"{module}.weight"
+    return synth.build(ops, samples={2: (low_values, ref_values)}, grads={param: low_values},
+                       ref_grads={param: ref_values})
+
+
+def test_zeros_of_a_cancelling_sum_at_normal_values_are_rounding_not_underflow(synth):
+    """WGAN critic at init under AMP: the fake and real halves of a weight's gradient nearly cancel, and fp16's
+    sum of the rounded terms is 0 where fp32's is 0.01-1.3. One of those values (4.3e-5) is below fp16's smallest
+    normal, but rounding 4.3e-5 gives a subnormal, not 0: no zero here is the range's."""
+    from nanprobe.analysis import diagnosis
+
+    ref_values = torch.tensor([4.3e-5] + [0.013, 0.08, 0.19, 0.27, 0.6, 1.3, 0.9, 1.1] * 3)
+    low_values = torch.tensor([0.0] + [0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0] * 3)
+    b = _weight_sum(synth, ref_values, low_values)
+    run = synth.diagnose(b)
+    assert run.status.value == "ok" and run.first_issue is None and run.fixes == ()
+    ref = diagnosis.measure_against(b.ref, b.ref_rec, None)
+    measured = diagnosis.measure_against(b.low, b.low_rec, ref)
+    # 16 of 25 values are 0, but only the one at 4.3e-5 could be the range's: not an underflow candidate.
+    assert measured.alignment.delta(2).candidate is False and measured.alignment.delta(2).lost < 0.05
+    effect = measured.effect
+    ((name, factor),) = effect.cancelling
+    assert effect.off_params == () and name == "critic.score.weight" and factor == pytest.approx(1000.0 / 1.3)
+
+
+def test_zeros_where_fp32_is_below_the_smallest_normal_are_still_an_underflow(synth):
+    """An unscaled backward: both terms are ~1e-5, below fp16's smallest normal (6.1e-5), and flush; their sum is
+    0 where fp32's is 1e-8 to 2e-6. The terms are only 10 times the sum, so the 100% error is not their rounding."""
+    r, Op = synth.row, synth.Op
+    ref_values = torch.tensor([1e-8, 2e-8, 4e-8, 1e-7, 3e-7, 5e-7, 1e-6, 2e-6] * 3)
+    low_values = torch.zeros(24)
+    ops = [
+        Op("aten.mm.default", r(24, 2e-5, 1e-9), r(24, 0.0, 0.0, zeros=24), phase=BW, module="critic.score"),
+        Op("aten.mm.default", r(24, 2e-5, 1e-9), r(24, 0.0, 0.0, zeros=24), phase=BW, module="critic.score"),
+        Op("aten.add.Tensor", r(24, 2e-6, 1e-8), r(24, 0.0, 0.0, zeros=24), (0, 1), phase=BW, module="critic.score",
+           node="TBackward0"),
+    ]
+    b = synth.build(ops, samples={2: (low_values, ref_values)}, grads={"critic.score.weight": low_values},
+                    ref_grads={"critic.score.weight": ref_values})
+    run = synth.diagnose(b)
+    assert run.status.value == "underflow" and run.fixes[0].id == "grad-scaler"
+    assert (run.first_issue.module, run.first_issue.op) == ("critic.score", "aten.mm.default")
+
+
+def test_a_walk_ending_at_zeros_that_are_mostly_normal_values_is_not_an_underflow(synth):
+    """A gradient 84% off whose path ends at a sum with one value below fp16's smallest normal among 16 zeros
+    at normal values: one flush does not make the zeros the range's. The status stays ok and the note says the
+    difference is rounding (its terms are too close to the sum, 2.5x, for a cancelling sum to explain it)."""
+    r, Op = synth.row, synth.Op
+    ref_values = torch.tensor([4.3e-5] + [0.013, 0.08, 0.19, 0.27, 0.6, 1.3, 0.9, 1.1] * 3)
+    low_values = torch.tensor([0.0] + [0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0] * 3)
+    ops = [
+        Op("aten.mm.default", r(25, 3.0, 0.1), r(25, 3.0, 0.1), phase=BW, module="critic.score"),
+        Op("aten.mm.default", r(25, 3.0, 0.1), r(25, 3.0, 0.1), phase=BW, module="critic.score"),
+        Op("aten.add.Tensor", r(25, 1.3, 4.3e-5), r(25, 2.0, 2.0, zeros=16), (0, 1), phase=BW,
+           module="critic.score", node="TBackward0"),
+    ]
+    b = synth.build(ops, samples={2: (low_values, ref_values)}, grads={"critic.score.weight": low_values},
+                    ref_grads={"critic.score.weight": ref_values})
+    run = synth.diagnose(b)
+    assert run.status.value == "ok" and run.first_issue is None and run.fixes == ()
+    assert run.notes[0].startswith("differs from fp32 beyond tolerance with no underflow, overflow or NaN on its "
+                                   "path: the dtype's rounding, not its range")
+    assert ("parameter gradients up to 0.84 (critic.score.weight), 64.0% of critic.score.weight's gradient "
+            "zeroed") in run.notes[0]

@@ -5,7 +5,7 @@ import torch
 
 from nanprobe import thresholds as th
 from nanprobe.analysis.alignment import Recorder
-from nanprobe.analysis.effect import measure
+from nanprobe.analysis.effect import measure, within_cancellation
 from nanprobe.enums import Precision
 
 
@@ -38,3 +38,22 @@ def test_only_parameters_off_by_more_than_their_own_fp32_gradient_are_tested_wor
     assert off == {"critic.c0.weight"} | {f"critic.c{i}.bias" for i in range(12 - th.INDEPENDENT_TESTED)}
     assert set(effect.independent) == set(asked[0])
     assert "not judged: critic.c10.bias, critic.c11.bias, critic.c4.bias and 5 more" in effect.summary()
+
+
+def test_an_error_within_a_cancelling_sums_rounding_is_not_off_but_one_of_its_own_size_is():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(256, generator=g)
+    pairs = {
+        "critic.head.weight": (w * 1.4, w),  # 40% off, from a sum whose terms are 500 times larger
+        "critic.body.weight": (w * 1.4, w),  # the same error with no cancelling sum on its path
+        "critic.tail.weight": (w * 12.0, w),  # 11x off: a term lost outright, not rounding (factor 20)
+    }
+    low, ref = _recorders(pairs)
+    effect = measure(Precision.FP16, [], [], low, ref)
+    assert {p.param for p in effect.off_params} == set(pairs)
+    judged = within_cancellation(effect, {"critic.head.weight": 500.0, "critic.tail.weight": 20.0})
+    assert {p.param for p in judged.off_params} == {"critic.body.weight", "critic.tail.weight"}
+    assert judged.cancelling == (("critic.head.weight", 500.0),)
+    assert "within rounding: critic.head.weight (1/5e+02)" in judged.summary()
+    # Nothing to excuse: the same record back, not a copy with an empty list.
+    assert within_cancellation(effect, {}) is effect

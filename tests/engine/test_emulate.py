@@ -437,12 +437,6 @@ def test_a_flush_building_up_over_layers_may_cross_the_tolerance_one_layer_on_wi
     assert (b.module, b.op) in near_a or (a.module, a.op) in near_b
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: _emulate._sig keeps only the type of a bool argument, so the output dtypes cached for "
-    "convolution_backward with output_mask (True, False, False) are reused for (True, True, True) and the "
-    "weight and bias gradients stay fp32. Keying bools by value fixes it, but changes verdicts that were "
-    "computed with the bug (tests/zoo/test_zoo_patches.py::test_gp_scaled_patch_applies_runs_and_is_verified "
-    "then fails); left for a session that can re-derive them"))
 def test_which_outputs_an_op_returns_is_part_of_its_dtype_rule(monkeypatch):
     # convolution_backward's output_mask decides which gradients exist. The emulation remembers each op's
     # output dtypes by its arguments' types; a mask of (True, False, False) seen first (the input gradient

@@ -47,7 +47,11 @@ def test_gp_scaled_patch_applies_runs_and_is_verified(tmp_path):
     for args in (["--check"], []):
         done = subprocess.run([GIT, "apply", *args, "fix.diff"], cwd=copy, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
-    assert nanprobe.diagnose(copy / "config.yaml").runs[-1].status.value == "ok"  # the applied patch runs clean
+    patched = nanprobe.diagnose(copy / "config.yaml").runs[-1]
+    assert patched.status.value == "ok" and patched.fixes == ()  # the applied patch runs clean
+    # What is left is rounding: the critic's real and fake terms cancel in the fp16 sum of the last layer's
+    # weight gradient (to 1/580 of their size), which no loss scale changes and which is not an underflow.
+    assert any("within rounding:" in n and "critic.score.weight (1/5" in n for n in patched.notes), patched.notes
 
 
 def test_adam_eps_falls_back_to_the_config_and_is_verified(tmp_path):
