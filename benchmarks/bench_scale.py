@@ -37,14 +37,15 @@ if {which!r} == "plain":
     order = [Precision.FP32] + [Precision(d) for d in doc["precision"]["dtypes"] if d != "fp32"]
     for p in order:
         replay(config, loaded, p, device, probe=False)
-    verdicts = None
+    verdicts = notes = None
 else:
     report = api.diagnose(config)
     verdicts = {{r.precision.value: r.status.value for r in report.runs}}
+    notes = {{r.precision.value: list(r.notes) for r in report.runs}}
 wall = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({{"wall_s": wall, "base_mb": base / 1024, "peak_mb": peak / 1024, "params": params,
-                  "verdicts": verdicts}}))
+                  "verdicts": verdicts, "notes": notes}}))
 """
 
 
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "fp16", "bf16"])
     ap.add_argument("--kernels", choices=("emulated", "native"), default="emulated")
+    ap.add_argument("--notes", action="store_true", help="print each precision's notes after its row")
     args = ap.parse_args()
     import os
     import platform
@@ -86,6 +88,10 @@ def main() -> None:
         print(f"{size:>5} {plain['params'] / 1e6:>6.1f}M {plain['wall_s']:>8.1f} {diag['wall_s']:>10.1f} "
               f"{diag['wall_s'] / plain['wall_s']:>7.2f} {plain['peak_mb']:>9.0f} {diag['peak_mb']:>11.0f} "
               f"{diag['peak_mb'] / plain['peak_mb']:>6.2f} {growth:>8.2f}  {diag['verdicts']}", flush=True)
+        if args.notes:
+            for precision, notes in diag["notes"].items():
+                for note in notes:
+                    print(f"      {precision} note: {note}", flush=True)
 
 
 if __name__ == "__main__":

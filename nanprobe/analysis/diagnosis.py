@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -73,6 +73,9 @@ class Measured:
     """fp32's samples, kept to measure the other precisions against (None for a low precision once measured)."""
     grad_ops: dict = field(default_factory=dict)
     """step -> parameter -> index of the op that produced its gradient (where the effect walk starts)."""
+    independence: Callable[[list[str]], frozenset[str]] | None = field(default=None, compare=False, repr=False)
+    """fp32's: which parameters the critic does not depend on, remembered across the precisions measured
+    against it (independence_test)."""
 
     @property
     def precision(self) -> Precision:
@@ -142,9 +145,16 @@ def independence_test(config: Config, loaded) -> Callable[[list[str]], frozenset
     if strategy.framework is not Framework.TORCH:
         return None
 
+    known: dict[str, bool] = {}
+
     def test(names: list[str]) -> frozenset[str]:
-        critic, _ = strategy.models(Precision.FP32, config.precision.mode, (), config.model.init, config.seed)
-        return invariance.independent(critic, rp.first_batch(config, loaded), names)
+        # The answer is the fp32 critic's, the same for every precision: each parameter is tested once.
+        new = [n for n in names if n not in known]
+        if new:
+            critic, _ = strategy.models(Precision.FP32, config.precision.mode, (), config.model.init, config.seed)
+            found = invariance.independent(critic, rp.first_batch(config, loaded), new)
+            known.update((n, n in found) for n in new)
+        return frozenset(n for n in names if known[n])
 
     return test
 
@@ -157,7 +167,9 @@ def replay_measured(config: Config, loaded, precision: Precision, device: torch.
     rec = Recorder()
     trace = rp.replay(config, loaded, precision, device, probe=True, progress=progress,
                       on_record=rec.on_record, on_grads=rec.on_grads)
-    return measure_against(trace, rec, ref, independence_test(config, loaded) if ref is not None else None)
+    if ref is None:
+        return replace(measure_against(trace, rec, None), independence=independence_test(config, loaded))
+    return measure_against(trace, rec, ref, ref.independence or independence_test(config, loaded))
 
 
 def unmeasured(trace: Trace) -> Measured:

@@ -105,3 +105,32 @@ def test_a_bias_deep_in_a_critic_whose_activations_explode_still_counts():
             nn.init.normal_(m.weight, 0.0, 1.0)
     names = [f"critic.{n}" for n, _ in critic.named_parameters() if n.endswith("bias")]
     assert independent(critic, torch.rand(4, 3, 8, 8) * 2 - 1, names) == frozenset()
+
+
+def test_one_diagnose_tests_each_parameter_once_for_all_its_precisions(monkeypatch):
+    # The answer belongs to the fp32 critic, so fp16 and bf16 share it: each test costs two fp64 forwards.
+    from pathlib import Path
+
+    import nanprobe
+    from nanprobe.analysis import diagnosis, invariance
+
+    calls, effects = [], []
+    real_independent, real_measure = invariance.independent, diagnosis.measure
+
+    def counted(critic, batch, names, root="critic"):
+        calls.append(list(names))
+        return real_independent(critic, batch, names, root)
+
+    def measured(*args, **kwargs):
+        effects.append(real_measure(*args, **kwargs))
+        return effects[-1]
+
+    monkeypatch.setattr(invariance, "independent", counted)
+    monkeypatch.setattr(diagnosis, "measure", measured)
+    case = Path(__file__).parents[1] / "zoo" / "cases" / "healthy_instancenorm_bias.yaml"
+    report = nanprobe.diagnose(case)
+    assert [e.precision.value for e in effects] == ["fp16", "bf16"]
+    biases = {f"critic.main_module.{i}.bias" for i in (0, 3, 6)}
+    assert all(set(e.independent) >= biases for e in effects)  # both precisions judged without them
+    assert len(calls) == 1 and set(calls[0]) >= biases  # but the critic was moved once
+    assert [r.status.value for r in report.runs] == ["ok", "ok", "ok"]
