@@ -148,6 +148,9 @@ ZOO: list[Row] = [
     # Native CPU kernels: their convolution_backward roundings put two weight gradients 4.4-4.5% off (3.4% at
     # most emulated) with no cancelling sum to explain it, and subnormals lie on their path.
     Row("H7", "healthy_instancenorm_bias", OK3, healthy=True, native={"fp32": "ok", "fp16": "underflow", "bf16": "ok"}),
+    # H7's critic at half the width: fp16 rounding alone puts weight gradients 3.4-3.8% off, over the tolerance,
+    # with subnormals on their path; each is a real and a fake term cancelling to 1/2-1/3, so it is rounding.
+    Row("H8", "healthy_instancenorm_narrow", OK3, healthy=True),
 ]
 
 
