@@ -30,6 +30,12 @@ ZEROED_SHARE = 0.01
 precision but non-zero in fp32 (rounding alone never makes an exact zero; underflow or a cancelling sum does, and
 only an underflow candidate on the gradient's provenance path makes it an underflow finding)."""
 
+CANCEL_ROUNDINGS = 2.0
+"""A value zeroed in a gradient that is a cancelling sum is the sum's own when fp32's value is within this many
+roundings of the sum's terms (eps of the dtype, times how many times the terms are larger than the sum, times
+the gradient's largest value): two terms each rounded by up to one eps of their size. A zero beyond it is a
+flush upstream, whatever sum lies on the path."""
+
 INDEPENDENT_CHANGE = 1.0e-12
 """A parameter the critic's fp64 outputs move by at most this (relative to their largest) when it is moved, and
 not in proportion to the move, is one the critic does not depend on (analysis.invariance): its exact gradient is 0.

@@ -129,10 +129,12 @@ def measure_against(trace: Trace, rec: Recorder | None, ref: Measured | None,
     grad_ops = dict(rec.grad_ops) if rec is not None else {}
     factors = {}
     for p in effect.off_params:
+        if p.rel_error is None or not math.isfinite(p.rel_error):
+            continue  # inf or NaN, or no fp32 value to be a share of: no sum's rounding explains it
         found = cancelling_sum(p, trace.events, ref.trace.events, alignment, grad_ops)
         if found is not None:
             factors[p.param] = found.factor
-    return Measured(trace, alignment, within_cancellation(effect, factors), grad_ops=grad_ops)
+    return Measured(trace, alignment, within_cancellation(effect, factors, rec, ref.recorder), grad_ops=grad_ops)
 
 
 def independence_test(config: Config, loaded) -> Callable[[list[str]], frozenset[str]] | None:

@@ -92,7 +92,9 @@ class Effect:
         for s in (self.loss, self.penalty):
             if s is not None:
                 parts.append(f"{s.name} {_num(s.rel_error)}")
-        judged = [p for p in self.params if p.param not in self.independent]
+        # Parameters not judged, or within the rounding of a cancelling sum, are named after the figures, not in them.
+        excused = set(self.independent) | {n for n, _ in self.cancelling}
+        judged = [p for p in self.params if p.param not in excused]
         errs = [p.rel_error for p in judged if p.rel_error is not None]
         if errs:
             worst = max(judged, key=lambda p: (p.rel_error is not None, p.rel_error or 0.0))
@@ -144,19 +146,39 @@ def _ranked(params) -> tuple[ParamEffect, ...]:
     return tuple(sorted(params, key=lambda p: (not p.off, -(p.rel_error or 0.0), -p.zeroed, p.param)))
 
 
-def within_cancellation(effect: Effect, factors: dict[str, float]) -> Effect:
+def _zeros_within(g: torch.Tensor, r: torch.Tensor, factor: float, eps: float) -> bool:
+    """Every value zeroed in `g` where fp32's `r` is not is within CANCEL_ROUNDINGS roundings of the sum's terms,
+    which are at most `factor` times fp32's largest value."""
+    g, r = g.cpu(), r.cpu()
+    lost = (g == 0) & (r != 0) & torch.isfinite(r)
+    if not bool(lost.any()):
+        return True
+    return bool((r[lost].abs() <= th.CANCEL_ROUNDINGS * eps * factor * r.abs().max()).all())
+
+
+def within_cancellation(effect: Effect, factors: dict[str, float], rec: Recorder | None = None,
+                        ref: Recorder | None = None) -> Effect:
     """`effect` with the off parameters whose error a cancelling sum explains no longer off.
 
     `factors` gives, per parameter, how many times the terms of the most cancelling sum on its gradient's path
     are larger than the sum in fp32 (provenance.cancelling_sum). Rounding each term costs eps/2 of the term, so
     the sum is good to `factor` times that: an error within `factor` times the tolerance is rounding. An error
-    of the order of `factor` itself (a term lost to underflow) stays off.
+    of the order of `factor` itself (a term lost to underflow) stays off, and so does a gradient with zeros
+    (above ZEROED_SHARE) the terms' rounding cannot make (CANCEL_ROUNDINGS; checked on the samples in `rec` and
+    `ref`, and never excused without them).
     """
+    eps = torch.finfo(effect.precision.torch_dtype).eps
     excused: dict[str, float] = {}
     params = []
     for p in effect.params:
         k = factors.get(p.param)
         if p.off and k is not None and p.rel_error is not None and p.rel_error <= k * effect.tolerance:
+            if p.zeroed > th.ZEROED_SHARE:
+                g = rec.grads.get(p.step, {}).get(p.param) if rec is not None else None
+                r = ref.grads.get(p.step, {}).get(p.param) if ref is not None else None
+                if g is None or r is None or not _zeros_within(g, r, k, eps):
+                    params.append(p)
+                    continue
             excused[p.param] = k
             p = replace(p, off=False)
         params.append(p)

@@ -57,3 +57,22 @@ def test_an_error_within_a_cancelling_sums_rounding_is_not_off_but_one_of_its_ow
     assert "within rounding: critic.head.weight (1/5e+02)" in judged.summary()
     # Nothing to excuse: the same record back, not a copy with an empty list.
     assert within_cancellation(effect, {}) is effect
+
+
+def test_zeros_are_excused_only_where_the_terms_rounding_can_cancel_them():
+    # 8 of 256 gradient values are 0 in fp16 where fp32 has 0.02 of the largest: 3% zeroed, under 1% off
+    # norm-wise. Terms twice the gradient's size cancel to 0 only below 2 x 2 x 9.8e-4 = 0.4% of it, so these
+    # zeros are a flush upstream; terms 100 times its size can cancel anything below 20% of it.
+    ref = torch.ones(256)
+    ref[:8] = 0.02
+    low = ref.clone()
+    low[:8] = 0.0
+    rec, ref_rec = _recorders({"critic.fc.weight": (low, ref)})
+    effect = measure(Precision.FP16, [], [], rec, ref_rec)
+    assert [p.param for p in effect.off_params] == ["critic.fc.weight"]
+    mild = within_cancellation(effect, {"critic.fc.weight": 2.0}, rec, ref_rec)
+    assert [p.param for p in mild.off_params] == ["critic.fc.weight"] and mild.cancelling == ()
+    strong = within_cancellation(effect, {"critic.fc.weight": 100.0}, rec, ref_rec)
+    assert strong.off_params == () and strong.cancelling == (("critic.fc.weight", 100.0),)
+    # Without the samples to look at, zeros are never excused.
+    assert within_cancellation(effect, {"critic.fc.weight": 100.0}).off_params == effect.off_params
