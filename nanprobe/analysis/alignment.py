@@ -78,10 +78,15 @@ def flushed_share(x: torch.Tensor, ref: torch.Tensor, tiny: float) -> float:
     return float(lost.sum()) / max(x.numel(), 1)
 
 
+def zeroed_where(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Where x is exactly 0 and ref is finite and non-zero (both on the CPU)."""
+    x, ref = x.cpu(), ref.cpu()
+    return (x == 0) & (ref != 0) & torch.isfinite(ref)
+
+
 def zeroed_share(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Share of values exactly 0 in x where ref is non-zero."""
-    x, ref = x.cpu(), ref.cpu()
-    return float(((x == 0) & (ref != 0) & torch.isfinite(ref)).sum()) / max(x.numel(), 1)
+    return float(zeroed_where(x, ref).sum()) / max(x.numel(), 1)
 
 
 _BATCH = 256

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from nanprobe import thresholds as th
-from nanprobe.analysis.alignment import Recorder, relative_error, zeroed_share
+from nanprobe.analysis.alignment import Recorder, relative_error, zeroed_share, zeroed_where
 from nanprobe.enums import Precision
 
 
@@ -149,8 +149,7 @@ def _ranked(params) -> tuple[ParamEffect, ...]:
 def _zeros_within(g: torch.Tensor, r: torch.Tensor, factor: float, eps: float) -> bool:
     """Every value zeroed in `g` where fp32's `r` is not is within CANCEL_ROUNDINGS roundings of the sum's terms,
     which are at most `factor` times fp32's largest value."""
-    g, r = g.cpu(), r.cpu()
-    lost = (g == 0) & (r != 0) & torch.isfinite(r)
+    lost, r = zeroed_where(g, r), r.cpu()
     if not bool(lost.any()):
         return True
     return bool((r[lost].abs() <= th.CANCEL_ROUNDINGS * eps * factor * r.abs().max()).all())

@@ -187,6 +187,15 @@ def _grad_start(param: str, step: int, events: list[OpEvent]) -> int | None:
     return hit
 
 
+def gradient_path(p: ParamEffect, events: list[OpEvent], alignment: Alignment,
+                  grad_ops: dict | None = None) -> tuple[int, ...] | None:
+    """The walk back from the op that made `p`'s gradient (the recorder's, else its module's last backward op)."""
+    start = (grad_ops or {}).get(p.step, {}).get(p.param)
+    if start is None:
+        start = _grad_start(p.param, p.step, events)
+    return None if start is None else walk(start, events, alignment)
+
+
 def nonfinite_cause(events: list[OpEvent], alignment: Alignment | None) -> RootCause | None:
     """The root cause of the first non-finite value, or None when the run stayed finite."""
     f = first_nonfinite_made(events)
@@ -221,12 +230,9 @@ def underflow_cause(events: list[OpEvent], alignment: Alignment | None, effect: 
     if hit is not None:
         return RootCause(hit, FindingKind.UNDERFLOW, hit, (hit,), secondary=tuple(candidates))
     for p in effect.off_params:
-        start = (grad_ops or {}).get(p.step, {}).get(p.param)
-        if start is None:
-            start = _grad_start(p.param, p.step, events)
-        if start is None:
+        path = gradient_path(p, events, alignment, grad_ops)
+        if path is None:
             continue
-        path = walk(start, events, alignment)
         # A candidate explains the gradient's error only if it loses values itself (zeros where fp32 has values) or
         # adds error beyond tolerance; one that passes on error carried from weights that drifted over the steps
         # is on the path by chance.
@@ -268,12 +274,9 @@ def cancelling_sum(p: ParamEffect, events: list[OpEvent], ref_events: list[OpEve
     use in the low dtype (the real and the fake half of a WGAN loss), so where those nearly cancel, as at a
     critic's initialisation, the low precision's gradient is rounding noise without any value leaving the range.
     """
-    start = (grad_ops or {}).get(p.step, {}).get(p.param)
-    if start is None:
-        start = _grad_start(p.param, p.step, events)
-    if start is None:
+    path = gradient_path(p, events, alignment, grad_ops)
+    if path is None:
         return None
-    path = walk(start, events, alignment)
     # The walk follows inputs that depart from fp32, and a sum that cancels does not (its error is its terms'
     # rounding), so the sums feeding the path are looked at too.
     best = None
