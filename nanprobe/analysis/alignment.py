@@ -13,6 +13,7 @@ their zeros or non-finite values: their large relative error is the inputs' roun
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -45,10 +46,19 @@ def sample(t: torch.Tensor) -> torch.Tensor:
     """th.SAMPLE values of t at a fixed stride, as a float32 copy (the same positions for the same shape)."""
     n = t.numel()
     stride = max(1, n // th.SAMPLE)
+    t = t.detach()
+    if t.is_contiguous():
+        # A strided view of the values and one copy; copy=True because a float32 view would otherwise be
+        # kept as it is, and change with the tensor.
+        return t.reshape(-1)[:stride * th.SAMPLE:stride].to(torch.float32, copy=True)
     # take() reads only the sampled positions (row-major, as reshape(-1) would number them); reshape copies
     # the whole tensor when it is not contiguous (a permuted or channels-last output).
-    idx = torch.arange(0, min(n, stride * th.SAMPLE), stride, device=t.device)
-    return torch.take(t.detach(), idx).to(torch.float32)
+    return torch.take(t, _positions(min(n, stride * th.SAMPLE), stride, t.device)).to(torch.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _positions(end: int, stride: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(0, end, stride, device=device)
 
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float | None:

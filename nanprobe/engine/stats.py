@@ -2,16 +2,28 @@
 
 A row is eight numbers: numel, max |x| over finite values, smallest non-zero finite |x|,
 zeros, subnormals, +inf, -inf, NaN. On an accelerator the row stays on the device (no sync)
-and rows are fetched once per step; on the CPU a fast path skips the counting passes when
-the tensor has nothing below the smallest normal and nothing non-finite.
+and rows are fetched once per step. On the CPU the row is read from the values' bits: by
+nanprobe's C scan (`_rowstats.c`, one read of memory) where it is built, else by torch ops that
+skip the counting passes when the tensor has nothing below the smallest normal and nothing
+non-finite.
 """
 from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+_SCAN_VERSION = 1
+"""The `_rowstats` interface this module calls (its VERSION)."""
+try:
+    from nanprobe.engine._rowstats import VERSION, scan
+except ImportError:  # built without a C compiler (or one left from an older checkout, without VERSION)
+    _SCAN = None
+else:  # one left from an older checkout (an editable install not rebuilt) is not used
+    _SCAN = scan if VERSION == _SCAN_VERSION else None
 
 NUMEL, MAX_ABS, MIN_NONZERO, ZEROS, SUBNORMAL, POSINF, NEGINF, NAN = range(8)
 ROW_WIDTH = 8
@@ -48,7 +60,28 @@ def device_row(x: torch.Tensor) -> torch.Tensor:
 
 
 def host_row(x: torch.Tensor, scratch: Scratch | None = None) -> list[float]:
-    """Full row as Python floats, read from |x|'s bits: one abs and one integer aminmax when all is normal and finite.
+    """Full row as Python floats, read from |x|'s bits: in one read of x's memory where nanprobe's C
+    scan is built and x fills one span of CPU memory, else with torch ops (`torch_row`).
+
+    Both give the same numbers: the scan computes, in one pass, the integers the torch ops do in
+    several (see `torch_row`), and only non-finite values take the float row (`device_row`).
+    """
+    x = x.detach()
+    scan = _scan_of(x)
+    if scan is None:
+        return torch_row(x, scratch)
+    bits = _BITS[x.dtype]
+    hi, lo, zeros, small = scan(x.data_ptr(), x.numel(), x.element_size(), bits.tiny, bits.inf)
+    if hi >= bits.inf:
+        return device_row(x).tolist()
+    n = float(x.numel())
+    if zeros == n:
+        return [n, 0.0, math.inf, float(zeros), 0.0, 0.0, 0.0, 0.0]
+    return [n, bits.value(hi), bits.value(lo), float(zeros), float(small - zeros), 0.0, 0.0, 0.0]
+
+
+def torch_row(x: torch.Tensor, scratch: Scratch | None = None) -> list[float]:
+    """`host_row` with torch ops: one abs and one integer aminmax when all is normal and finite.
 
     With the sign cleared, a float's bits ordered as an integer order its magnitude, zero is 0,
     subnormals lie below the smallest normal's bits and inf/NaN above the largest finite's. The
@@ -118,6 +151,20 @@ def _memory_order(x: torch.Tensor) -> torch.Tensor:
     if x.is_contiguous():
         return x.reshape(-1)
     return x.as_strided((x.numel(),), (1,)) if dense(x) else x
+
+
+def has_c_scan() -> bool:
+    """Whether nanprobe's C scan is built and loaded (else rows on the CPU come from torch ops)."""
+    return _SCAN is not None
+
+
+def _scan_of(x: torch.Tensor) -> Callable | None:
+    """The C scan, for a plain dense CPU tensor (its memory is one span of its values), else None."""
+    if _SCAN is None or type(x) is not torch.Tensor or x.device.type != "cpu" or x.layout != torch.strided:
+        return None
+    if x._is_zerotensor() or not dense(x):
+        return None
+    return _SCAN
 
 
 def _magnitude(x: torch.Tensor, scratch: Scratch | None) -> torch.Tensor:

@@ -103,3 +103,42 @@ def test_a_cast_s_row_from_its_input_s_row_is_the_measured_one_or_none(src, out)
             derived += 1
             assert cast == pytest.approx(st.host_row(x.to(out)), rel=0, abs=0, nan_ok=True), (x, out)
     assert derived > 20  # not vacuous: a good share of the casts are told without reading them
+
+
+def _specials(dtype, n, gen):
+    """n values of dtype over its whole range: normals, subnormals, zeros of both signs, its edges, and
+    (in some tensors) infinities and NaN."""
+    info = torch.finfo(dtype)
+    x = torch.randn(n, generator=gen, dtype=torch.float64)
+    x *= 10.0 ** torch.empty(n, dtype=torch.float64).uniform_(-50, 10, generator=gen)
+    x = x.to(dtype)
+    pick = torch.randint(0, 8, (n,), generator=gen)
+    x[pick == 0] = 0.0
+    x[pick == 1] = -0.0
+    x[pick == 2] = info.smallest_normal * 0.5
+    return x
+
+
+@pytest.mark.skipif(not st.has_c_scan(), reason="nanprobe's C scan is not built (no C compiler at install time)")
+@pytest.mark.parametrize("dtype", _FLOATS)
+def test_the_c_scan_and_the_torch_ops_give_the_same_rows(dtype, monkeypatch):
+    # Sizes around the counting pass's block (32768), so that the narrow counters' flush is crossed;
+    # one all-subnormal tensor longer than a block; memory-order layouts; non-finite values.
+    gen = torch.Generator().manual_seed(1)
+    info = torch.finfo(dtype)
+    tensors = [_specials(dtype, n, gen) for n in (1, 7, 32767, 32768, 32769, 100_003)]
+    tensors.append(torch.full((70_000,), info.smallest_normal / 2, dtype=dtype))
+    tensors.append(torch.full((70_000,), -0.0, dtype=dtype))
+    image = _specials(dtype, 2 * 3 * 8 * 8, gen).reshape(2, 3, 8, 8)
+    tensors += [image.permute(0, 2, 3, 1), image.contiguous(memory_format=torch.channels_last), image[:, 1]]
+    for special in (math.inf, -math.inf, math.nan):
+        t = _specials(dtype, 1000, gen)
+        t[500] = special
+        tensors.append(t)
+    c = [st.host_row(t) for t in tensors]
+    monkeypatch.setattr(st, "_SCAN", None)
+    slow = [st.host_row(t) for t in tensors]
+    for a, b in zip(c, slow):
+        assert a == pytest.approx(b, rel=0, abs=0, nan_ok=True)
+    assert c[6][st.SUBNORMAL] == 70_000 and c[7][st.ZEROS] == 70_000  # not vacuous: both counts reached
+    assert all(r[st.SUBNORMAL] > 0 and r[st.ZEROS] > 0 for r in c[2:6])

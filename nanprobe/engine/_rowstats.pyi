@@ -1,0 +1,3 @@
+VERSION: int
+
+def scan(address: int, numel: int, width: int, tiny: int, inf: int, /) -> tuple[int, int, int, int]: ...
