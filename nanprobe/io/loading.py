@@ -162,7 +162,11 @@ def import_file(path: Path, key: str) -> ModuleType:
             else:
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[name] = module
-                spec.loader.exec_module(module)
+                script = _script_definitions(path)
+                if script is None:
+                    spec.loader.exec_module(module)
+                else:
+                    _run_definitions(script, module, path)
     except SystemExit as exc:  # script code (argparse, sys.exit) run at import
         sys.modules.pop(name, None)
         raise UserCodeError(f"importing {path.name} called sys.exit({exc.code!r}) "
@@ -176,6 +180,32 @@ def import_file(path: Path, key: str) -> ModuleType:
             if f in sys.path:
                 sys.path.remove(f)  # the process's imports are the user's, not nanprobe's, after this
     return module
+
+
+def _script_definitions(path: Path) -> Any:
+    """The code of a training script's definitions (`scripts.definitions`), or None for a plain module."""
+    import ast
+
+    from nanprobe.io import scripts
+
+    try:
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source, str(path))
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+        return None  # importing it reports what is wrong, as for any module
+    if not scripts.is_script(tree):
+        return None
+    return compile(scripts.definitions(tree, source, str(path)), str(path), "exec")
+
+
+def _run_definitions(code: Any, module: ModuleType, path: Path) -> None:
+    """Run a script's definitions as the module's code, the command line its name alone (argparse's defaults)."""
+    argv = sys.argv
+    sys.argv = [str(path)]
+    try:
+        exec(code, module.__dict__)
+    finally:
+        sys.argv = argv
 
 
 def resolve_ref(config: Config, ref: str, key: str) -> tuple[Any, str]:
