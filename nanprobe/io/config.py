@@ -42,6 +42,10 @@ class ModelConfig:
     init: str = "default"
     """default (the weights as built and loaded) | he: the critic's conv/linear weights redrawn at the He
     scale for LeakyReLU(0.2), biases zeroed (on nanprobe's copy; your model and files are untouched)."""
+    apply: Any = None
+    """"file.py:function" (or, from Python, the function): your weight init, called as critic.apply(fn) and
+    generator.apply(fn) once both are built and before the checkpoint loads, as a training script's
+    `netD.apply(weights_init)` does; None leaves the weights as the constructors drew them."""
 
 
 @dataclass(frozen=True)
@@ -388,7 +392,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Callable]]] = {
         "critic": _model_ref, "critic_args": check_mapping, "generator": _model_ref,
         "generator_args": check_mapping, "latent_dim": check_shape(1), "generator_call": _generator_call,
         "checkpoint": _tensor_or_path("dict"),
-        "init": _choice("default", "he"),
+        "init": _choice("default", "he"), "apply": _model_ref,
     }),
     "data": (DataConfig, {
         "source": _choice("synthetic", "file"), "path": _tensor_or_path("tensor"), "shape": _opt_shape,

@@ -480,8 +480,11 @@ def load(config: Config) -> Loaded:
         raise ConfigError("model.generator: the critic and the generator must both be Keras models or both "
                           "PyTorch modules")
     if kcritic is not None:
+        if config.model.apply is not None:
+            raise ConfigError("model.apply: applies to PyTorch modules; a Keras model's initializers are its layers'")
         keras_io.load_checkpoint(config, kcritic, kgen)
     else:
+        apply_init(config, critic, generator, (cfile, gfile))
         load_checkpoint(config, critic, generator)
         critic, generator = critic.float(), generator.float() if generator is not None else None
     step_fn, sfile = load_step(config)
@@ -493,6 +496,24 @@ def load(config: Config) -> Loaded:
                     (kcritic, kgen) if kcritic is not None else None)
     _dry_run(config, loaded)
     return loaded
+
+
+def apply_init(config: Config, critic: torch.nn.Module, generator: torch.nn.Module | None, files: tuple) -> None:
+    """model.apply: the user's weight init, run on every submodule of the critic, then of the generator."""
+    ref = config.model.apply
+    if ref is None:
+        return
+    fn, file = resolve_ref(config, ref, "model.apply") if isinstance(ref, str) else (ref, "")
+    if not callable(fn):
+        raise ConfigError(f"model.apply: '{ref}' is a {type(fn).__name__}, not a function of one module")
+    name = getattr(fn, "__name__", str(ref))
+    for role, model in (("critic", critic), ("generator", generator)):
+        if model is None:
+            continue
+        try:
+            model.apply(fn)
+        except Exception as exc:
+            raise user_error(f"model.apply: {name} on the {role}", exc, (file, *files)) from None
 
 
 def _dry_run(config: Config, loaded: Loaded) -> None:

@@ -292,7 +292,7 @@ def scaffold(models: str | Path, critic: str | None = None, generator: str | Non
     rejected.pop(chosen_c.name, None)  # the critic: of course it is no generator
     if chosen_g is None and rejected:
         notes.append("no generator found: " + "; ".join(f"{n}: {why}" for n, (_, why) in rejected.items()))
-    result = _render(path, found, chosen_c, chosen_g, critic, generator, notes, config_path)
+    result = _render(path, found, chosen_c, chosen_g, critic, generator, notes, config_path, _weight_init(path))
     return dataclasses.replace(result, rejected=tuple(f"{n}: {why}" for n, (_, why) in rejected.items()))
 
 
@@ -317,8 +317,27 @@ def _flow(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=1000, sort_keys=False).strip()
 
 
+def _weight_init(path: Path) -> tuple[str, str, int] | None:
+    """(function, what it is applied to, line) of the first `model.apply(fn)` in the file whose fn the file defines
+    at its top level: the weight init its training runs (`netD.apply(weights_init)`), or None."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+        return None
+    functions = {s.name for s in tree.body if isinstance(s, ast.FunctionDef)}
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+             and n.func.attr == "apply" and len(n.args) == 1 and not n.keywords
+             and isinstance(n.args[0], ast.Name) and n.args[0].id in functions]
+    if not calls:
+        return None
+    first = min(calls, key=lambda n: n.lineno)
+    return first.args[0].id, ast.unparse(first.func.value), first.lineno  # type: ignore[attr-defined]  # a Name and an Attribute, checked above
+
+
 def _render(models: Path, found: dict, c: Guess, g: Guess | None, named_c, named_g, notes: list,
-            config_path: str | Path | None) -> Scaffold:
+            config_path: str | Path | None, init: tuple[str, str, int] | None = None) -> Scaffold:
     config_path = Path(config_path) if config_path is not None else None
     ref = _ref_path(models, config_path)
     where = "this file" if config_path is not None else f"the folder it is run from ({Path.cwd()})"
@@ -353,6 +372,10 @@ def _render(models: Path, found: dict, c: Guess, g: Guess | None, named_c, named
         lines += ["  # No generator found (or none that fits the critic): "
                   "fakes are Gaussian noise of the data's shape.",
                   f"  # Add one with generator: {ref}:Name and latent_dim."]
+    if init is not None:
+        fn, target, line = init
+        lines.append(f"  apply: {ref}:{fn}  # found {target}.apply({fn}) at line {line}: "
+                     "called on the critic and the generator once built")
     lines += [f"  # {n}." for n in notes]
     how_shape = f"what {g.name} produces and {c.name} takes" if g is not None else f"the first shape {c.name} took"
     lines += [

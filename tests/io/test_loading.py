@@ -40,6 +40,46 @@ def test_loads_the_tiny_models(tmp_path, tiny):
     assert str(TINY) in loaded.user_files
 
 
+INITS = """
+import torch
+
+
+def constant_init(m):
+    # the DCGAN idiom, written as users write it: one function, class names tested by string
+    if m.__class__.__name__.find("Conv") != -1:
+        torch.nn.init.constant_(m.weight, 0.01)
+
+
+def broken_init(m):
+    return m.weight.data.normal_(0.0, 0.02)  # no .weight on a ReLU or a Sequential
+"""
+
+
+def test_model_apply_runs_the_user_s_weight_init_on_both_models_before_the_checkpoint(tmp_path):
+    (tmp_path / "inits.py").write_text(INITS, encoding="utf-8")
+    loaded = loading.load(make(tmp_path, model={"apply": "inits.py:constant_init"}))
+    convs = [m for model in (loaded.critic, loaded.generator) for m in model.modules()
+             if "Conv" in type(m).__name__]
+    assert convs and all(bool((m.weight == 0.01).all()) for m in convs)
+    # A checkpoint is what training left: it loads over the init.
+    sd = {k: torch.full_like(v, 0.5) for k, v in loading.load(make(tmp_path)).critic.state_dict().items()}
+    torch.save({"critic": sd}, tmp_path / "ckpt.pt")
+    loaded = loading.load(make(tmp_path, model={"apply": "inits.py:constant_init", "checkpoint": "ckpt.pt"}))
+    assert all(bool((p == 0.5).all()) for p in loaded.critic.parameters())
+
+
+def test_model_apply_errors_are_one_line(tmp_path):
+    (tmp_path / "inits.py").write_text(INITS, encoding="utf-8")
+    with pytest.raises(UserCodeError, match=r"model.apply: broken_init on the critic raised AttributeError: .*"
+                                            r"inits.py:12"):
+        loading.load(make(tmp_path, model={"apply": "inits.py:broken_init"}))
+    with pytest.raises(ConfigError, match="model.apply: 'inits.py' has no attribute 'missing'; it defines"):
+        loading.load(make(tmp_path, model={"apply": "inits.py:missing"}))
+    with pytest.raises(ConfigError, match="model.apply: 'consts.py:INITS' is a str, not a function of one module"):
+        (tmp_path / "consts.py").write_text("INITS = 'x'\n", encoding="utf-8")
+        loading.load(make(tmp_path, model={"apply": "consts.py:INITS"}))
+
+
 def test_no_generator_means_none(tmp_path):
     assert loading.load(make(tmp_path, model={"generator": None})).generator is None
 

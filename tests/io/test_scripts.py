@@ -66,8 +66,17 @@ def compute_gradient_penalty(D, real_samples, fake_samples):
     return alpha
 
 
+def weights_init_normal(m):
+    classname = m.__class__.__name__
+    if classname.find("Linear") != -1:
+        torch.nn.init.normal_(m.weight.data, 0.0, 0.02)
+        torch.nn.init.constant_(m.bias.data, 0.0)
+
+
 generator = Generator()
 discriminator = Discriminator()
+generator.apply(weights_init_normal)
+discriminator.apply(weights_init_normal)
 dataloader = torch.utils.data.DataLoader(torch.load("/nonexistent/mnist.pt"), batch_size=64)
 optimizer_D = torch.optim.Adam(discriminator.parameters(), lr=2e-4)
 
@@ -137,6 +146,10 @@ def test_nanprobe_init_and_diagnose_on_a_flat_script(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert [r["status"] for r in report["runs"]] == ["ok"]
+    # The script's own weight init, found by init and run by the replay: N(0, 0.02), not the constructors' draw.
+    assert report["settings"]["model"]["apply"] == "implementations/wgan_gp/wgan_gp.py:weights_init_normal"
+    stds = [layer["std"] for layer in report["init"]]
+    assert stds and all(0.015 < std < 0.025 for std in stds), stds
     # Nothing the script would have written: no sample folder, only the config nanprobe was asked to write.
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["gan.yaml", "implementations", "wgan_gp", "wgan_gp.py"]
 
