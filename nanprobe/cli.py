@@ -265,6 +265,9 @@ def init(
     generator: Optional[str] = typer.Option(None, "--generator", help="Name of the generator (default: guessed)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the config to PATH (default: stdout)."),
     force: bool = typer.Option(False, "--force", help="Overwrite PATH if it exists."),
+    script_args: Optional[str] = typer.Option(
+        None, "--script-args", help="For a training script: the options its parse_args() needs, as you run it "
+        "(\"--dataset fake --ngf 32\"); written to the config as model.script_args."),
 ) -> None:
     """Find the critic and generator in MODELS (a dry forward on synthetic input) and write a commented config."""
     if output is not None and output.exists() and not force:
@@ -274,9 +277,11 @@ def init(
     if output is not None and output.resolve() == models.resolve():
         _fail(f"-o: {output} is the models file itself; write the config to a .yaml file")
     with _user_errors():
+        from nanprobe.io.config import check_argv
         from nanprobe.io.scaffold import scaffold
 
-        result = scaffold(models, critic=critic, generator=generator, config_path=output)
+        argv = check_argv(script_args, "--script-args")
+        result = scaffold(models, critic=critic, generator=generator, config_path=output, script_args=argv)
     if output is None:
         typer.echo(result.text, nl=False)
         return

@@ -42,6 +42,9 @@ class ModelConfig:
     init: str = "default"
     """default (the weights as built and loaded) | he: the critic's conv/linear weights redrawn at the He
     scale for LeakyReLU(0.2), biases zeroed (on nanprobe's copy; your model and files are untouched)."""
+    script_args: tuple = ()
+    """The command line a training script's parse_args() sees when nanprobe runs its definitions, as you run it
+    (["--dataset", "cifar10", "--ngf", "128"], or one string); [] gives the script's defaults."""
     apply: Any = None
     """"file.py:function" (or, from Python, the function): your weight init, called as critic.apply(fn) and
     generator.apply(fn) once both are built and before the checkpoint loads, as a training script's
@@ -249,6 +252,23 @@ def _bool(v, key):
     return v
 
 
+@_expects('a command line: a list such as ["--dataset", "fake"], or one string split as a shell would')
+def check_argv(v, key):
+    """A command line: a list of strings, or one string split as a shell would."""
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        import shlex
+
+        try:
+            return tuple(shlex.split(v))
+        except ValueError as exc:
+            raise ConfigError(f"{key}: cannot split {v!r} as a command line ({exc})") from None
+    if not isinstance(v, (list, tuple)) or not all(isinstance(a, (str, int, float)) for a in v):
+        raise _fail(key, 'a command line: a list such as ["--dataset", "fake"], or one string', v)
+    return tuple(str(a) for a in v)
+
+
 @_expects("a mapping of argument names to values")
 def check_mapping(v, key):
     if v is None:
@@ -392,7 +412,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Callable]]] = {
         "critic": _model_ref, "critic_args": check_mapping, "generator": _model_ref,
         "generator_args": check_mapping, "latent_dim": check_shape(1), "generator_call": _generator_call,
         "checkpoint": _tensor_or_path("dict"),
-        "init": _choice("default", "he"), "apply": _model_ref,
+        "init": _choice("default", "he"), "apply": _model_ref, "script_args": check_argv,
     }),
     "data": (DataConfig, {
         "source": _choice("synthetic", "file"), "path": _tensor_or_path("tensor"), "shape": _opt_shape,

@@ -132,7 +132,8 @@ def _import_package(name: str, folder: Path) -> None:
         raise
 
 
-def import_file(path: Path, key: str) -> ModuleType:
+def import_file(path: Path, key: str, argv: tuple = ()) -> ModuleType:
+    """The module in a Python file; a training script's definitions alone (`scripts`), its parse_args() seeing argv."""
     if not _exists(path, key):
         raise ConfigError(f"{key}: file not found: {path}")
     path = path.resolve()
@@ -144,7 +145,7 @@ def import_file(path: Path, key: str) -> ModuleType:
         top, _, rest = dotted.partition(".")
         alias = (f"nanprobe_user_{abs(hash(str(root / top)))}", root / top)
         dotted = f"{alias[0]}.{rest}"
-    name = dotted or f"nanprobe_user_{abs(hash(str(path)))}"
+    name = dotted or f"nanprobe_user_{abs(hash((str(path), tuple(argv))))}"
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
@@ -166,7 +167,10 @@ def import_file(path: Path, key: str) -> ModuleType:
                 if script is None:
                     spec.loader.exec_module(module)
                 else:
-                    _run_definitions(script, module, path)
+                    _run_definitions(script, module, path, argv)
+    except ConfigError:  # a training script's command line
+        sys.modules.pop(name, None)
+        raise
     except SystemExit as exc:  # script code (argparse, sys.exit) run at import
         sys.modules.pop(name, None)
         raise UserCodeError(f"importing {path.name} called sys.exit({exc.code!r}) "
@@ -198,14 +202,28 @@ def _script_definitions(path: Path) -> Any:
     return compile(scripts.definitions(tree, source, str(path)), str(path), "exec")
 
 
-def _run_definitions(code: Any, module: ModuleType, path: Path) -> None:
-    """Run a script's definitions as the module's code, the command line its name alone (argparse's defaults)."""
-    argv = sys.argv
-    sys.argv = [str(path)]
+def _run_definitions(code: Any, module: ModuleType, path: Path, argv: tuple) -> None:
+    """Run a script's definitions as the module's code, with `argv` as its command line (none: argparse's defaults).
+
+    argparse reports a bad or missing option on stderr and exits: its message becomes the error's.
+    """
+    import io
+    from contextlib import redirect_stderr
+
+    saved, sys.argv = sys.argv, [str(path), *argv]
+    err = io.StringIO()
     try:
-        exec(code, module.__dict__)
+        with redirect_stderr(err):
+            exec(code, module.__dict__)
+        sys.stderr.write(err.getvalue())  # what the definitions themselves printed there
+    except SystemExit as exc:
+        said = [line for line in err.getvalue().splitlines() if line.strip()]
+        why = said[-1].split("error: ", 1)[-1] if said else f"sys.exit({exc.code!r})"
+        given = " ".join(argv) if argv else "no options"
+        raise ConfigError(f"{path.name} is a training script and its parse_args() exited with {given}: {why}; "
+                          "give its command line as model.script_args (nanprobe init --script-args \"...\")") from None
     finally:
-        sys.argv = argv
+        sys.argv = saved
 
 
 def resolve_ref(config: Config, ref: str, key: str) -> tuple[Any, str]:
@@ -217,7 +235,7 @@ def resolve_ref(config: Config, ref: str, key: str) -> tuple[Any, str]:
         raise ConfigError(f"{key}: '{ref}' must be 'file.py:Name' or 'package.module:Name'")
     if target.endswith(".py") or "/" in target or "\\" in target:
         path = resolve(config, Path(target))
-        module = import_file(path, key)
+        module = import_file(path, key, config.model.script_args)
     else:
         try:
             with _no_bytecode():

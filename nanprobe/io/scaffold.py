@@ -33,6 +33,8 @@ _CHANNELS = {"in_ch", "in_channels", "nc", "channels", "img_channels", "image_ch
              "num_channels", "out_ch", "out_channels", "c_dim"}
 _LATENT = {"latent_dim", "z_dim", "nz", "zdim", "latent_size", "noise_dim", "dim_z", "latent", "z_size", "nlatent"}
 _WIDTH = {"ch", "ndf", "ngf", "nf", "base_ch", "base_channels", "width", "features", "hidden_dim", "channels_base"}
+# The number of GPUs a model spreads itself over (PyTorch's DCGAN example: Discriminator(ngpu)): one, for a replay.
+_GPUS = {"ngpu", "n_gpu", "n_gpus", "num_gpus", "gpus"}
 _CRITIC = re.compile(r"critic|discrim|^d$|^disc$|^netd$")
 _GENERATOR = re.compile(r"generator|^gen$|^g$|^netg$")
 
@@ -115,6 +117,8 @@ def _guess_arg(name: str, shape: tuple, latent: tuple) -> Any:
         return latent[0]
     if key in _WIDTH:
         return 32
+    if key in _GPUS:
+        return 1
     raise _NeedsArgs(name)
 
 
@@ -161,7 +165,7 @@ class _Builder:
 
 
 def _guessable(name: str) -> bool:
-    return name.lower() in _SIZE | _CHANNELS | _LATENT | _WIDTH
+    return name.lower() in _SIZE | _CHANNELS | _LATENT | _WIDTH | _GPUS
 
 
 def _scores(module: nn.Module, shape: tuple) -> bool:
@@ -204,7 +208,7 @@ def _fmt(shape: tuple, sep: str = "x") -> str:
 
 
 def scaffold(models: str | Path, critic: str | None = None, generator: str | None = None,
-             config_path: str | Path | None = None) -> Scaffold:
+             config_path: str | Path | None = None, script_args: tuple = ()) -> Scaffold:
     """Inspect models (a .py file) and return a config for it; config_path is where it will be written
     (None: the working directory), so that the model paths in it are relative to it.
 
@@ -215,7 +219,7 @@ def scaffold(models: str | Path, critic: str | None = None, generator: str | Non
         raise ConfigError(f"{path}: give the Python file that defines your models (a .py file)")
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
-    module = loading.import_file(path, str(path))
+    module = loading.import_file(path, str(path), tuple(script_args))
     found = _candidates(module)
     for flag, name in (("--critic", critic), ("--generator", generator)):
         if name is not None and name not in found:
@@ -292,7 +296,8 @@ def scaffold(models: str | Path, critic: str | None = None, generator: str | Non
     rejected.pop(chosen_c.name, None)  # the critic: of course it is no generator
     if chosen_g is None and rejected:
         notes.append("no generator found: " + "; ".join(f"{n}: {why}" for n, (_, why) in rejected.items()))
-    result = _render(path, found, chosen_c, chosen_g, critic, generator, notes, config_path, _weight_init(path))
+    result = _render(path, found, chosen_c, chosen_g, critic, generator, notes, config_path, _weight_init(path),
+                     tuple(script_args))
     return dataclasses.replace(result, rejected=tuple(f"{n}: {why}" for n, (_, why) in rejected.items()))
 
 
@@ -337,7 +342,8 @@ def _weight_init(path: Path) -> tuple[str, str, int] | None:
 
 
 def _render(models: Path, found: dict, c: Guess, g: Guess | None, named_c, named_g, notes: list,
-            config_path: str | Path | None, init: tuple[str, str, int] | None = None) -> Scaffold:
+            config_path: str | Path | None, init: tuple[str, str, int] | None = None,
+            script_args: tuple = ()) -> Scaffold:
     config_path = Path(config_path) if config_path is not None else None
     ref = _ref_path(models, config_path)
     where = "this file" if config_path is not None else f"the folder it is run from ({Path.cwd()})"
@@ -372,6 +378,8 @@ def _render(models: Path, found: dict, c: Guess, g: Guess | None, named_c, named
         lines += ["  # No generator found (or none that fits the critic): "
                   "fakes are Gaussian noise of the data's shape.",
                   f"  # Add one with generator: {ref}:Name and latent_dim."]
+    if script_args:
+        lines.append(f"  script_args: {_flow(list(script_args))}  # the command line its parse_args() sees")
     if init is not None:
         fn, target, line = init
         lines.append(f"  apply: {ref}:{fn}  # found {target}.apply({fn}) at line {line}: "

@@ -10,8 +10,8 @@ calls `parse_args()`. For a script nanprobe runs its definitions (every top-leve
 function) and the module-level statements they need, found by following names: the imports,
 assignments and in-place calls (`parser.add_argument(...)`) that bind or change a name a
 definition reads, and then the names those read, to a fixed point. `parse_args()` sees only the
-script's own name, so options take their defaults. Loops and `with` blocks never run, so the
-training, the data loading inside them and the files they write do not happen; a statement no
+script's own name, so options take their defaults. Loops never run, nor any block holding one, so
+the training, the data loading inside it and the files it writes do not happen; a statement no
 definition needs (`os.makedirs("images")`, `dataloader = ...`, `print(opt)`) does not run either.
 The statements keep their lines, so tracebacks and the probe's source lines point into the file.
 """
@@ -20,17 +20,18 @@ from __future__ import annotations
 import ast
 import symtable
 
-_LOOPS = (ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith)
+_LOOPS = (ast.For, ast.AsyncFor, ast.While)
+_BLOCKS = (ast.If, ast.Try, ast.With, ast.AsyncWith)
 
 
 def is_script(tree: ast.Module) -> bool:
     """Whether the module level (outside `if __name__ == "__main__":`) loops or parses the command line."""
     for stmt in _module_level(tree):
-        if isinstance(stmt, _LOOPS):
-            return True
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             continue
-        for node in ast.walk(stmt):
+        for node in ast.walk(stmt):  # a loop in a block too: `with tqdm(...) as bar:` around the epochs
+            if isinstance(node, _LOOPS):
+                return True
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and node.func.attr in ("parse_args", "parse_known_args")):
                 return True
@@ -75,10 +76,10 @@ def _is_main_guard(stmt: ast.stmt) -> bool:
 
 
 def _runnable(stmt: ast.stmt) -> bool:
-    """Statements that may run: imports, assignments, calls, and if/try blocks with no loop inside."""
+    """Statements that may run: imports, assignments, calls, and if/try/with blocks with no loop inside."""
     if isinstance(stmt, (ast.Import, ast.ImportFrom, ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Expr)):
         return True
-    if isinstance(stmt, (ast.If, ast.Try)):
+    if isinstance(stmt, _BLOCKS):
         return not any(isinstance(n, _LOOPS) for n in ast.walk(stmt))
     return False
 
@@ -92,8 +93,11 @@ def _bound(stmt: ast.stmt) -> set[str]:
     if isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
         targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
         return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-    if isinstance(stmt, (ast.If, ast.Try)):
+    if isinstance(stmt, _BLOCKS):
         names = set()
+        if isinstance(stmt, (ast.With, ast.AsyncWith)):
+            names |= {n.id for i in stmt.items if i.optional_vars is not None
+                      for n in ast.walk(i.optional_vars) if isinstance(n, ast.Name)}
         for inner in ast.walk(stmt):
             if isinstance(inner, ast.stmt) and inner is not stmt:
                 names |= _bound(inner)

@@ -26,6 +26,7 @@ FULL_DOC = {
         "checkpoint": "ckpt/critic.pt",
         "init": "he",
         "apply": "models.py:weights_init",
+        "script_args": ["--dataset", "fake"],
     },
     "data": {
         "source": "file",
@@ -82,6 +83,7 @@ def test_load_full_config(tmp_path):
     assert c.model.generator_call == "[z]"
     assert c.model.checkpoint == Path("ckpt/critic.pt")
     assert c.model.apply == "models.py:weights_init"
+    assert c.model.script_args == ("--dataset", "fake")
     assert cfg.resolve(c, c.model.checkpoint) == tmp_path.resolve() / "ckpt" / "critic.pt"
     assert c.data == cfg.DataConfig("file", Path("data/real.npy"), (3, 8, 8), (0.0, 1.0), 2)
     assert c.loss == cfg.LossConfig("r1", 5.0, "fp32", "vector_norm", "steps.py:critic_step")

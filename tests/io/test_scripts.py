@@ -112,6 +112,26 @@ def test_only_what_the_definitions_need_runs():
         assert line not in kept, line
 
 
+def test_a_models_file_that_reads_its_settings_in_a_with_block_imports_as_it_is(tmp_path):
+    # No loop and no parse_args: a plain module, run whole, `with` block included.
+    models = "import json\nwith open(__file__.replace('models.py', 'cfg.json')) as f:\n    CFG = json.load(f)\n"
+    assert not scripts.is_script(ast.parse(models))
+    # In a script, a `with` block that binds what a definition reads runs; one that trains does not.
+    source = textwrap.dedent('''
+        import json
+        with open("cfg.json") as f:
+            CFG = json.load(f)
+        def width():
+            return CFG["width"]
+        with open("log.txt", "w") as log:
+            for step in range(10):
+                log.write(str(step))
+    ''')
+    assert scripts.is_script(ast.parse(source))  # its training loop sits in a `with` block
+    kept = _kept(source)
+    assert "CFG = json.load(f)" in kept and "log.txt" not in kept
+
+
 def test_a_name_is_followed_through_every_statement_that_makes_it():
     source = textwrap.dedent('''
         import torch
@@ -162,3 +182,85 @@ def test_a_definition_that_needs_the_training_loop_gets_one_line(tmp_path):
     result = runner.invoke(app, ["init", str(tmp_path / "script.py"), "-o", str(tmp_path / "gan.yaml")])
     assert result.exit_code == 2
     assert "NameError" in result.stderr and "device" in result.stderr and "Traceback" not in result.output
+
+
+# PyTorch's DCGAN example, shrunk: a required option, widths read from the options into module globals, models
+# that take the number of GPUs, and the weight init applied at module level.
+DCGAN_EXAMPLE = '''
+import argparse
+import os
+import torch
+import torch.nn as nn
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--dataset", required=True, help="cifar10 | lsun | mnist | fake")
+parser.add_argument("--ndf", type=int, default=8)
+parser.add_argument("--outf", default=".", help="folder to output images and model checkpoints")
+opt = parser.parse_args()
+
+try:
+    os.makedirs(opt.outf + "/samples")
+except OSError:
+    pass
+
+if opt.dataset == "mnist":
+    nc = 1
+else:
+    nc = 3
+ndf = int(opt.ndf)
+
+
+def weights_init(m):
+    if m.__class__.__name__.find("Conv") != -1:
+        torch.nn.init.normal_(m.weight, 0.0, 0.02)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, ngpu):
+        super().__init__()
+        self.ngpu = ngpu
+        self.main = nn.Sequential(nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True),
+                                  nn.Conv2d(ndf, 1, 16, 1, 0, bias=False))
+
+    def forward(self, input):
+        return self.main(input).view(-1, 1).squeeze(1)
+
+
+netD = Discriminator(1)
+netD.apply(weights_init)
+for epoch in range(25):
+    raise RuntimeError("the training loop ran")
+'''
+
+
+def test_a_script_s_required_options_are_given_as_script_args(tmp_path, monkeypatch):
+    (tmp_path / "main.py").write_text(DCGAN_EXAMPLE, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["init", "main.py", "-o", "gan.yaml"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert ("main.py is a training script and its parse_args() exited with no options: the following arguments "
+            "are required: --dataset; give its command line as model.script_args") in result.stderr
+    result = runner.invoke(app, ["init", "main.py", "-o", "gan.yaml", "--script-args", "--dataset mnist --ndf 4"])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "gan.yaml").read_text(encoding="utf-8")
+    assert "script_args: [--dataset, mnist, --ndf, '4']" in text and "critic_args: {ngpu: 1}" in text
+    assert "apply: main.py:weights_init" in text and "samples 1x32x32" in result.stderr  # mnist: one channel
+    result = runner.invoke(app, ["diagnose", "gan.yaml", "--format", "json", "--dtypes", "bf16"])
+    assert result.exit_code == 0, result.output
+    first = json.loads(result.stdout)["init"][0]
+    assert first["module"] == "critic.main.0" and first["fan_out"] == 4 * 16  # --ndf 4 reached the model
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gan.yaml", "main.py"]  # no samples folder
+
+
+def test_script_args_take_a_list_or_one_string():
+    from nanprobe.errors import ConfigError
+    from nanprobe.io import config as cfg
+
+    assert cfg.check_argv("--dataset 'my data' --ndf 4", "model.script_args") == ("--dataset", "my data", "--ndf", "4")
+    assert cfg.check_argv(["--ndf", 4], "model.script_args") == ("--ndf", "4")
+    try:
+        cfg.check_argv({"ndf": 4}, "model.script_args")
+    except ConfigError as exc:
+        assert str(exc).startswith("model.script_args: expected a command line")
+    else:
+        raise AssertionError("a mapping is not a command line")
