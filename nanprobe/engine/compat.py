@@ -80,6 +80,11 @@ def is_view(t: torch.Tensor) -> bool:
     return t._is_view()
 
 
+def is_zero_tensor(t: torch.Tensor) -> bool:
+    """Whether t is an efficient zero tensor (autograd's stand-in for a zero gradient), which has no memory."""
+    return t._is_zerotensor()
+
+
 def foreach_copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     """Copy a list of tensors into preallocated buffers in one fused call."""
     torch._foreach_copy_(dst, src)

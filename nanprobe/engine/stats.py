@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nanprobe.engine import compat
+
 _SCAN_VERSION = 1
 """The `_rowstats` interface this module calls (its VERSION)."""
 try:
@@ -74,10 +76,7 @@ def host_row(x: torch.Tensor, scratch: Scratch | None = None) -> list[float]:
     hi, lo, zeros, small = scan(x.data_ptr(), x.numel(), x.element_size(), bits.tiny, bits.inf)
     if hi >= bits.inf:
         return device_row(x).tolist()
-    n = float(x.numel())
-    if zeros == n:
-        return [n, 0.0, math.inf, float(zeros), 0.0, 0.0, 0.0, 0.0]
-    return [n, bits.value(hi), bits.value(lo), float(zeros), float(small - zeros), 0.0, 0.0, 0.0]
+    return bits.finite_row(float(x.numel()), hi, lo, float(zeros), float(small - zeros))
 
 
 def torch_row(x: torch.Tensor, scratch: Scratch | None = None) -> list[float]:
@@ -100,19 +99,19 @@ def torch_row(x: torch.Tensor, scratch: Scratch | None = None) -> list[float]:
     if hi >= bits.inf:
         return device_row(x).tolist()
     if lo >= bits.tiny:
-        return [n, bits.value(hi), bits.value(lo), 0.0, 0.0, 0.0, 0.0, 0.0]
+        return bits.finite_row(n, hi, lo, 0.0, 0.0)
     zeros = 0.0
     if lo == 0:
         zeros = n - float(torch.count_nonzero(k))
         if zeros == n:
-            return [n, 0.0, math.inf, zeros, 0.0, 0.0, 0.0, 0.0]
+            return bits.finite_row(n, hi, lo, zeros, 0.0)
         lo = int(k.sub_(1).bitwise_and_(bits.magnitude).amin()) + 1  # in place: zero wraps to the largest pattern
         if lo < bits.tiny:
             k = _magnitude(x, scratch).view(bits.int_dtype)  # |x| again, for the count below
     small = 0.0
     if lo < bits.tiny:  # zeros and subnormals are the values whose exponent field is 0
         small = n - float(torch.count_nonzero(k.bitwise_right_shift_(bits.mantissa))) - zeros
-    return [n, bits.value(hi), bits.value(lo), zeros, small, 0.0, 0.0, 0.0]
+    return bits.finite_row(n, hi, lo, zeros, small)
 
 
 class Scratch:
@@ -162,7 +161,7 @@ def _scan_of(x: torch.Tensor) -> Callable | None:
     """The C scan, for a plain dense CPU tensor (its memory is one span of its values), else None."""
     if _SCAN is None or type(x) is not torch.Tensor or x.device.type != "cpu" or x.layout != torch.strided:
         return None
-    if x._is_zerotensor() or not dense(x):
+    if compat.is_zero_tensor(x) or not dense(x):
         return None
     return _SCAN
 
@@ -197,6 +196,13 @@ class _Bits:
     def value(self, pattern: int) -> float:
         i, f, shift = self.formats
         return struct.unpack(f, struct.pack(i, pattern << shift))[0]
+
+    def finite_row(self, n: float, hi: int, lo: int, zeros: float, subnormals: float) -> list[float]:
+        """The row of n finite values from the bit patterns of their largest and smallest non-zero magnitude
+        (`lo` is not read when all n are zero)."""
+        if zeros == n:
+            return [n, 0.0, math.inf, zeros, 0.0, 0.0, 0.0, 0.0]
+        return [n, self.value(hi), self.value(lo), zeros, subnormals, 0.0, 0.0, 0.0]
 
 
 _BITS = {
