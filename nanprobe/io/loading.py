@@ -188,17 +188,12 @@ def import_file(path: Path, key: str, argv: tuple = ()) -> ModuleType:
 
 def _script_definitions(path: Path) -> Any:
     """The code of a training script's definitions (`scripts.definitions`), or None for a plain module."""
-    import ast
-
     from nanprobe.io import scripts
 
-    try:
-        source = path.read_text(encoding="utf-8")
-        tree = ast.parse(source, str(path))
-    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
-        return None  # importing it reports what is wrong, as for any module
-    if not scripts.is_script(tree):
+    parsed = scripts.parse(path)
+    if parsed is None or not scripts.is_script(parsed[1]):
         return None
+    source, tree = parsed
     return compile(scripts.definitions(tree, source, str(path)), str(path), "exec")
 
 

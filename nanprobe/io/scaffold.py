@@ -327,10 +327,12 @@ def _weight_init(path: Path) -> tuple[str, str, int] | None:
     at its top level: the weight init its training runs (`netD.apply(weights_init)`), or None."""
     import ast
 
-    try:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+    from nanprobe.io import scripts
+
+    parsed = scripts.parse(path)
+    if parsed is None:
         return None
+    tree = parsed[1]
     functions = {s.name for s in tree.body if isinstance(s, ast.FunctionDef)}
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
              and n.func.attr == "apply" and len(n.args) == 1 and not n.keywords

@@ -19,9 +19,19 @@ from __future__ import annotations
 
 import ast
 import symtable
+from pathlib import Path
 
 _LOOPS = (ast.For, ast.AsyncFor, ast.While)
 _BLOCKS = (ast.If, ast.Try, ast.With, ast.AsyncWith)
+
+
+def parse(path: Path) -> tuple[str, ast.Module] | None:
+    """The file's source and syntax tree, or None when it cannot be read or parsed (importing it then says why)."""
+    try:
+        source = path.read_text(encoding="utf-8")
+        return source, ast.parse(source, str(path))
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+        return None
 
 
 def is_script(tree: ast.Module) -> bool:
